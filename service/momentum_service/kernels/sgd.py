@@ -1,0 +1,98 @@
+"""The momentum rule of ``torch.optim.SGD``, as a pure function over numpy arrays.
+
+Per parameter ``p`` with velocity buffer ``b`` (absent until its first momentum update)::
+
+    g = -grad if maximize else grad
+    g = g + wd*p                              (when wd != 0)
+    b = g on the first update, else b = m*b + (1-d)*g      (when m != 0)
+    g = g + m*b if nesterov else b            (when m != 0)
+    p = p - lr*g
+
+Every ``x + a*y`` is computed as torch's CPU kernel does, as one fused multiply-add
+(see :mod:`.fma`), and ``m*b`` as one rounded product, so float32 and float64 results
+are bitwise those of torch 2.13 on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from .fma import fma
+
+__all__ = ["SGDConfig", "sgd_update"]
+
+Array = npt.NDArray[np.floating]
+
+
+@dataclass(frozen=True, slots=True)
+class SGDConfig:
+    """Hyperparameters of the momentum rule, validated like ``torch.optim.SGD``'s constructor."""
+
+    lr: float
+    momentum: float = 0.0
+    dampening: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    maximize: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("lr", "momentum", "dampening", "weight_decay"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be finite, got {value!r}")
+            if value < 0.0:
+                raise ValueError(f"{name} must be >= 0, got {value!r}")
+            object.__setattr__(self, name, float(value))
+        for name in ("nesterov", "maximize"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a boolean, got {getattr(self, name)!r}")
+        if self.nesterov and (self.momentum <= 0.0 or self.dampening != 0.0):
+            raise ValueError(
+                "nesterov momentum requires momentum > 0 and dampening = 0, "
+                f"got momentum={self.momentum!r}, dampening={self.dampening!r}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SGDConfig:
+        names = {f.name for f in fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"unknown optimizer fields: {', '.join(sorted(unknown))}")
+        if "lr" not in data:
+            raise ValueError("lr is required")
+        return cls(**data)
+
+    def updated(self, **changes: Any) -> SGDConfig:
+        """A copy with some fields changed, validated as a whole."""
+        return replace(self, **changes)
+
+
+def sgd_update(config: SGDConfig, value: Array, velocity: Array | None, grad: Array) -> tuple[Array, Array | None]:
+    """One momentum step. Returns ``(new_value, new_velocity)``; the inputs are not modified.
+
+    ``value``, ``velocity`` and ``grad`` share one dtype (float32 or float64) and shape.
+    ``velocity`` is ``None`` before the parameter's first update with momentum; it stays
+    ``None`` (or unchanged) while momentum is 0, exactly like torch's ``momentum_buffer``.
+    """
+    g = -grad if config.maximize else grad
+    if config.weight_decay != 0:
+        g = fma(config.weight_decay, value, g)
+    new_velocity = velocity
+    if config.momentum != 0:
+        if velocity is None:
+            new_velocity = g.copy()
+        else:
+            scaled = velocity * value.dtype.type(config.momentum)
+            new_velocity = fma(1.0 - config.dampening, g, scaled)
+        g = fma(config.momentum, new_velocity, g) if config.nesterov else new_velocity
+    return fma(-config.lr, g, value), new_velocity

@@ -1,0 +1,24 @@
+"""All server settings, in one pydantic-settings class (environment prefix ``MOMENTUM_``)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Server configuration. Every field can be set as ``MOMENTUM_<FIELD>`` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="MOMENTUM_", env_file=None, extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    redis_url: str | None = Field(
+        default=None, description="redis:// or rediss:// URL; unset means the embedded in-memory store."
+    )
+    redis_prefix: str = Field(default="momentum", pattern=r"^[A-Za-z0-9._:-]{1,64}$")
+    redis_timeout_s: float = Field(default=5.0, gt=0, description="Socket timeout for Redis commands.")
+    max_body_bytes: int = Field(default=64 * 1024 * 1024, gt=0, description="Largest accepted request body (413).")
+    max_tensor_elements: int = Field(default=1 << 25, gt=0, description="Largest tensor, in elements (413).")
+    max_tensor_dims: int = Field(default=32, gt=0)
+    log_level: str = "info"
