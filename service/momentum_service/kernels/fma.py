@@ -21,8 +21,13 @@ and ``uh + th = vh + vl`` exactly (TwoSum), then ``RN(vh + RO(tl + vl))``.
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 import numpy.typing as npt
+
+F32 = npt.NDArray[np.float32]
+F64 = npt.NDArray[np.float64]
 
 __all__ = ["fma"]
 
@@ -38,9 +43,9 @@ def fma(alpha: float, y: npt.NDArray[np.floating], x: npt.NDArray[np.floating]) 
     ``x`` and ``y`` must have the same dtype (float32 or float64) and shape.
     """
     if x.dtype == np.float32:
-        return _fma32(alpha, y, x)
+        return _fma32(alpha, cast(F32, y), cast(F32, x))
     if x.dtype == np.float64:
-        return _fma64(alpha, y, x)
+        return _fma64(alpha, cast(F64, y), cast(F64, x))
     raise TypeError(f"fma supports float32 and float64, not {x.dtype}")
 
 

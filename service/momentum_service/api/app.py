@@ -1,0 +1,80 @@
+"""The app factory."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from pydantic.json_schema import models_json_schema
+
+from .. import __version__
+from ..engine import ParameterServer
+from ..settings import Settings
+from ..store import MemoryStore, Store
+from . import problems
+from .routes import BODY_MODELS, health, router
+
+log = logging.getLogger("momentum_service")
+
+DESCRIPTION = """
+Optimizer as a service: the server keeps every parameter and its momentum velocity and
+applies pushed gradients under `torch.optim.SGD`'s momentum rule, bitwise as torch 2.13
+does on CPU. Tensors travel as `{"shape": [...], "dtype": "float32"|"float64", "data": [...]}`;
+numbers are sent with full float64 precision, so float32 values survive the trip exactly.
+Errors are RFC 9457 `application/problem+json`.
+"""
+
+
+def make_store(settings: Settings) -> Store:
+    if settings.redis_url:
+        from ..store.redis import RedisStore
+
+        return RedisStore.from_url(settings.redis_url, prefix=settings.redis_prefix, timeout=settings.redis_timeout_s)
+    return MemoryStore()
+
+
+def create_app(settings: Settings | None = None, *, store: Store | None = None) -> FastAPI:
+    """Build the application. Without ``store``, one is made from ``settings``."""
+    settings = settings or Settings()
+    store = store or make_store(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if store.kind == "memory":
+            log.warning("using the embedded in-memory store: state is lost when the process stops")
+        else:
+            log.info("using the %s store (prefix %r)", store.kind, settings.redis_prefix)
+        try:
+            yield
+        finally:
+            await store.close()
+
+    app = FastAPI(title="momentum-service", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.server = ParameterServer(store)
+    problems.install(app)
+    app.include_router(health)
+    app.include_router(router)
+    _document_bodies(app)
+    return app
+
+
+def _document_bodies(app: FastAPI) -> None:
+    """Add the schemas of the bodies that handlers parse themselves to the OpenAPI document."""
+    base = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = base()
+        _, defs = models_json_schema(
+            [(m, "validation") for m in BODY_MODELS], ref_template="#/components/schemas/{model}"
+        )
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

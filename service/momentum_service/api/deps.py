@@ -1,0 +1,27 @@
+"""FastAPI dependencies, as ``Annotated`` aliases."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Path, Request
+
+from ..engine import ParameterServer
+from ..settings import Settings
+from .schemas import MODEL_NAME_PATTERN, PARAM_NAME_PATTERN
+
+
+def get_server(request: Request) -> ParameterServer:
+    server: ParameterServer = request.app.state.server
+    return server
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+ServerDep = Annotated[ParameterServer, Depends(get_server)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+ModelName = Annotated[str, Path(pattern=MODEL_NAME_PATTERN, description="Model name.")]
+ParamPath = Annotated[str, Path(pattern=PARAM_NAME_PATTERN, description="Parameter name, e.g. layer1.0.weight.")]

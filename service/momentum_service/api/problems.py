@@ -1,0 +1,127 @@
+"""RFC 9457 problem+json: every error the API returns, and the mapping from domain errors.
+
+Types are URNs ``urn:momentum-service:problem:<slug>``; the status tells a client what to do:
+4xx means fix the request (nothing changed), 503 means retry later (nothing changed).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+
+from .. import errors
+
+log = logging.getLogger("momentum_service")
+
+PROBLEM_JSON = "application/problem+json"
+
+_TITLES = {
+    400: "Bad request",
+    404: "Not found",
+    405: "Method not allowed",
+    409: "Conflict",
+    412: "Precondition failed",
+    413: "Content too large",
+    415: "Unsupported media type",
+    422: "Invalid request",
+    500: "Internal server error",
+    503: "Service unavailable",
+}
+
+
+class Problem(Exception):
+    """An error response. Raise it anywhere in the HTTP layer."""
+
+    def __init__(
+        self,
+        status: int,
+        slug: str,
+        detail: str,
+        *,
+        headers: dict[str, str] | None = None,
+        **extensions: Any,
+    ) -> None:
+        super().__init__(detail)
+        self.status, self.slug, self.detail = status, slug, detail
+        self.headers = headers or {}
+        self.extensions = extensions
+
+
+def problem_response(request: Request, problem: Problem) -> Response:
+    body = {
+        "type": f"urn:momentum-service:problem:{problem.slug}",
+        "title": _TITLES.get(problem.status, "Error"),
+        "status": problem.status,
+        "detail": problem.detail,
+        "instance": request.url.path,
+        **problem.extensions,
+    }
+    return Response(orjson.dumps(body), problem.status, headers=problem.headers, media_type=PROBLEM_JSON)
+
+
+def validation_errors(errs: Any) -> list[dict[str, Any]]:
+    """Pydantic/FastAPI errors without the (possibly huge) offending input."""
+    return [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in errs]
+
+
+def from_domain(exc: errors.ServiceError) -> Problem:
+    match exc:
+        case errors.ModelNotFound():
+            return Problem(404, "model-not-found", str(exc), model=exc.model)
+        case errors.ParamNotFound():
+            return Problem(404, "param-not-found", str(exc), model=exc.model, missing=exc.names)
+        case errors.ParamsExist():
+            return Problem(412, "param-exists", str(exc), existing=exc.names)
+        case errors.TensorMismatch():
+            return Problem(409, "tensor-mismatch", str(exc), mismatches=exc.mismatches)
+        case errors.InvalidConfig():
+            return Problem(422, "invalid-config", str(exc), errors=[{"loc": ["body", "optimizer"], "msg": str(exc)}])
+        case errors.NonFiniteResult():
+            return Problem(422, "non-finite-result", str(exc))
+        case errors.Contention():
+            return Problem(503, "contention", str(exc), headers={"Retry-After": "1"})
+        case errors.StoreUnavailable():
+            return Problem(503, "store-unavailable", str(exc), headers={"Retry-After": "1"})
+    return Problem(500, "internal", "unexpected error")
+
+
+def install(app: FastAPI) -> None:
+    """Register the handlers that turn every error into problem+json."""
+
+    async def on_problem(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, Problem)
+        return problem_response(request, exc)
+
+    async def on_domain(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, errors.ServiceError)
+        if isinstance(exc, errors.StoreUnavailable):
+            log.warning("store unavailable: %s", exc)
+        return problem_response(request, from_domain(exc))
+
+    async def on_validation(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        errs = validation_errors(exc.errors())
+        return problem_response(request, Problem(422, "invalid-request", "the request is not valid", errors=errs))
+
+    async def on_http(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        slug = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "http-error")
+        return problem_response(
+            request, Problem(exc.status_code, slug, str(exc.detail), headers=dict(exc.headers or {}))
+        )
+
+    async def on_unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return problem_response(request, Problem(500, "internal", "unexpected server error; nothing was changed"))
+
+    app.add_exception_handler(Problem, on_problem)
+    app.add_exception_handler(errors.ServiceError, on_domain)
+    app.add_exception_handler(RequestValidationError, on_validation)
+    app.add_exception_handler(StarletteHTTPException, on_http)
+    app.add_exception_handler(Exception, on_unexpected)

@@ -1,0 +1,270 @@
+"""HTTP API v1 routes. Handlers translate between HTTP and :class:`ParameterServer` calls."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Header, Query, Request, Response
+from pydantic import BaseModel
+
+from ..kernels import SGDConfig
+from ..store import ModelRecord, ParamMeta, ParamRecord
+from . import schemas
+from .body import json_response_bytes, parse_json, tensor_json, to_array
+from .deps import ModelName, ParamPath, ServerDep, SettingsDep
+from .problems import Problem
+from .schemas import problem_responses
+
+router = APIRouter(prefix="/v1")
+
+_PARAM_NAME = re.compile(schemas.PARAM_NAME_PATTERN)
+_BODY_ERRORS = (413, 415, 422)
+
+
+def _body_doc(model: type[BaseModel]) -> dict[str, Any]:
+    """Document a request body that the handler parses itself (see ``body.parse_json``)."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}},
+        }
+    }
+
+
+BODY_MODELS: list[type[BaseModel]] = [
+    schemas.ModelPut,
+    schemas.ModelPatch,
+    schemas.Tensor,
+    schemas.ParamsPut,
+    schemas.StepRequest,
+]
+
+
+def _json(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(json_response_bytes(content), status, headers=headers, media_type="application/json")
+
+
+def _model_json(record: ModelRecord, params: list[ParamMeta]) -> dict[str, Any]:
+    return {
+        "name": record.name,
+        "optimizer": record.config["optimizer"],
+        "params": {p.name: {"shape": list(p.shape), "dtype": p.dtype, "step": p.step} for p in params},
+    }
+
+
+def _param_json(rec: ParamRecord, *, with_velocity: bool) -> dict[str, Any]:
+    out = {"name": rec.name, **tensor_json(rec.value), "step": rec.step}
+    if with_velocity:
+        out["velocity"] = None if rec.velocity is None else tensor_json(rec.velocity)
+    return out
+
+
+def _only_create(if_none_match: str | None) -> bool:
+    if if_none_match is None:
+        return False
+    if if_none_match.strip() == "*":
+        return True
+    raise Problem(
+        422,
+        "unsupported-precondition",
+        "only 'If-None-Match: *' (create, never overwrite) is supported",
+        errors=[{"loc": ["header", "If-None-Match"], "msg": "must be *"}],
+    )
+
+
+def _with_velocity(include: str | None) -> bool:
+    parts = {p.strip() for p in (include or "").split(",") if p.strip()}
+    unknown = parts - {"velocity"}
+    if unknown:
+        raise Problem(
+            422,
+            "invalid-request",
+            f"unknown include value(s): {', '.join(sorted(unknown))}; supported: velocity",
+            errors=[{"loc": ["query", "include"], "msg": "supported: velocity"}],
+        )
+    return "velocity" in parts
+
+
+IfNoneMatch = Annotated[
+    str | None, Header(description="`*` creates only: 412 if the parameter exists, and nothing is written.")
+]
+Include = Annotated[str | None, Query(description="`velocity` adds each parameter's momentum buffer.")]
+
+
+@router.put(
+    "/models/{model}",
+    status_code=201,
+    response_model=schemas.ModelOut,
+    responses={200: {"model": schemas.ModelOut, "description": "Config replaced"}, **problem_responses(*_BODY_ERRORS)},
+    openapi_extra=_body_doc(schemas.ModelPut),
+    summary="Create a model or replace its optimizer config (parameters are kept)",
+)
+async def put_model(model: ModelName, request: Request, server: ServerDep, settings: SettingsDep) -> Response:
+    body = await parse_json(request, schemas.ModelPut, settings)
+    optimizer = _optimizer(body.optimizer.model_dump())
+    record, created = await server.put_model(model, optimizer)
+    _, params = await server.get_model(model)
+    headers = {"Location": f"/v1/models/{model}"} if created else None
+    return _json(_model_json(record, params), 201 if created else 200, headers)
+
+
+def _optimizer(fields: dict[str, Any]) -> SGDConfig:
+    try:
+        return SGDConfig(**fields)
+    except ValueError as exc:
+        raise Problem(
+            422, "invalid-config", str(exc), errors=[{"loc": ["body", "optimizer"], "msg": str(exc)}]
+        ) from None
+
+
+@router.get("/models/{model}", response_model=schemas.ModelOut, responses=problem_responses(404))
+async def get_model(model: ModelName, server: ServerDep) -> Response:
+    record, params = await server.get_model(model)
+    return _json(_model_json(record, params))
+
+
+@router.patch(
+    "/models/{model}",
+    response_model=schemas.ModelOut,
+    responses=problem_responses(404, *_BODY_ERRORS),
+    openapi_extra=_body_doc(schemas.ModelPatch),
+    summary="Change some hyperparameters; they apply from the next step",
+)
+async def patch_model(model: ModelName, request: Request, server: ServerDep, settings: SettingsDep) -> Response:
+    body = await parse_json(request, schemas.ModelPatch, settings)
+    changes = body.optimizer.model_dump(exclude_none=True)
+    record = await server.patch_model(model, changes)
+    _, params = await server.get_model(model)
+    return _json(_model_json(record, params))
+
+
+@router.delete("/models/{model}", status_code=204, responses=problem_responses(404))
+async def delete_model(model: ModelName, server: ServerDep) -> Response:
+    await server.delete_model(model)
+    return Response(status_code=204)
+
+
+@router.put(
+    "/models/{model}/params/{name}",
+    status_code=201,
+    response_model=schemas.ParamPutOut,
+    responses={200: {"description": "Value replaced"}, **problem_responses(404, 412, *_BODY_ERRORS)},
+    openapi_extra=_body_doc(schemas.Tensor),
+    summary="Set a parameter's value; resets its velocity and step",
+)
+async def put_param(
+    model: ModelName,
+    name: ParamPath,
+    request: Request,
+    server: ServerDep,
+    settings: SettingsDep,
+    if_none_match: IfNoneMatch = None,
+) -> Response:
+    only_create = _only_create(if_none_match)
+    tensor = await parse_json(request, schemas.Tensor, settings)
+    value = to_array(tensor, [], settings)
+    created = await server.put_params(model, {name: value}, only_create=only_create)
+    body = {"name": name, "shape": list(value.shape), "dtype": value.dtype.name, "step": 0}
+    headers = {"Location": f"/v1/models/{model}/params/{name}"} if created[name] else None
+    return _json(body, 201 if created[name] else 200, headers)
+
+
+@router.put(
+    "/models/{model}/params",
+    status_code=201,
+    response_model=schemas.ParamsPutOut,
+    responses={200: {"description": "Some values replaced"}, **problem_responses(404, 412, *_BODY_ERRORS)},
+    openapi_extra=_body_doc(schemas.ParamsPut),
+    summary="Set many parameters at once (all or nothing)",
+)
+async def put_params(
+    model: ModelName, request: Request, server: ServerDep, settings: SettingsDep, if_none_match: IfNoneMatch = None
+) -> Response:
+    only_create = _only_create(if_none_match)
+    body = await parse_json(request, schemas.ParamsPut, settings)
+    values = {name: to_array(t, ["params", name], settings) for name, t in body.params.items()}
+    created = await server.put_params(model, values, only_create=only_create)
+    out = {
+        name: {"shape": list(v.shape), "dtype": v.dtype.name, "step": 0, "created": created[name]}
+        for name, v in values.items()
+    }
+    return _json({"params": out}, 201 if all(created.values()) else 200)
+
+
+@router.get(
+    "/models/{model}/params/{name}",
+    response_model=schemas.ParamOut,
+    responses=problem_responses(404, 422),
+)
+async def get_param(model: ModelName, name: ParamPath, server: ServerDep, include: Include = None) -> Response:
+    with_velocity = _with_velocity(include)
+    params = await server.get_params(model, [name], with_velocity=with_velocity)
+    return _json(_param_json(params[name], with_velocity=with_velocity))
+
+
+@router.get("/models/{model}/params", response_model=schemas.ParamsOut, responses=problem_responses(404, 422))
+async def get_params(
+    model: ModelName,
+    server: ServerDep,
+    names: Annotated[str | None, Query(description="Comma-separated parameter names; all when absent.")] = None,
+    include: Include = None,
+) -> Response:
+    with_velocity = _with_velocity(include)
+    wanted = None
+    if names is not None:
+        wanted = list(dict.fromkeys(n.strip() for n in names.split(",") if n.strip()))
+        bad = [n for n in wanted if not _PARAM_NAME.match(n)]
+        if bad or not wanted:
+            raise Problem(
+                422,
+                "invalid-request",
+                f"invalid parameter name(s) in names: {bad!r}" if bad else "names is empty",
+                errors=[{"loc": ["query", "names"], "msg": "comma-separated parameter names"}],
+            )
+    params = await server.get_params(model, wanted, with_velocity=with_velocity)
+    return _json({"params": {n: _param_json(p, with_velocity=with_velocity) for n, p in params.items()}})
+
+
+@router.delete("/models/{model}/params/{name}", status_code=204, responses=problem_responses(404))
+async def delete_param(model: ModelName, name: ParamPath, server: ServerDep) -> Response:
+    await server.delete_param(model, name)
+    return Response(status_code=204)
+
+
+@router.post(
+    "/models/{model}/step",
+    response_model=schemas.StepOut,
+    responses=problem_responses(404, 409, *_BODY_ERRORS, 503),
+    openapi_extra=_body_doc(schemas.StepRequest),
+    summary="Apply one momentum update per named parameter (all or none) and return the new values",
+)
+async def step(model: ModelName, request: Request, server: ServerDep, settings: SettingsDep) -> Response:
+    body = await parse_json(request, schemas.StepRequest, settings)
+    grads = {name: to_array(t, ["gradients", name], settings) for name, t in body.gradients.items()}
+    results = await server.step(model, grads)
+    out: dict[str, Any]
+    if body.return_params:
+        out = {n: {**tensor_json(r.value), "step": r.step} for n, r in results.items()}
+    else:
+        out = {n: {"step": r.step} for n, r in results.items()}
+    return _json({"params": out})
+
+
+health = APIRouter()
+
+
+class Status(BaseModel):
+    status: Literal["ok", "unavailable"]
+    store: str | None = None
+
+
+@health.get("/healthz", response_model=Status, summary="The process is up")
+async def healthz() -> Response:
+    return _json({"status": "ok"})
+
+
+@health.get("/readyz", response_model=Status, responses=problem_responses(503), summary="The store is reachable")
+async def readyz(server: ServerDep) -> Response:
+    await server.store.ping()
+    return _json({"status": "ok", "store": server.store.kind})

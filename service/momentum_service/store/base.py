@@ -1,0 +1,119 @@
+"""The store protocol: what the engine needs from a place that keeps parameters.
+
+A store keeps, per model, its config (a JSON-able dict) with a revision token, and per
+parameter its value, momentum velocity (absent until the first momentum update), step
+count and an etag that changes with every write. Updates are optimistic: the engine
+reads records, computes, and calls :meth:`Store.commit_step`, which applies all the
+updates of one request at once, or none if any record (or the model config) changed
+since it was read.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = ["ModelRecord", "ParamMeta", "ParamRecord", "ParamUpdate", "Store", "new_token"]
+
+Array = npt.NDArray[np.floating]
+
+
+def new_token() -> str:
+    """A fresh revision/etag token: 96 random bits, so concurrent writers never collide."""
+    return secrets.token_hex(12)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRecord:
+    name: str
+    config: dict[str, Any]
+    rev: str
+
+
+@dataclass(frozen=True, slots=True)
+class ParamMeta:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    step: int
+
+
+@dataclass(frozen=True, slots=True)
+class ParamRecord:
+    name: str
+    value: Array
+    velocity: Array | None
+    step: int
+    etag: str
+
+    @property
+    def meta(self) -> ParamMeta:
+        return ParamMeta(self.name, tuple(self.value.shape), self.value.dtype.name, self.step)
+
+
+@dataclass(frozen=True, slots=True)
+class ParamUpdate:
+    """The new state of one parameter, valid only if its etag is still ``expected_etag``."""
+
+    name: str
+    expected_etag: str
+    value: Array
+    velocity: Array | None
+    step: int
+    etag: str
+
+
+@runtime_checkable
+class Store(Protocol):
+    """Where models and parameters live. Every method is atomic on its own."""
+
+    kind: str
+
+    async def ping(self) -> None:
+        """Raise :class:`~momentum_service.errors.StoreUnavailable` if the store cannot serve."""
+
+    async def close(self) -> None: ...
+
+    async def put_model(self, model: str, config: dict[str, Any]) -> tuple[ModelRecord, bool]:
+        """Create the model or replace its config (parameters are kept). Returns (record, created)."""
+
+    async def get_model(self, model: str) -> ModelRecord | None: ...
+
+    async def replace_config(self, model: str, expected_rev: str, config: dict[str, Any]) -> ModelRecord | None:
+        """Compare-and-set the config. ``None`` if the revision changed; ModelNotFound if gone."""
+
+    async def delete_model(self, model: str) -> bool:
+        """Delete the model and all its parameters. False if it did not exist."""
+
+    async def list_params(self, model: str) -> list[ParamMeta]:
+        """Metadata of every parameter, sorted by name. ModelNotFound if the model does not exist."""
+
+    async def read(
+        self, model: str, names: list[str] | None, *, with_velocity: bool
+    ) -> tuple[ModelRecord, dict[str, ParamRecord]]:
+        """The model and the named parameters (all when ``names`` is None), read together.
+
+        Raises ModelNotFound, or ParamNotFound naming every missing parameter. Without
+        ``with_velocity`` the records' velocity is None.
+        """
+
+    async def put_params(self, model: str, values: dict[str, Array], *, only_create: bool) -> dict[str, bool]:
+        """Set values, resetting velocity and step; returns {name: created}.
+
+        With ``only_create`` nothing is written if any parameter exists (ParamsExist names them).
+        Raises ModelNotFound.
+        """
+
+    async def delete_param(self, model: str, name: str) -> bool:
+        """False if the parameter did not exist; ModelNotFound if the model does not."""
+
+    async def commit_step(self, model: str, expected_rev: str, updates: list[ParamUpdate]) -> bool:
+        """Apply every update, or none if the model's rev or any parameter's etag changed.
+
+        Returns False on such a conflict (the caller re-reads and recomputes). Raises
+        ModelNotFound if the model is gone.
+        """

@@ -1,0 +1,26 @@
+"""Every Redis key the service uses, built here and nowhere else.
+
+All keys of one model share the hash tag ``{model}``, so they live in one Redis Cluster
+slot and multi-key scripts and transactions over a model stay valid on a cluster.
+
+- ``<prefix>:{<model>}:model``        hash: ``config`` (JSON), ``rev`` (token)
+- ``<prefix>:{<model>}:params``       set of parameter names
+- ``<prefix>:{<model>}:param:<name>`` hash: ``shape`` (JSON), ``dtype``, ``step``, ``etag``,
+  ``value`` (little-endian raw bytes), ``velocity`` (same; absent before the first momentum update)
+"""
+
+from __future__ import annotations
+
+
+class Keys:
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def model(self, model: str) -> str:
+        return f"{self.prefix}:{{{model}}}:model"
+
+    def param_index(self, model: str) -> str:
+        return f"{self.prefix}:{{{model}}}:params"
+
+    def param(self, model: str, name: str) -> str:
+        return f"{self.prefix}:{{{model}}}:param:{name}"

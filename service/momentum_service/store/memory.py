@@ -1,0 +1,116 @@
+"""The embedded store: everything in this process's memory.
+
+The default when no Redis URL is configured, so the server runs with nothing else
+installed. State is lost when the process stops, and is not shared between processes.
+Every method runs without awaiting in between, so each is atomic on the event loop.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import ModelNotFound, ParamNotFound, ParamsExist
+from .base import Array, ModelRecord, ParamMeta, ParamRecord, ParamUpdate, new_token
+
+
+@dataclass
+class _Model:
+    config: dict[str, Any]
+    rev: str
+    params: dict[str, ParamRecord] = field(default_factory=dict)
+
+
+class MemoryStore:
+    kind = "memory"
+
+    def __init__(self) -> None:
+        self._models: dict[str, _Model] = {}
+
+    async def ping(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    def _model(self, model: str) -> _Model:
+        try:
+            return self._models[model]
+        except KeyError:
+            raise ModelNotFound(model) from None
+
+    async def put_model(self, model: str, config: dict[str, Any]) -> tuple[ModelRecord, bool]:
+        rev = new_token()
+        existing = self._models.get(model)
+        if existing is None:
+            self._models[model] = _Model(copy.deepcopy(config), rev)
+        else:
+            existing.config, existing.rev = copy.deepcopy(config), rev
+        return ModelRecord(model, copy.deepcopy(config), rev), existing is None
+
+    async def get_model(self, model: str) -> ModelRecord | None:
+        m = self._models.get(model)
+        return None if m is None else ModelRecord(model, copy.deepcopy(m.config), m.rev)
+
+    async def replace_config(self, model: str, expected_rev: str, config: dict[str, Any]) -> ModelRecord | None:
+        m = self._model(model)
+        if m.rev != expected_rev:
+            return None
+        m.config, m.rev = copy.deepcopy(config), new_token()
+        return ModelRecord(model, copy.deepcopy(config), m.rev)
+
+    async def delete_model(self, model: str) -> bool:
+        return self._models.pop(model, None) is not None
+
+    async def list_params(self, model: str) -> list[ParamMeta]:
+        m = self._model(model)
+        return [m.params[name].meta for name in sorted(m.params)]
+
+    async def read(
+        self, model: str, names: list[str] | None, *, with_velocity: bool
+    ) -> tuple[ModelRecord, dict[str, ParamRecord]]:
+        m = self._model(model)
+        wanted = sorted(m.params) if names is None else names
+        missing = [n for n in wanted if n not in m.params]
+        if missing:
+            raise ParamNotFound(model, missing)
+        out = {}
+        for name in wanted:
+            rec = m.params[name]
+            # Stored arrays are read-only copies, so records can be handed out as they are.
+            out[name] = rec if with_velocity else ParamRecord(name, rec.value, None, rec.step, rec.etag)
+        return ModelRecord(model, copy.deepcopy(m.config), m.rev), out
+
+    async def put_params(self, model: str, values: dict[str, Array], *, only_create: bool) -> dict[str, bool]:
+        m = self._model(model)
+        if only_create:
+            existing = [n for n in values if n in m.params]
+            if existing:
+                raise ParamsExist(model, existing)
+        created = {name: name not in m.params for name in values}
+        for name, value in values.items():
+            m.params[name] = ParamRecord(name, _frozen(value), None, 0, new_token())
+        return created
+
+    async def delete_param(self, model: str, name: str) -> bool:
+        return self._model(model).params.pop(name, None) is not None
+
+    async def commit_step(self, model: str, expected_rev: str, updates: list[ParamUpdate]) -> bool:
+        m = self._model(model)
+        if m.rev != expected_rev:
+            return False
+        for u in updates:
+            rec = m.params.get(u.name)
+            if rec is None or rec.etag != u.expected_etag:
+                return False
+        for u in updates:
+            velocity = None if u.velocity is None else _frozen(u.velocity)
+            m.params[u.name] = ParamRecord(u.name, _frozen(u.value), velocity, u.step, u.etag)
+        return True
+
+
+def _frozen(a: Array) -> Array:
+    out = a.copy()
+    out.flags.writeable = False
+    return out

@@ -1,0 +1,206 @@
+"""The Redis store: state lives in Redis, shared by every server process that uses it.
+
+Writes are Lua scripts from :mod:`.scripts` (atomic, all-or-nothing) and one explicit
+WATCH/MULTI transaction (deleting a model, whose parameter keys are only known after
+reading its index). Reads are pipelined into one round trip. Any Redis failure becomes
+:class:`~momentum_service.errors.StoreUnavailable` (HTTP 503).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import numpy as np
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError, WatchError
+
+from ..errors import ModelNotFound, ParamNotFound, ParamsExist, StoreUnavailable
+from . import scripts
+from .base import Array, ModelRecord, ParamMeta, ParamRecord, ParamUpdate, new_token
+from .keys import Keys
+
+# Stored little-endian whatever the host; decoded to native order (a no-op on x86 and ARM).
+_DTYPES: dict[str, np.dtype[Any]] = {"float32": np.dtype("<f4"), "float64": np.dtype("<f8")}
+_PARAM_FIELDS = ("shape", "dtype", "step", "etag", "value")
+
+
+@asynccontextmanager
+async def _guard() -> AsyncIterator[None]:
+    try:
+        yield
+    except RedisError as exc:
+        if isinstance(exc, WatchError):
+            raise
+        raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
+    except OSError as exc:
+        raise StoreUnavailable(f"redis: {exc}") from exc
+
+
+def _encode(a: Array) -> bytes:
+    return np.ascontiguousarray(a, dtype=_DTYPES[a.dtype.name]).tobytes()
+
+
+def _decode(raw: bytes, dtype: str, shape: tuple[int, ...]) -> Array:
+    a: Array = np.frombuffer(raw, dtype=_DTYPES[dtype]).reshape(shape)
+    return a.astype(a.dtype.newbyteorder("="), copy=False)  # read-only when no copy was needed
+
+
+class RedisStore:
+    kind = "redis"
+
+    def __init__(self, client: aioredis.Redis, prefix: str = "momentum") -> None:
+        self._redis = client
+        self.keys = Keys(prefix)
+        self._put_model = client.register_script(scripts.PUT_MODEL)
+        self._replace_config = client.register_script(scripts.REPLACE_CONFIG)
+        self._put_params = client.register_script(scripts.PUT_PARAMS)
+        self._commit_step = client.register_script(scripts.COMMIT_STEP)
+        self._delete_param = client.register_script(scripts.DELETE_PARAM)
+
+    @classmethod
+    def from_url(cls, url: str, *, prefix: str = "momentum", timeout: float = 5.0) -> RedisStore:
+        client = aioredis.Redis.from_url(
+            url, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=30
+        )
+        return cls(client, prefix)
+
+    async def ping(self) -> None:
+        async with _guard():
+            await self._redis.ping()
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+    async def put_model(self, model: str, config: dict[str, Any]) -> tuple[ModelRecord, bool]:
+        rev = new_token()
+        async with _guard():
+            created = await self._put_model(keys=[self.keys.model(model)], args=[json.dumps(config), rev])
+        return ModelRecord(model, config, rev), created == 1
+
+    async def get_model(self, model: str) -> ModelRecord | None:
+        async with _guard():
+            raw = await self._redis.hmget(self.keys.model(model), ["config", "rev"])
+        return _model_record(model, raw)
+
+    async def replace_config(self, model: str, expected_rev: str, config: dict[str, Any]) -> ModelRecord | None:
+        rev = new_token()
+        async with _guard():
+            res = await self._replace_config(
+                keys=[self.keys.model(model)], args=[expected_rev, json.dumps(config), rev]
+            )
+        if res == -1:
+            raise ModelNotFound(model)
+        return ModelRecord(model, config, rev) if res == 1 else None
+
+    async def delete_model(self, model: str) -> bool:
+        model_key, index_key = self.keys.model(model), self.keys.param_index(model)
+        async with _guard(), self._redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(model_key, index_key)
+                    existed = bool(await pipe.exists(model_key))
+                    names = await pipe.smembers(index_key)
+                    pipe.multi()  # type: ignore[no-untyped-call]
+                    pipe.delete(model_key, index_key, *(self.keys.param(model, _text(n)) for n in names))
+                    await pipe.execute()
+                    return existed
+                except WatchError:
+                    continue
+
+    async def list_params(self, model: str) -> list[ParamMeta]:
+        async with _guard():
+            names = await self._names(model)
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for name in names:
+                    pipe.hmget(self.keys.param(model, name), ["shape", "dtype", "step"])
+                rows = await pipe.execute()
+        out = []
+        for name, (shape, dtype, step) in zip(names, rows, strict=True):
+            if shape is not None:  # deleted since the index was read
+                out.append(ParamMeta(name, tuple(json.loads(shape)), dtype.decode(), int(step)))
+        return out
+
+    async def _names(self, model: str) -> list[str]:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.exists(self.keys.model(model))
+            pipe.smembers(self.keys.param_index(model))
+            exists, names = await pipe.execute()
+        if not exists:
+            raise ModelNotFound(model)
+        return sorted(_text(n) for n in names)
+
+    async def read(
+        self, model: str, names: list[str] | None, *, with_velocity: bool
+    ) -> tuple[ModelRecord, dict[str, ParamRecord]]:
+        fields = [*_PARAM_FIELDS, "velocity"] if with_velocity else list(_PARAM_FIELDS)
+        async with _guard():
+            wanted = await self._names(model) if names is None else names
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.hmget(self.keys.model(model), ["config", "rev"])
+                for name in wanted:
+                    pipe.hmget(self.keys.param(model, name), fields)
+                model_row, *rows = await pipe.execute()
+        record = _model_record(model, model_row)
+        if record is None:
+            raise ModelNotFound(model)
+        missing = [n for n, row in zip(wanted, rows, strict=True) if row[0] is None]
+        if missing:
+            raise ParamNotFound(model, missing)
+        params = {}
+        for name, row in zip(wanted, rows, strict=True):
+            shape, dtype = tuple(json.loads(row[0])), row[1].decode()
+            velocity = None
+            if with_velocity and row[5] is not None:
+                velocity = _decode(row[5], dtype, shape)
+            params[name] = ParamRecord(name, _decode(row[4], dtype, shape), velocity, int(row[2]), row[3].decode())
+        return record, params
+
+    async def put_params(self, model: str, values: dict[str, Array], *, only_create: bool) -> dict[str, bool]:
+        names = list(values)
+        keys = [self.keys.model(model), self.keys.param_index(model), *(self.keys.param(model, n) for n in names)]
+        args: list[Any] = ["1" if only_create else "0"]
+        for name in names:
+            v = values[name]
+            args += [name, json.dumps(list(v.shape)), v.dtype.name, new_token(), _encode(v)]
+        async with _guard():
+            res = await self._put_params(keys=keys, args=args)
+        if res[0] == -1:
+            raise ModelNotFound(model)
+        if res[0] == -2:
+            raise ParamsExist(model, [n.decode() for n in res[1:]])
+        return {name: bool(flag) for name, flag in zip(names, res[1:], strict=True)}
+
+    async def delete_param(self, model: str, name: str) -> bool:
+        keys = [self.keys.model(model), self.keys.param_index(model), self.keys.param(model, name)]
+        async with _guard():
+            res = await self._delete_param(keys=keys, args=[name])
+        if res == -1:
+            raise ModelNotFound(model)
+        return bool(res)
+
+    async def commit_step(self, model: str, expected_rev: str, updates: list[ParamUpdate]) -> bool:
+        keys = [self.keys.model(model), *(self.keys.param(model, u.name) for u in updates)]
+        args: list[Any] = [expected_rev]
+        for u in updates:
+            has_velocity = u.velocity is not None
+            velocity = _encode(u.velocity) if u.velocity is not None else b""
+            args += [u.expected_etag, u.etag, u.step, _encode(u.value), "1" if has_velocity else "0", velocity]
+        async with _guard():
+            res = await self._commit_step(keys=keys, args=args)
+        if res == -1:
+            raise ModelNotFound(model)
+        return bool(res == 1)
+
+
+def _text(raw: bytes | str) -> str:
+    return raw.decode() if isinstance(raw, bytes) else raw
+
+
+def _model_record(model: str, row: list[Any]) -> ModelRecord | None:
+    config, rev = row
+    if config is None or rev is None:
+        return None
+    return ModelRecord(model, json.loads(config), _text(rev))

@@ -1,0 +1,94 @@
+"""Lua scripts run atomically by Redis, as documented constants (registered once per store).
+
+Conventions: KEYS come from :mod:`.keys`; a negative first result is an error code
+(-1: the model does not exist), 0 is an optimistic-concurrency conflict, 1 is success.
+Each script is safe to run twice (redis-py re-sends commands after a connection error):
+a repeated write finds its own fresh etag already in place and reports success.
+"""
+
+PUT_MODEL = """
+-- KEYS[1] model hash. ARGV[1] config JSON, ARGV[2] new rev.
+-- Returns 1 if the model was created, 0 if its config was replaced.
+local created = redis.call('EXISTS', KEYS[1]) == 0 and 1 or 0
+redis.call('HSET', KEYS[1], 'config', ARGV[1], 'rev', ARGV[2])
+return created
+"""
+
+REPLACE_CONFIG = """
+-- KEYS[1] model hash. ARGV[1] expected rev, ARGV[2] config JSON, ARGV[3] new rev.
+local rev = redis.call('HGET', KEYS[1], 'rev')
+if not rev then return -1 end
+if rev == ARGV[3] then return 1 end
+if rev ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'config', ARGV[2], 'rev', ARGV[3])
+return 1
+"""
+
+PUT_PARAMS = """
+-- KEYS[1] model hash, KEYS[2] parameter index, KEYS[3..] parameter hashes.
+-- ARGV[1] '1' to only create; then 5 per parameter: name, shape JSON, dtype, etag, value.
+-- Sets value, shape, dtype, etag; step = 0; no velocity.
+-- Returns {-1} without the model, {-2, names...} if only-create found existing ones,
+-- else {1, created flags...}.
+if redis.call('EXISTS', KEYS[1]) == 0 then return {-1} end
+local n = #KEYS - 2
+local found = {}
+local created = {1}
+for i = 1, n do
+  local etag = redis.call('HGET', KEYS[i + 2], 'etag')
+  local mine = ARGV[2 + (i - 1) * 5 + 3]
+  if etag and etag ~= mine then
+    table.insert(found, ARGV[2 + (i - 1) * 5])
+    table.insert(created, 0)
+  else
+    table.insert(created, 1)
+  end
+end
+if ARGV[1] == '1' and #found > 0 then
+  table.insert(found, 1, -2)
+  return found
+end
+for i = 1, n do
+  local b = 2 + (i - 1) * 5
+  local key = KEYS[i + 2]
+  redis.call('DEL', key)
+  redis.call('HSET', key, 'shape', ARGV[b + 1], 'dtype', ARGV[b + 2], 'etag', ARGV[b + 3],
+             'value', ARGV[b + 4], 'step', '0')
+  redis.call('SADD', KEYS[2], ARGV[b])
+end
+return created
+"""
+
+COMMIT_STEP = """
+-- KEYS[1] model hash, KEYS[2..] parameter hashes.
+-- ARGV[1] expected model rev; then 6 per parameter: expected etag, new etag, step, value,
+-- has velocity ('1'/'0'), velocity.
+-- All or nothing: 0 if the rev or any etag differs from what the update was computed from.
+local rev = redis.call('HGET', KEYS[1], 'rev')
+if not rev then return -1 end
+local n = #KEYS - 1
+if n > 0 and redis.call('HGET', KEYS[2], 'etag') == ARGV[3] then return 1 end
+if rev ~= ARGV[1] then return 0 end
+for i = 1, n do
+  if redis.call('HGET', KEYS[i + 1], 'etag') ~= ARGV[2 + (i - 1) * 6] then return 0 end
+end
+for i = 1, n do
+  local b = 2 + (i - 1) * 6
+  local key = KEYS[i + 1]
+  redis.call('HSET', key, 'etag', ARGV[b + 1], 'step', ARGV[b + 2], 'value', ARGV[b + 3])
+  if ARGV[b + 4] == '1' then
+    redis.call('HSET', key, 'velocity', ARGV[b + 5])
+  else
+    redis.call('HDEL', key, 'velocity')
+  end
+end
+return 1
+"""
+
+DELETE_PARAM = """
+-- KEYS[1] model hash, KEYS[2] parameter index, KEYS[3] parameter hash. ARGV[1] name.
+-- Returns -1 without the model, else the number of parameters deleted (0 or 1).
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+redis.call('SREM', KEYS[2], ARGV[1])
+return redis.call('DEL', KEYS[3])
+"""
