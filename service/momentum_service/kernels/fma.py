@@ -54,7 +54,8 @@ def _fma32(alpha: float, y: npt.NDArray[np.float32], x: npt.NDArray[np.float32])
     prod = y.astype(np.float64)
     prod *= a  # exact: a product of two float32 fits in float64
     r = prod + x  # one float64 rounding
-    out = r.astype(np.float32)
+    with np.errstate(over="ignore"):  # beyond float32's range is +-inf, as in torch
+        out = r.astype(np.float32)
     candidates = np.flatnonzero((r.view(np.uint64) & _F32_CANDIDATE_MASK) == 0)
     if candidates.size:
         _fix_double_rounding(out, r, prod, x, candidates)

@@ -84,6 +84,10 @@ def sgd_update(config: SGDConfig, value: Array, velocity: Array | None, grad: Ar
     ``velocity`` is ``None`` before the parameter's first update with momentum; it stays
     ``None`` (or unchanged) while momentum is 0, exactly like torch's ``momentum_buffer``.
     """
+    shape = value.shape
+    # Work on 1-D views: numpy ufuncs turn 0-d arrays into scalars, which would lose the dtype discipline.
+    value, grad = value.reshape(-1), grad.reshape(-1)
+    velocity = None if velocity is None else velocity.reshape(-1)
     g = -grad if config.maximize else grad
     if config.weight_decay != 0:
         g = fma(config.weight_decay, value, g)
@@ -95,4 +99,5 @@ def sgd_update(config: SGDConfig, value: Array, velocity: Array | None, grad: Ar
             scaled = velocity * value.dtype.type(config.momentum)
             new_velocity = fma(1.0 - config.dampening, g, scaled)
         g = fma(config.momentum, new_velocity, g) if config.nesterov else new_velocity
-    return fma(-config.lr, g, value), new_velocity
+    new_value = fma(-config.lr, g, value).reshape(shape)
+    return new_value, (None if new_velocity is None else new_velocity.reshape(shape))

@@ -1,0 +1,191 @@
+"""The store contract, run on every backend (the ``store`` fixture is parametrized)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from momentum_service.engine import ParameterServer
+from momentum_service.errors import ModelNotFound, ParamNotFound, ParamsExist
+from momentum_service.kernels import SGDConfig, sgd_update
+from momentum_service.store import ParamUpdate, Store, new_token
+from momentum_service.store.redis import RedisStore
+
+CFG = {"optimizer": SGDConfig(lr=0.1, momentum=0.9).to_dict()}
+
+
+def f32(*xs: float) -> np.ndarray:
+    return np.array(xs, dtype=np.float32)
+
+
+async def test_put_model_creates_then_replaces_keeping_params(store: Store) -> None:
+    rec, created = await store.put_model("m", CFG)
+    assert created and rec.config == CFG
+    await store.put_params("m", {"w": f32(1, 2)}, only_create=False)
+    cfg2 = {"optimizer": SGDConfig(lr=0.5).to_dict()}
+    rec2, created2 = await store.put_model("m", cfg2)
+    assert not created2 and rec2.rev != rec.rev
+    got = await store.get_model("m")
+    assert got is not None and got.config == cfg2 and got.rev == rec2.rev
+    assert [p.name for p in await store.list_params("m")] == ["w"]
+
+
+async def test_missing_model(store: Store) -> None:
+    assert await store.get_model("nope") is None
+    assert await store.delete_model("nope") is False
+    for call in (
+        store.list_params("nope"),
+        store.read("nope", None, with_velocity=False),
+        store.put_params("nope", {"w": f32(1)}, only_create=False),
+        store.delete_param("nope", "w"),
+        store.replace_config("nope", "rev", CFG),
+        store.commit_step("nope", "rev", []),
+    ):
+        with pytest.raises(ModelNotFound):
+            await call
+
+
+async def test_replace_config_is_compare_and_set(store: Store) -> None:
+    rec, _ = await store.put_model("m", CFG)
+    cfg2 = {"optimizer": SGDConfig(lr=0.2).to_dict()}
+    new = await store.replace_config("m", rec.rev, cfg2)
+    assert new is not None and new.config == cfg2
+    assert await store.replace_config("m", rec.rev, CFG) is None  # stale revision
+    got = await store.get_model("m")
+    assert got is not None and got.config == cfg2
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(), (0,), (3,), (2, 3, 4)])
+async def test_values_round_trip_exactly(store: Store, dtype: type, shape: tuple[int, ...]) -> None:
+    await store.put_model("m", CFG)
+    rng = np.random.default_rng(0)
+    value = (rng.standard_normal(shape) * 1e-3).astype(dtype)
+    assert await store.put_params("m", {"layer.0:w": value}, only_create=False) == {"layer.0:w": True}
+    _, params = await store.read("m", ["layer.0:w"], with_velocity=True)
+    rec = params["layer.0:w"]
+    assert rec.value.dtype == dtype and rec.value.shape == shape
+    assert rec.value.tobytes() == value.tobytes()
+    assert rec.velocity is None and rec.step == 0
+
+
+async def test_put_params_resets_and_only_create_is_all_or_nothing(store: Store) -> None:
+    rec, _ = await store.put_model("m", CFG)
+    await store.put_params("m", {"a": f32(1), "b": f32(2)}, only_create=False)
+    _, ps = await store.read("m", None, with_velocity=True)
+    ok = await store.commit_step(
+        "m", rec.rev, [ParamUpdate("a", ps["a"].etag, f32(5), f32(0.5), 1, new_token())]
+    )
+    assert ok
+    with pytest.raises(ParamsExist) as exc:
+        await store.put_params("m", {"a": f32(9), "c": f32(3)}, only_create=True)
+    assert exc.value.names == ["a"]
+    _, ps = await store.read("m", None, with_velocity=True)
+    assert sorted(ps) == ["a", "b"]  # c was not created
+    assert ps["a"].value.tolist() == [5.0] and ps["a"].step == 1 and ps["a"].velocity is not None
+    created = await store.put_params("m", {"a": f32(7), "c": f32(3)}, only_create=False)
+    assert created == {"a": False, "c": True}
+    _, ps = await store.read("m", ["a"], with_velocity=True)
+    assert ps["a"].value.tolist() == [7.0] and ps["a"].step == 0 and ps["a"].velocity is None
+
+
+async def test_read_names_every_missing_parameter(store: Store) -> None:
+    await store.put_model("m", CFG)
+    await store.put_params("m", {"a": f32(1)}, only_create=False)
+    with pytest.raises(ParamNotFound) as exc:
+        await store.read("m", ["a", "y", "x"], with_velocity=False)
+    assert exc.value.names == ["x", "y"]
+
+
+async def test_list_params_is_sorted_metadata(store: Store) -> None:
+    await store.put_model("m", CFG)
+    await store.put_params("m", {"z": f32(1, 2), "a": np.zeros((2, 2))}, only_create=False)
+    metas = await store.list_params("m")
+    assert [(p.name, p.shape, p.dtype, p.step) for p in metas] == [
+        ("a", (2, 2), "float64", 0),
+        ("z", (2,), "float32", 0),
+    ]
+
+
+async def test_commit_step_is_all_or_nothing(store: Store) -> None:
+    rec, _ = await store.put_model("m", CFG)
+    await store.put_params("m", {"a": f32(1), "b": f32(2)}, only_create=False)
+    _, ps = await store.read("m", None, with_velocity=True)
+    stale = ParamUpdate("b", "not-the-etag", f32(20), None, 1, new_token())
+    assert not await store.commit_step("m", rec.rev, [ParamUpdate("a", ps["a"].etag, f32(10), None, 1, "e1"), stale])
+    _, after = await store.read("m", None, with_velocity=True)
+    assert after["a"].value.tolist() == [1.0] and after["a"].step == 0  # a untouched too
+    # A config change since the read also invalidates the commit.
+    await store.put_model("m", CFG)
+    assert not await store.commit_step("m", rec.rev, [ParamUpdate("a", ps["a"].etag, f32(10), None, 1, "e2")])
+
+
+async def test_commit_step_applies_and_replay_is_harmless(store: Store) -> None:
+    rec, _ = await store.put_model("m", CFG)
+    await store.put_params("m", {"a": f32(1)}, only_create=False)
+    _, ps = await store.read("m", None, with_velocity=True)
+    update = ParamUpdate("a", ps["a"].etag, f32(3), f32(0.25), 1, new_token())
+    assert await store.commit_step("m", rec.rev, [update])
+    # The same commit sent again (e.g. re-sent by a client library after a dropped reply)
+    # finds its own etag in place: it reports success and applies nothing more.
+    assert await store.commit_step("m", rec.rev, [update])
+    _, ps = await store.read("m", None, with_velocity=True)
+    assert ps["a"].value.tolist() == [3.0] and ps["a"].step == 1 and ps["a"].etag == update.etag
+    v = ps["a"].velocity
+    assert v is not None and v.tolist() == [0.25]
+    # Clearing the velocity (a commit with None) removes it.
+    assert await store.commit_step("m", rec.rev, [ParamUpdate("a", update.etag, f32(4), None, 2, new_token())])
+    _, ps = await store.read("m", None, with_velocity=True)
+    assert ps["a"].velocity is None
+
+
+async def test_delete_param_and_model(store: Store) -> None:
+    await store.put_model("m", CFG)
+    await store.put_params("m", {"a": f32(1), "b": f32(2)}, only_create=False)
+    assert await store.delete_param("m", "a") is True
+    assert await store.delete_param("m", "a") is False
+    assert [p.name for p in await store.list_params("m")] == ["b"]
+    assert await store.delete_model("m") is True
+    assert await store.get_model("m") is None
+    await store.put_model("m", CFG)
+    assert await store.list_params("m") == []  # nothing survived the delete
+
+
+async def test_concurrent_steps_lose_nothing(store: Store) -> None:
+    """64 concurrent steps through two engines on one store equal 64 sequential steps."""
+    cfg = SGDConfig(lr=0.01, momentum=0.9, nesterov=True)
+    engines = [ParameterServer(store), ParameterServer(store)]
+    await engines[0].put_model("m", cfg)
+    p0 = np.linspace(-1, 1, 33, dtype=np.float32)
+    await store.put_params("m", {"w": p0}, only_create=False)
+    grad = np.full(33, 0.3, dtype=np.float32)
+    results = await asyncio.gather(*(engines[i % 2].step("m", {"w": grad}) for i in range(64)))
+    assert sorted(r["w"].step for r in results) == list(range(1, 65))  # every push got its own step
+    value, velocity = p0, None
+    for _ in range(64):
+        value, velocity = sgd_update(cfg, value, velocity, grad)
+    _, ps = await store.read("m", ["w"], with_velocity=True)
+    assert ps["w"].step == 64
+    assert ps["w"].value.tobytes() == value.tobytes()
+
+
+async def test_redis_keys_stay_under_the_prefix(redis_proc, redis_prefix: str) -> None:  # type: ignore[no-untyped-def]
+    store = RedisStore.from_url(redis_proc.url, prefix=redis_prefix)
+    try:
+        await store.put_model("m", CFG)
+        await store.put_params("m", {"a": f32(1), "b.c:d": f32(2)}, only_create=False)
+        client = redis_proc.client()
+        keys = sorted(k.decode() for k in client.scan_iter(match=f"{redis_prefix}:*"))
+        assert keys == [
+            f"{redis_prefix}:{{m}}:model",
+            f"{redis_prefix}:{{m}}:param:a",
+            f"{redis_prefix}:{{m}}:param:b.c:d",
+            f"{redis_prefix}:{{m}}:params",
+        ]
+        await store.delete_model("m")
+        assert list(client.scan_iter(match=f"{redis_prefix}:*")) == []
+        client.close()
+    finally:
+        await store.close()
