@@ -61,7 +61,9 @@ async def parse_json(request: Request, model: type[M], settings: Settings) -> M:
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise Problem(422, "malformed-json", f"the body is not valid JSON: {exc}") from None
+        raise Problem(
+            422, "malformed-json", f"the body is not valid JSON: {exc}", errors=[{"loc": ["body"], "msg": str(exc)}]
+        ) from None
     try:
         return model.model_validate(obj)
     except ValidationError as exc:
@@ -93,7 +95,8 @@ def to_array(t: Tensor, where: list[Any], settings: Settings) -> Array:
             errors=_err(where, "data length != prod(shape)"),
         )
     wide = np.array(t.data, dtype=np.float64)
-    arr: Array = wide.astype(_DTYPES[t.dtype], copy=False).reshape(t.shape)
+    with np.errstate(over="ignore"):  # out of float32's range becomes inf, refused just below
+        arr: Array = wide.astype(_DTYPES[t.dtype], copy=False).reshape(t.shape)
     if not np.isfinite(arr).all():
         raise Problem(
             422,
