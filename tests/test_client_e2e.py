@@ -1,0 +1,213 @@
+"""The Python SDK against the real app, in process: ``Client`` over starlette's ``TestClient``
+and ``AsyncClient`` over ``httpx.ASGITransport``, with the in-memory store."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack
+from typing import Any
+
+import httpx
+import momentum_client as mc
+import numpy as np
+import pytest
+from momentum_client import _tensors
+from momentum_service.api.app import create_app
+from momentum_service.settings import Settings
+from momentum_service.store import MemoryStore
+from starlette.testclient import TestClient
+
+
+class Api:
+    """Calls a method on either client and awaits it if needed, so one test covers both."""
+
+    def __init__(self, client: mc.Client | mc.AsyncClient) -> None:
+        self.client = client
+
+    async def __call__(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        result = getattr(self.client, method)(*args, **kwargs)
+        return await result if inspect.isawaitable(result) else result
+
+
+Connect = Callable[..., Api]
+
+
+@pytest.fixture(params=["sync", "async"])
+async def connect(request: pytest.FixtureRequest) -> AsyncIterator[Connect]:
+    """``connect(settings=None)``: a client of the parametrized kind on a fresh in-process server."""
+    async with AsyncExitStack() as stack:
+
+        def make(settings: Settings | None = None) -> Api:
+            app = create_app(settings or Settings(), store=MemoryStore())
+            if request.param == "sync":
+                test_client = stack.enter_context(TestClient(app))
+                return Api(stack.enter_context(mc.Client("http://testserver", client=test_client)))
+            transport = httpx.ASGITransport(app=app)
+            client = mc.AsyncClient("http://test", transport=transport)
+            stack.push_async_callback(client.close)
+            return Api(client)
+
+        yield make
+
+
+async def test_model_and_parameter_lifecycle(connect: Connect) -> None:
+    api = connect()
+    assert await api("health") is True
+    assert await api("ready") is True
+    info = await api("create_model", "mlp", lr=0.1, momentum=0.9)
+    assert info == mc.ModelInfo("mlp", mc.OptimizerConfig(lr=0.1, momentum=0.9), {})
+    assert await api("init_params", "mlp", {"layer:0.w": np.ones((2, 3), np.float32), "b": np.zeros(3)}) == {
+        "layer:0.w": True,
+        "b": True,
+    }
+    info = await api("update_model", "mlp", lr=0.5, nesterov=True)
+    assert info.optimizer == mc.OptimizerConfig(lr=0.5, momentum=0.9, nesterov=True)
+    assert info.params == {"layer:0.w": mc.ParamInfo((2, 3), "float32", 0), "b": mc.ParamInfo((3,), "float64", 0)}
+    assert await api("get_model", "mlp") == info
+
+    state = await api("get_param_state", "mlp", "b")
+    assert (state.step, state.velocity) == (0, None)
+    new = await api("step", "mlp", {"layer:0.w": np.full((2, 3), 0.25, np.float32)})
+    assert list(new) == ["layer:0.w"]
+    assert new["layer:0.w"].dtype == np.float32
+    assert await api("push_gradients", "mlp", {"layer:0.w": np.zeros((2, 3), np.float32), "b": [1.0, 2.0, 3.0]}) == {
+        "layer:0.w": 2,
+        "b": 1,
+    }
+    values = await api("get_params", "mlp")
+    assert values.keys() == {"layer:0.w", "b"}
+    assert (await api("get_params", "mlp", ["b"])).keys() == {"b"}
+    state = await api("get_param_state", "mlp", "layer:0.w")
+    assert state.step == 2
+    assert state.velocity is not None
+    assert state.value.tobytes() == values["layer:0.w"].tobytes()
+
+    await api("delete_param", "mlp", "b")
+    with pytest.raises(mc.NotFound):
+        await api("get_param_state", "mlp", "b")
+    await api("delete_model", "mlp")
+    with pytest.raises(mc.NotFound) as missing:
+        await api("get_model", "mlp")
+    assert missing.value.type == "urn:momentum-service:problem:model-not-found"
+
+
+CONFIGS = [
+    (np.float32, {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-4}),
+    (np.float64, {"lr": 0.05, "momentum": 0.5, "dampening": 0.1, "maximize": True}),
+    (np.float32, {"lr": 0.01}),
+]
+
+
+@pytest.mark.parametrize(("dtype", "config"), CONFIGS)
+async def test_steps_are_bitwise_those_of_torch_sgd(connect: Connect, dtype: type, config: dict[str, Any]) -> None:
+    torch = pytest.importorskip("torch")
+    api = connect()
+    rng = np.random.default_rng(7)
+    shapes = {"w": (33, 17), "b": (5,), "s": ()}
+    init = {n: np.asarray(rng.standard_normal(s), dtype) for n, s in shapes.items()}
+    tparams = {n: torch.nn.Parameter(torch.from_numpy(v.copy())) for n, v in init.items()}
+    opt = torch.optim.SGD(list(tparams.values()), **config)
+    await api("create_model", "m", **config)
+    await api("init_params", "m", init, exist_ok=True)
+    for k in range(25):
+        if k == 10:  # a hyperparameter change applies from the next step, on both sides
+            await api("update_model", "m", lr=config["lr"] / 2)
+            opt.param_groups[0]["lr"] = config["lr"] / 2
+        grads = {n: np.asarray(rng.standard_normal(s) * 0.1, dtype) for n, s in shapes.items()}
+        for n, g in grads.items():
+            tparams[n].grad = torch.from_numpy(g.copy())
+        opt.step()
+        ours = await api("step", "m", grads)
+        for n, tp in tparams.items():
+            assert ours[n].dtype == dtype
+            assert ours[n].tobytes() == tp.detach().numpy().tobytes(), (k, n)
+    for n, tp in tparams.items():
+        state = await api("get_param_state", "m", n)
+        buf = opt.state[tp].get("momentum_buffer")
+        assert state.step == 25
+        if buf is None:
+            assert state.velocity is None
+        else:
+            assert state.velocity is not None
+            assert state.velocity.tobytes() == buf.numpy().tobytes()
+
+
+@pytest.mark.parametrize("codec", ["orjson", "json"])
+async def test_float_bits_survive_the_server(connect: Connect, codec: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    if codec == "json":
+        monkeypatch.setattr(_tensors, "_orjson", None)
+    api = connect()
+    await api("create_model", "m", lr=0.1)
+    rng = np.random.default_rng(3)
+    f32 = rng.integers(0, 2**32, size=4096, dtype=np.uint32).view(np.float32)
+    f64 = rng.integers(0, 2**64, size=4096, dtype=np.uint64).view(np.float64)
+    extremes32 = np.array([np.finfo(np.float32).smallest_subnormal, -0.0, np.finfo(np.float32).max], np.float32)
+    values = {
+        "f32": np.concatenate([extremes32, f32[np.isfinite(f32)]]),
+        "f64": np.concatenate([[5e-324, -0.0, np.finfo(np.float64).max], f64[np.isfinite(f64)]]),
+    }
+    await api("init_params", "m", values)
+    back = await api("get_params", "m")
+    for n, v in values.items():
+        assert back[n].dtype == v.dtype
+        assert back[n].tobytes() == v.tobytes(), n
+
+
+async def test_exist_ok_never_resets_trained_state(connect: Connect) -> None:
+    api = connect()
+    await api("create_model", "m", lr=0.1, momentum=0.9)
+    assert await api("init_params", "m", {"w": np.ones(4, np.float32)}, exist_ok=True) == {"w": True}
+    trained = (await api("step", "m", {"w": np.ones(4, np.float32)}))["w"]
+    again = await api("init_params", "m", {"w": np.zeros(4, np.float32), "v": np.zeros(2)}, exist_ok=True)
+    assert again == {"w": False, "v": True}
+    state = await api("get_param_state", "m", "w")
+    assert state.step == 1
+    assert state.value.tobytes() == trained.tobytes()
+    assert await api("init_params", "m", {"w": np.zeros(4, np.float32)}) == {"w": False}
+    state = await api("get_param_state", "m", "w")
+    assert (state.step, state.velocity) == (0, None)
+    assert state.value.tobytes() == np.zeros(4, np.float32).tobytes()
+
+
+async def test_concurrent_exist_ok_initializations_create_each_parameter_once() -> None:
+    app = create_app(Settings(), store=MemoryStore())
+    async with mc.AsyncClient("http://test", transport=httpx.ASGITransport(app=app)) as client:
+        await client.create_model("m", lr=0.1)
+        names = [f"p{i}" for i in range(6)]
+
+        async def worker(k: int) -> dict[str, bool]:
+            mine = {n: np.full(3, k, np.float32) for j, n in enumerate(names) if (j + k) % 3 != 0}
+            return await client.init_params("m", mine, exist_ok=True)
+
+        results = await asyncio.gather(*(worker(k) for k in range(8)))
+        final = await client.get_params("m")
+    for n in names:
+        creators = [k for k, r in enumerate(results) if r.get(n)]
+        assert len(creators) == 1, (n, results)
+        assert final[n].tobytes() == np.full(3, creators[0], np.float32).tobytes()
+
+
+async def test_server_errors_map_to_exceptions(connect: Connect) -> None:
+    api = connect(Settings(max_tensor_elements=16))
+    with pytest.raises(mc.NotFound) as info:
+        await api("get_model", "nope")
+    assert info.value.status == 404
+    await api("create_model", "m", lr=0.1)
+    await api("init_params", "m", {"w": np.zeros((2, 2), np.float32)})
+    with pytest.raises(mc.NotFound):
+        await api("get_param_state", "m", "absent")
+    with pytest.raises(mc.Conflict) as conflict:
+        await api("step", "m", {"w": np.zeros((2, 2), np.float64)})
+    assert type(conflict.value) is mc.Conflict
+    assert conflict.value.type == "urn:momentum-service:problem:tensor-mismatch"
+    with pytest.raises(mc.InvalidRequest) as invalid:
+        await api("create_model", "m", lr=0.1, nesterov=True)
+    assert invalid.value.errors
+    assert all("loc" in e and "msg" in e for e in invalid.value.errors)
+    with pytest.raises(mc.InvalidRequest):
+        await api("update_model", "m", lr=-1.0)
+    with pytest.raises(mc.PayloadTooLarge):
+        await api("init_params", "m", {"big": np.zeros(17, np.float32)})
+    assert (await api("get_model", "m")).optimizer.lr == 0.1

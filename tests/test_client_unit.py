@@ -1,0 +1,688 @@
+"""Unit tests of the Python SDK against ``httpx.MockTransport``: requests built, responses parsed,
+errors mapped. Every API test runs on both ``Client`` and ``AsyncClient``."""
+
+from __future__ import annotations
+
+import email.utils
+import inspect
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import momentum_client as mc
+import numpy as np
+import pytest
+from momentum_client import _tensors
+
+BASE = "http://momentum.test:8000"
+PROBLEM = "application/problem+json"
+
+Handler = Callable[[httpx.Request], httpx.Response]
+
+
+def ok(body: Any, status: int = 200) -> httpx.Response:
+    return httpx.Response(status, json=body)
+
+
+def problem(status: int, slug: str = "x", detail: str = "it went wrong", **ext: Any) -> httpx.Response:
+    body = {
+        "type": f"urn:momentum-service:problem:{slug}",
+        "title": slug.replace("-", " "),
+        "status": status,
+        "detail": detail,
+        "instance": "/v1/models/m",
+        **ext,
+    }
+    return httpx.Response(status, content=json.dumps(body).encode(), headers={"content-type": PROBLEM})
+
+
+def body_of(request: httpx.Request) -> Any:
+    return json.loads(request.content)
+
+
+def tensor(arr: np.ndarray) -> dict[str, Any]:
+    """How the server sends a tensor: float64 digits, flat, row-major."""
+    return {"shape": list(arr.shape), "dtype": arr.dtype.name, "data": arr.astype(np.float64).ravel().tolist()}
+
+
+MODEL_JSON = {
+    "name": "m",
+    "optimizer": {
+        "lr": 0.01,
+        "momentum": 0.9,
+        "dampening": 0.0,
+        "nesterov": True,
+        "weight_decay": 0.0001,
+        "maximize": False,
+    },
+    "params": {
+        "w": {"shape": [2, 3], "dtype": "float32", "step": 7},
+        "b": {"shape": [], "dtype": "float64", "step": 0},
+    },
+}
+
+EXPECTED_MODEL = mc.ModelInfo(
+    name="m",
+    optimizer=mc.OptimizerConfig(
+        lr=0.01, momentum=0.9, dampening=0.0, nesterov=True, weight_decay=0.0001, maximize=False
+    ),
+    params={"w": mc.ParamInfo((2, 3), "float32", 7), "b": mc.ParamInfo((), "float64", 0)},
+)
+
+
+class Server:
+    """Answers requests from a queue of responses (or handlers) and records them."""
+
+    def __init__(self, *answers: httpx.Response | Handler | Exception) -> None:
+        self.answers = list(answers)
+        self.requests: list[httpx.Request] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        if not self.answers:
+            raise AssertionError(f"unexpected request {request.method} {request.url}")
+        answer = self.answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer(request) if callable(answer) else answer
+
+    @property
+    def only(self) -> httpx.Request:
+        assert len(self.requests) == 1, self.requests
+        return self.requests[0]
+
+
+class Api:
+    """Calls a method on either client and awaits it if needed, so one test covers both."""
+
+    def __init__(self, client: mc.Client | mc.AsyncClient) -> None:
+        self.client = client
+
+    async def __call__(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        result = getattr(self.client, method)(*args, **kwargs)
+        return await result if inspect.isawaitable(result) else result
+
+
+@pytest.fixture(params=["sync", "async"])
+async def connect(request: pytest.FixtureRequest) -> AsyncIterator[Callable[..., tuple[Api, Server]]]:
+    """``connect(*answers)`` -> (api, server): a client of the parametrized kind over a mock server."""
+    clients: list[mc.Client | mc.AsyncClient] = []
+
+    def make(*answers: httpx.Response | Handler | Exception, base_url: str = BASE) -> tuple[Api, Server]:
+        server = Server(*answers)
+        transport = httpx.MockTransport(server)
+        client: mc.Client | mc.AsyncClient
+        if request.param == "sync":
+            client = mc.Client(base_url, transport=transport)
+        else:
+            client = mc.AsyncClient(base_url, transport=transport)
+        clients.append(client)
+        return Api(client), server
+
+    yield make
+    for c in clients:
+        if isinstance(c, mc.AsyncClient):
+            await c.close()
+        else:
+            c.close()
+
+
+# -- the two clients mirror each other -------------------------------------------------------------
+
+
+def public_methods(cls: type) -> dict[str, Any]:
+    return {n: f for n, f in vars(cls).items() if not n.startswith("_") and inspect.isfunction(f)}
+
+
+def test_clients_expose_the_same_methods_and_signatures() -> None:
+    sync, aio = public_methods(mc.Client), public_methods(mc.AsyncClient)
+    assert sync.keys() == aio.keys()
+    assert {"create_model", "update_model", "get_model", "delete_model", "init_params", "get_params"} <= sync.keys()
+    assert {"get_param_state", "delete_param", "step", "push_gradients", "health", "ready", "close"} <= sync.keys()
+    for name in sync:
+        assert inspect.signature(sync[name]) == inspect.signature(aio[name]), name
+        assert not inspect.iscoroutinefunction(sync[name]), name
+        assert inspect.iscoroutinefunction(aio[name]), name
+
+
+def test_constructors_take_the_same_arguments() -> None:
+    sync = inspect.signature(mc.Client.__init__).parameters
+    aio = inspect.signature(mc.AsyncClient.__init__).parameters
+    assert list(sync) == list(aio) == ["self", "base_url", "timeout", "transport", "client", "headers"]
+    for name in sync:
+        assert (sync[name].kind, sync[name].default) == (aio[name].kind, aio[name].default)
+
+
+def test_public_names() -> None:
+    assert mc.__version__ == "0.1.0"
+    for name in mc.__all__:
+        assert hasattr(mc, name), name
+    assert mc.Client.__module__ == "momentum_client"
+    assert not [n for n in mc.__all__ if n.startswith("_") and n != "__version__"]
+
+
+# -- models ----------------------------------------------------------------------------------------
+
+
+async def test_create_model(connect: Callable[..., tuple[Api, Server]]) -> None:
+    api, server = connect(ok(MODEL_JSON, 201))
+    info = await api("create_model", "m", lr=0.01, momentum=np.float32(0.5), nesterov=np.bool_(True))
+    assert info == EXPECTED_MODEL
+    req = server.only
+    assert (req.method, str(req.url)) == ("PUT", f"{BASE}/v1/models/m")
+    assert req.headers["content-type"] == "application/json"
+    assert "application/problem+json" in req.headers["accept"]
+    assert req.headers["user-agent"] == f"momentum-client/{mc.__version__}"
+    assert body_of(req) == {
+        "optimizer": {
+            "lr": 0.01,
+            "momentum": 0.5,
+            "dampening": 0.0,
+            "nesterov": True,
+            "weight_decay": 0.0,
+            "maximize": False,
+        }
+    }
+
+
+async def test_create_model_rejects_non_finite_hyperparameters(connect: Callable[..., tuple[Api, Server]]) -> None:
+    api, server = connect()
+    with pytest.raises(ValueError, match="lr must be finite"):
+        await api("create_model", "m", lr=float("nan"))
+    with pytest.raises(ValueError, match="momentum must be finite"):
+        await api("update_model", "m", momentum=float("inf"))
+    assert server.requests == []
+
+
+async def test_update_model_sends_only_the_given_fields(connect: Callable[..., tuple[Api, Server]]) -> None:
+    api, server = connect(ok(MODEL_JSON))
+    assert await api("update_model", "m", lr=0.5, maximize=True) == EXPECTED_MODEL
+    assert server.only.method == "PATCH"
+    assert body_of(server.only) == {"optimizer": {"lr": 0.5, "maximize": True}}
+
+
+async def test_update_model_rejects_unknown_names_before_sending(connect: Callable[..., tuple[Api, Server]]) -> None:
+    api, server = connect()
+    with pytest.raises(TypeError, match=r"'learning_rate'.*valid names are lr, momentum, dampening, nesterov"):
+        await api("update_model", "m", learning_rate=0.1)
+    assert server.requests == []
+
+
+async def test_get_and_delete_model(connect: Callable[..., tuple[Api, Server]]) -> None:
+    api, server = connect(ok(MODEL_JSON), httpx.Response(204))
+    assert await api("get_model", "m") == EXPECTED_MODEL
+    assert await api("delete_model", "m") is None
+    assert [(r.method, r.url.path) for r in server.requests] == [("GET", "/v1/models/m"), ("DELETE", "/v1/models/m")]
+
+
+async def test_base_url_prefix_and_path_encoding(connect: Callable[..., tuple[Api, Server]]) -> None:
+    api, server = connect(httpx.Response(204), base_url=BASE + "/momentum/")
+    await api("delete_param", "m", "layer1:0/weight")
+    assert server.only.url.raw_path == b"/momentum/v1/models/m/params/layer1%3A0%2Fweight"
+
+
+@pytest.mark.parametrize("bad", ["", ".", ".."])
+async def test_names_that_cannot_be_path_segments(connect: Callable[..., tuple[Api, Server]], bad: str) -> None:
+    api, server = connect()
+    with pytest.raises(ValueError, match="URL path segment"):
+        await api("get_model", bad)
+    with pytest.raises(ValueError, match="URL path segment"):
+        await api("step", "m", {bad: np.zeros(1)})
+    assert server.requests == []
+
+
+# -- parameters ------------------------------------------------------------------------------------
+
+
+def created_body(flags: dict[str, bool], shape: list[int] | None = None) -> dict[str, Any]:
+    return {
+        "params": {n: {"shape": shape or [2], "dtype": "float32", "step": 0, "created": c} for n, c in flags.items()}
+    }
+
+
+async def test_init_params_overwrites_with_a_plain_put(connect: Callable[..., tuple[Api, Server]]) -> None:
+    api, server = connect(ok(created_body({"w": False, "b": True})))
+    w = np.array([[1.5, -2.0]], dtype=np.float32)
+    flags = await api("init_params", "m", {"w": w, "b": 3.0})
+    assert flags == {"w": False, "b": True}
+    req = server.only
+    assert (req.method, req.url.path) == ("PUT", "/v1/models/m/params")
+    assert "if-none-match" not in req.headers
+    assert body_of(req) == {
+        "params": {
+            "w": {"shape": [1, 2], "dtype": "float32", "data": [1.5, -2.0]},
+            "b": {"shape": [], "dtype": "float64", "data": [3.0]},
+        }
+    }
+
+
+async def test_init_params_exist_ok_resends_only_missing_names(connect: Callable[..., tuple[Api, Server]]) -> None:
+    api, server = connect(
+        problem(412, "param-exists", existing=["b"]),
+        problem(412, "param-exists", existing=["c", "not-requested"]),
+        ok(created_body({"a": True, "d": True}), 201),
+    )
+    values = {name: np.zeros(2, np.float32) for name in "abcd"}
+    flags = await api("init_params", "m", values, exist_ok=True)
+    assert flags == {"a": True, "b": False, "c": False, "d": True}
+    assert list(flags) == ["a", "b", "c", "d"]
+    sent = [sorted(body_of(r)["params"]) for r in server.requests]
+    assert sent == [["a", "b", "c", "d"], ["a", "c", "d"], ["a", "d"]]
+    assert all(r.headers["if-none-match"] == "*" for r in server.requests)
+
+
+async def test_init_params_exist_ok_when_everything_exists(connect: Callable[..., tuple[Api, Server]]) -> None:
+    api, server = connect(problem(412, "param-exists", existing=["a", "b"]))
+    flags = await api("init_params", "m", {"a": np.ones(2), "b": np.ones(2)}, exist_ok=True)
+    assert flags == {"a": False, "b": False}
+    assert len(server.requests) == 1
+
+
+async def test_init_params_exist_ok_stops_when_412_names_nothing(connect: Callable[..., tuple[Api, Server]]) -> None:
+    api, server = connect(problem(412, "param-exists", existing=["zzz"]))
+    with pytest.raises(mc.PreconditionFailed) as info:
+        await api("init_params", "m", {"a": np.ones(2)}, exist_ok=True)
+    assert info.value.existing == ["zzz"]
+    assert len(server.requests) == 1
+
+
+async def test_init_params_with_nothing_sends_nothing(connect: Callable[..., tuple[Api, Server]]) -> None:
+    api, server = connect()
+    assert await api("init_params", "m", {}, exist_ok=True) == {}
+    assert await api("init_params", "m", {}) == {}
+    assert server.requests == []
+
+
+async def test_init_params_missing_result_is_unexpected(connect: Callable[..., tuple[Api, Server]]) -> None:
+    api, _ = connect(ok(created_body({"a": True})))
+    with pytest.raises(mc.UnexpectedResponse, match=r"\['b'\]"):
+        await api("init_params", "m", {"a": np.ones(2), "b": np.ones(2)})
+
+
+async def test_get_params(connect: Callable[..., tuple[Api, Server]]) -> None:
+    w = np.arange(6, dtype=np.float32).reshape(2, 3) / np.float32(3)
+    b = np.array(0.1)
+    param = {"name": "w", "step": 3, **tensor(w)}
+    api, server = connect(
+        ok({"params": {"w": param, "b": {"name": "b", "step": 3, **tensor(b)}}}),
+        ok({"params": {"w": param}}),
+    )
+    everything = await api("get_params", "m")
+    assert everything.keys() == {"w", "b"}
+    assert everything["w"].dtype == np.float32
+    assert everything["w"].shape == (2, 3)
+    np.testing.assert_array_equal(everything["w"], w)
+    assert everything["b"].dtype == np.float64
+    assert everything["b"].shape == ()
+    assert everything["b"] == b
+    some = await api("get_params", "m", ["w", "w"])
+    assert list(some) == ["w"]
+    assert "names" not in server.requests[0].url.params
+    assert server.requests[1].url.params["names"] == "w"
+
+
+async def test_get_params_names_handling(connect: Callable[..., tuple[Api, Server]]) -> None:
+    api, server = connect(ok({"params": {}}))
+    assert await api("get_params", "m", []) == {}
+    with pytest.raises(TypeError, match="not a single str"):
+        await api("get_params", "m", "w")
+    with pytest.raises(ValueError, match="contains ','"):
+        await api("get_params", "m", ["a,b"])
+    assert server.requests == []
+    await api("get_params", "m", iter(["a", "b:c"]))
+    assert server.only.url.params["names"] == "a,b:c"
+
+
+async def test_get_param_state(connect: Callable[..., tuple[Api, Server]]) -> None:
+    value = np.array([1.25, -0.5], dtype=np.float32)
+    velocity = np.array([1e-40, 3.0], dtype=np.float32)
+    api, server = connect(
+        ok({"name": "w", "step": 0, **tensor(value), "velocity": None}),
+        ok({"name": "w", "step": 4, **tensor(value), "velocity": tensor(velocity)}),
+    )
+    fresh = await api("get_param_state", "m", "w")
+    assert (fresh.name, fresh.step, fresh.velocity) == ("w", 0, None)
+    trained = await api("get_param_state", "m", "w")
+    assert trained.step == 4
+    assert trained.velocity is not None
+    assert trained.velocity.dtype == np.float32
+    assert trained.velocity.tobytes() == velocity.tobytes()
+    assert trained.value.tobytes() == value.tobytes()
+    assert all(r.url.params["include"] == "velocity" for r in server.requests)
+    assert server.requests[0].url.path == "/v1/models/m/params/w"
+
+
+async def test_step_returns_params(connect: Callable[..., tuple[Api, Server]]) -> None:
+    new = np.array([[0.25, 0.5]], dtype=np.float32)
+    api, server = connect(ok({"params": {"w": {"step": 1, **tensor(new)}}}))
+    grad = np.array([[1.0, 2.0]], dtype=np.float32)
+    result = await api("step", "m", {"w": grad})
+    assert result["w"].dtype == np.float32
+    assert result["w"].tobytes() == new.tobytes()
+    req = server.only
+    assert (req.method, req.url.path) == ("POST", "/v1/models/m/step")
+    assert body_of(req) == {
+        "gradients": {"w": {"shape": [1, 2], "dtype": "float32", "data": [1.0, 2.0]}},
+        "return_params": True,
+    }
+
+
+async def test_push_gradients_returns_step_counts(connect: Callable[..., tuple[Api, Server]]) -> None:
+    api, server = connect(ok({"params": {"w": {"step": 12}, "b": {"step": 3}}}))
+    steps = await api("push_gradients", "m", {"w": np.zeros(2), "b": np.zeros(())})
+    assert steps == {"w": 12, "b": 3}
+    assert body_of(server.only)["return_params"] is False
+
+
+async def test_delete_param(connect: Callable[..., tuple[Api, Server]]) -> None:
+    api, server = connect(httpx.Response(204))
+    assert await api("delete_param", "m", "w") is None
+    assert (server.only.method, server.only.url.path) == ("DELETE", "/v1/models/m/params/w")
+
+
+async def test_non_finite_values_are_refused_before_sending(connect: Callable[..., tuple[Api, Server]]) -> None:
+    api, server = connect()
+    grad = np.zeros((2, 2), np.float32)
+    grad[1, 0] = np.nan
+    with pytest.raises(ValueError, match=r"gradient 'w' contains nan at flat index 2.*JSON cannot carry NaN"):
+        await api("step", "m", {"w": grad})
+    with pytest.raises(ValueError, match="parameter 'b' contains -inf"):
+        await api("init_params", "m", {"b": [1.0, -np.inf]})
+    assert server.requests == []
+
+
+@pytest.mark.parametrize("bad", [np.zeros(3, np.float16), np.zeros(3, np.int32), np.array([True]), [True, False]])
+async def test_unsupported_dtypes_are_refused(connect: Callable[..., tuple[Api, Server]], bad: Any) -> None:
+    api, server = connect()
+    with pytest.raises(TypeError, match="only float32 and float64 are supported"):
+        await api("step", "m", {"w": bad})
+    assert server.requests == []
+
+
+# -- health ----------------------------------------------------------------------------------------
+
+
+async def test_health_and_ready(connect: Callable[..., tuple[Api, Server]]) -> None:
+    api, server = connect(
+        ok({"status": "ok"}),
+        problem(503, "store-unavailable"),
+        ok({"status": "ok"}),
+        httpx.ConnectError("refused"),
+        httpx.ReadTimeout("slow"),
+    )
+    assert await api("health") is True
+    assert await api("ready") is False
+    assert await api("ready") is True
+    assert await api("health") is False
+    assert await api("ready") is False
+    assert [r.url.path for r in server.requests] == ["/healthz", "/readyz", "/readyz", "/healthz", "/readyz"]
+
+
+# -- errors ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "cls"),
+    [
+        (400, mc.InvalidRequest),
+        (401, mc.APIError),
+        (404, mc.NotFound),
+        (405, mc.APIError),
+        (409, mc.Conflict),
+        (412, mc.PreconditionFailed),
+        (413, mc.PayloadTooLarge),
+        (415, mc.UnsupportedMediaType),
+        (422, mc.InvalidRequest),
+        (429, mc.APIError),
+        (500, mc.ServerError),
+        (502, mc.ServerError),
+        (503, mc.ServiceUnavailable),
+    ],
+)
+@pytest.mark.parametrize("as_problem", [True, False])
+async def test_error_statuses_map_to_exceptions(
+    connect: Callable[..., tuple[Api, Server]], status: int, cls: type[mc.APIError], as_problem: bool
+) -> None:
+    answer = problem(status, "some-slug", "details here") if as_problem else httpx.Response(status, text="oops")
+    api, _ = connect(answer)
+    with pytest.raises(mc.APIError) as info:
+        await api("get_model", "m")
+    err = info.value
+    assert type(err) is cls
+    assert isinstance(err, mc.MomentumError)
+    assert err.status == status
+    assert (err.method, err.url) == ("GET", f"{BASE}/v1/models/m")
+    if as_problem:
+        assert err.type == "urn:momentum-service:problem:some-slug"
+        assert (err.title, err.detail, err.instance) == ("some slug", "details here", "/v1/models/m")
+        assert str(err) == f"{status} some slug: details here (GET {BASE}/v1/models/m)"
+    else:
+        assert (err.type, err.title, err.detail) == (None, None, "oops")
+        assert str(err).startswith(f"{status} ")
+
+
+def test_exception_tree() -> None:
+    assert issubclass(mc.PreconditionFailed, mc.Conflict)
+    assert issubclass(mc.ServiceUnavailable, mc.ServerError)
+    assert issubclass(mc.RequestTimeout, mc.TransportError)
+    assert issubclass(mc.RequestTimeout, TimeoutError)
+    for cls in (mc.TransportError, mc.UnexpectedResponse, mc.APIError):
+        assert issubclass(cls, mc.MomentumError)
+    for cls in (mc.InvalidRequest, mc.NotFound, mc.Conflict, mc.PayloadTooLarge, mc.UnsupportedMediaType):
+        assert issubclass(cls, mc.APIError)
+
+
+async def test_validation_errors_are_exposed(connect: Callable[..., tuple[Api, Server]]) -> None:
+    errors = [{"loc": ["body", "gradients", "w", "data"], "msg": "non-finite number"}]
+    api, _ = connect(problem(422, "non-finite", "every number must be finite", errors=errors))
+    with pytest.raises(mc.InvalidRequest) as info:
+        await api("step", "m", {"w": np.zeros(1)})
+    assert info.value.errors == errors
+    assert "body.gradients.w.data: non-finite number" in str(info.value)
+    assert info.value.problem["errors"] == errors
+
+
+async def test_retry_after(connect: Callable[..., tuple[Api, Server]]) -> None:
+    later = email.utils.formatdate(time.time() + 120, usegmt=True)
+    api, _ = connect(
+        httpx.Response(503, headers={"Retry-After": "7"}),
+        httpx.Response(503, headers={"Retry-After": later}),
+        httpx.Response(503),
+    )
+    retry_afters = []
+    for _ in range(3):
+        with pytest.raises(mc.ServiceUnavailable) as info:
+            await api("get_model", "m")
+        retry_afters.append(info.value.retry_after)
+    assert retry_afters[0] == 7.0
+    assert retry_afters[1] is not None
+    assert 100 < retry_afters[1] <= 120
+    assert retry_afters[2] is None
+
+
+@pytest.mark.parametrize(
+    ("error", "cls"),
+    [
+        (httpx.ConnectError("connection refused"), mc.TransportError),
+        (httpx.RemoteProtocolError("peer closed"), mc.TransportError),
+        (httpx.ConnectTimeout("connect"), mc.RequestTimeout),
+        (httpx.ReadTimeout("read"), mc.RequestTimeout),
+    ],
+)
+async def test_transport_errors(
+    connect: Callable[..., tuple[Api, Server]], error: httpx.RequestError, cls: type[mc.TransportError]
+) -> None:
+    api, _ = connect(error)
+    with pytest.raises(mc.TransportError) as info:
+        await api("get_model", "m")
+    assert type(info.value) is cls
+    assert info.value.__cause__ is error
+    assert info.value.url == f"{BASE}/v1/models/m"
+
+
+@pytest.mark.parametrize(
+    ("method", "status", "content"),
+    [
+        ("get_model", 200, b"<html>not json</html>"),
+        ("get_model", 200, b"[1, 2, 3]"),
+        ("get_model", 200, json.dumps({**MODEL_JSON, "optimizer": {"lr": "fast"}}).encode()),
+        ("get_params", 200, b'{"params": {"w": {"shape": [3], "dtype": "float32", "data": [1.0]}}}'),
+        ("get_params", 200, b'{"params": {"w": {"shape": [1], "dtype": "float16", "data": [1.0]}}}'),
+        ("get_params", 200, b'{"params": {"w": {"shape": [1], "dtype": "float32", "data": [[1.0]]}}}'),
+        ("get_params", 200, b'{"params": {"w": {"shape": [-1], "dtype": "float32", "data": [1.0]}}}'),
+        ("get_params", 200, b'{"params": {"w": {"shape": [1], "dtype": "float32", "data": ["1.0"]}}}'),
+        ("push_gradients", 200, b'{"params": {"w": {"step": 1.5}}}'),
+        ("delete_param", 204, b""),
+    ],
+)
+async def test_malformed_success_bodies(
+    connect: Callable[..., tuple[Api, Server]], method: str, status: int, content: bytes
+) -> None:
+    api, _ = connect(httpx.Response(status, content=content))
+    args: tuple[Any, ...] = {
+        "get_model": ("m",),
+        "get_params": ("m",),
+        "push_gradients": ("m", {"w": np.zeros(1)}),
+    }.get(method, ("m", "w"))
+    if method == "delete_param":  # a 204 without a body is the expected answer: no error
+        assert await api(method, *args) is None
+        return
+    with pytest.raises(mc.UnexpectedResponse) as info:
+        await api(method, *args)
+    assert info.value.status == 200
+    assert isinstance(info.value.__cause__, (KeyError, TypeError, ValueError))
+
+
+# -- tensor encoding -------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["orjson", "json"])
+def codec(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test with orjson (when installed) and with the standard library encoder."""
+    if request.param == "json":
+        monkeypatch.setattr(_tensors, "_orjson", None)
+    elif _tensors._orjson is None:
+        pytest.skip("orjson is not installed")
+    return str(request.param)
+
+
+def awkward_values(dtype: type[np.floating[Any]], n: int = 20_000) -> np.ndarray:
+    """Random bit patterns (all finite) plus extremes: subnormals, -0.0, max, min normal."""
+    info = np.finfo(dtype)
+    uint = np.uint32 if info.bits == 32 else np.uint64
+    values = np.random.default_rng(0).integers(0, 2**info.bits, size=n, dtype=uint).view(dtype)
+    values = values[np.isfinite(values)]
+    special = [0.0, -0.0, info.smallest_subnormal, -info.smallest_subnormal, info.max, -info.max]
+    special += [info.smallest_normal, info.eps, 1 / 3, 0.1]
+    return np.concatenate([np.array(special, dtype=dtype), values])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_tensor_round_trip_is_bit_exact(codec: str, dtype: type[np.floating[Any]]) -> None:
+    values = awkward_values(dtype)
+    values = values[: values.size // 4 * 4].reshape(2, 2, -1)
+    wire = _tensors.dumps({"t": _tensors.encode_tensor(values, "t")})
+    decoded = _tensors.decode_tensor(_tensors.loads(wire)["t"])
+    assert decoded.dtype == dtype
+    assert decoded.shape == values.shape
+    assert decoded.tobytes() == values.tobytes()
+    # the server's decoder: float64 parse, cast to dtype
+    server_side = np.asarray(json.loads(wire)["t"]["data"], dtype=np.float64).astype(dtype).reshape(values.shape)
+    assert server_side.tobytes() == values.tobytes()
+
+
+def test_tensor_encoding_is_row_major_for_any_layout(codec: str) -> None:
+    c = np.arange(12, dtype=np.float32).reshape(3, 4)
+    for arr in (np.asfortranarray(c), c.T.copy().T, c.astype(">f4"), c[:, ::-1][:, ::-1]):
+        obj = json.loads(_tensors.dumps(_tensors.encode_tensor(arr, "t")))
+        assert obj == {"shape": [3, 4], "dtype": "float32", "data": [float(x) for x in range(12)]}
+
+
+def test_tensor_shapes_scalars_and_empty(codec: str) -> None:
+    for arr in (np.float32(2.5), np.zeros((0, 3)), np.ones((1, 1, 1), np.float32)):
+        back = _tensors.decode_tensor(_tensors.loads(_tensors.dumps(_tensors.encode_tensor(arr, "t"))))
+        assert back.shape == np.shape(arr)
+        assert back.dtype == np.asarray(arr).dtype
+        np.testing.assert_array_equal(back, arr)
+
+
+def test_python_inputs_become_float64() -> None:
+    assert _tensors.encode_tensor([[1, 2], [3, 4]], "t")["dtype"] == "float64"
+    assert _tensors.encode_tensor(3, "t")["shape"] == []
+    assert _tensors.encode_tensor([0.5], "t")["dtype"] == "float64"
+    with pytest.raises(TypeError, match="only float32 and float64"):
+        _tensors.encode_tensor(np.arange(3), "t")
+
+
+def test_stdlib_encoder_refuses_nan_even_if_it_slips_through(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_tensors, "_orjson", None)
+    with pytest.raises(ValueError, match="not JSON compliant"):
+        _tensors.dumps({"data": np.array([np.nan])})
+
+
+# -- construction and lifetime ---------------------------------------------------------------------
+
+
+def test_timeout_and_headers_apply_to_every_request() -> None:
+    server = Server(ok(MODEL_JSON))
+    with mc.Client(BASE, transport=httpx.MockTransport(server), timeout=3.5, headers={"X-Team": "a"}) as client:
+        client.get_model("m")
+    req = server.only
+    assert req.extensions["timeout"] == httpx.Timeout(3.5).as_dict()
+    assert req.headers["x-team"] == "a"
+
+
+def test_a_given_httpx_client_is_used_and_left_open() -> None:
+    server = Server(ok(MODEL_JSON))
+    with httpx.Client(transport=httpx.MockTransport(server), timeout=2.0) as http:
+        with mc.Client(BASE, client=http, headers={"X-Team": "a"}) as client:
+            assert client.get_model("m") == EXPECTED_MODEL
+        assert not http.is_closed
+    assert server.only.extensions["timeout"] == httpx.Timeout(2.0).as_dict()
+    assert server.only.headers["x-team"] == "a"
+    assert server.only.headers["user-agent"].startswith("momentum-client/")
+
+
+async def test_a_given_httpx_async_client_is_used_and_left_open() -> None:
+    server = Server(ok(MODEL_JSON))
+    async with httpx.AsyncClient(transport=httpx.MockTransport(server)) as http:
+        async with mc.AsyncClient(BASE, client=http) as client:
+            assert await client.get_model("m") == EXPECTED_MODEL
+        assert not http.is_closed
+    assert len(server.requests) == 1
+
+
+async def test_own_httpx_clients_are_closed_and_retry_connects(monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[tuple[str, int]] = []
+
+    def spy(kind: type) -> Callable[..., Any]:
+        def make(*, retries: int) -> Any:
+            made.append((kind.__name__, retries))
+            return kind(retries=retries)
+
+        return make
+
+    monkeypatch.setattr(httpx, "HTTPTransport", spy(httpx.HTTPTransport))
+    monkeypatch.setattr(httpx, "AsyncHTTPTransport", spy(httpx.AsyncHTTPTransport))
+    with mc.Client(BASE) as client:
+        pass
+    assert client._http.is_closed
+    async with mc.AsyncClient(BASE) as aclient:
+        pass
+    assert aclient._http.is_closed
+    assert made == [("HTTPTransport", 2), ("AsyncHTTPTransport", 2)]
+
+
+@pytest.mark.parametrize("url", ["momentum.test:8000", "/v1", "ftp://x", "http://x/?q=1"])
+def test_bad_base_urls(url: str) -> None:
+    with pytest.raises(ValueError, match="base_url"):
+        mc.Client(url)
+
+
+def test_client_and_transport_are_exclusive() -> None:
+    with httpx.Client() as http, pytest.raises(ValueError, match="either client or transport"):
+        mc.Client(BASE, client=http, transport=httpx.MockTransport(Server()))
+    with mc.Client(BASE + "/") as client:
+        assert client.base_url == BASE
