@@ -190,3 +190,19 @@ def test_torch_rejects_the_same_configs() -> None:
             torch.optim.SGD(p, **kwargs)
         with pytest.raises(ValueError):
             SGDConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("a", "y", "x"),
+    [
+        # Near float64's top, where Dekker's split overflows (found by hypothesis).
+        (-1.9, 1.68533731e307, 9.55024478e306),
+        (2.0, 8.98846567e307, 0.0),
+        (1.5, 1.7e308, -1e308),
+        (1e300, 1e-300, 1.0),
+    ],
+)
+def test_fma64_overflow_range_cases(a: float, y: float, x: float) -> None:
+    xs, ys = np.array([x]), np.array([y])
+    ref = torch.from_numpy(xs.copy()).add(torch.from_numpy(ys.copy()), alpha=a).numpy()
+    assert fma(a, ys, xs).tobytes() == ref.tobytes()

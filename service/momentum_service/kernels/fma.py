@@ -8,10 +8,14 @@ the plain expression ``x + a * y`` rounds twice, which drifts away from torch by
 float32: the product of two float32 numbers is exact in float64 (24 + 24 bits < 53), so
 ``r = a*y + x`` in float64 has a single rounding error. Rounding ``r`` to float32 is
 then correct except when ``r`` lies exactly halfway between two float32 numbers while
-the true sum does not (double rounding). Such an ``r`` has at least 28 trailing zero
-bits, which is rare for real data; for those candidates we recover the exact error of
+the true sum does not (double rounding). In the normal range such an ``r`` has the bit
+pattern ``low 29 bits == 0x10000000`` (the test of musl's ``fmaf``), which random data
+hits about once in 2**29 elements; for those candidates we recover the exact error of
 the float64 sum (TwoSum) and move the result one float32 step towards it when needed.
-Subnormal results and the overflow threshold are handled by the same test.
+A subnormal float32 result cannot be double rounded: the exact sum then spans fewer
+than 53 bits, so ``r`` is exact. The overflow threshold matches the same bit test.
+With ``a = +-1`` the product is exact in float32 and one float32 addition is already
+correctly rounded, so no float64 detour is needed.
 
 float64: emulated with error-free transformations and rounding to odd (Boldo and
 Melquiond, "Emulation of FMA and correctly rounded sums: proved algorithms using
@@ -21,6 +25,8 @@ and ``uh + th = vh + vl`` exactly (TwoSum), then ``RN(vh + RO(tl + vl))``.
 
 from __future__ import annotations
 
+import math
+from fractions import Fraction
 from typing import cast
 
 import numpy as np
@@ -31,8 +37,10 @@ F64 = npt.NDArray[np.float64]
 
 __all__ = ["fma"]
 
-_F32_CANDIDATE_MASK = np.uint64(0x0FFFFFFF)
+_F32_LOW_BITS = np.uint64(0x1FFFFFFF)  # the 29 bits float64 has beyond float32's 24
+_F32_HALFWAY = np.uint64(0x10000000)
 _SPLITTER = 134217729.0  # 2**27 + 1, Dekker's constant for float64
+_SPLIT_LIMIT = 2.0**995  # beyond this, y * _SPLITTER may overflow
 _TWO_128 = 2.0**128  # where float32 rounds to infinity; stands in for +-inf below
 
 
@@ -50,15 +58,20 @@ def fma(alpha: float, y: npt.NDArray[np.floating], x: npt.NDArray[np.floating]) 
 
 
 def _fma32(alpha: float, y: npt.NDArray[np.float32], x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-    a = np.float64(np.float32(alpha))
+    a32 = np.float32(alpha)
+    if a32 == 1:
+        return x + y
+    if a32 == -1:
+        return x - y
     prod = y.astype(np.float64)
-    prod *= a  # exact: a product of two float32 fits in float64
-    r = prod + x  # one float64 rounding
+    prod *= np.float64(a32)  # exact: a product of two float32 fits in float64
+    r = np.add(prod, x, out=np.empty_like(prod))  # one float64 rounding
     with np.errstate(over="ignore"):  # beyond float32's range is +-inf, as in torch
         out = r.astype(np.float32)
-    candidates = np.flatnonzero((r.view(np.uint64) & _F32_CANDIDATE_MASK) == 0)
-    if candidates.size:
-        _fix_double_rounding(out, r, prod, x, candidates)
+    low = r.view(np.uint64) & _F32_LOW_BITS
+    halfway = low == _F32_HALFWAY
+    if halfway.any():
+        _fix_double_rounding(out, r, prod, x, np.flatnonzero(halfway))
     return out
 
 
@@ -102,23 +115,43 @@ def _two_sum(
 
 
 def _fma64(alpha: float, y: npt.NDArray[np.float64], x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-    a = float(alpha)
+    a = np.float64(alpha)
+    if a == 1:
+        return x + y
+    if a == -1:
+        return x - y
     with np.errstate(invalid="ignore", over="ignore"):
         uh = y * a
         yh, yl = _split(y)
-        ah, al = _split(np.asarray(a, dtype=np.float64))
+        ac = a * _SPLITTER
+        ah = ac - (ac - a)
+        al = a - ah
         ul = ((yh * ah - uh) + yh * al + yl * ah) + yl * al  # Dekker: y*a == uh + ul exactly
         th, tl = _two_sum(x, ul)
         vh, vl = _two_sum(uh, th)
         s, e = _two_sum(tl, vl)
-        # Round s to odd: if inexact and its last bit is even, step towards the exact value.
-        even = (s.view(np.uint64) & np.uint64(1)) == 0
-        step = (e != 0) & even & np.isfinite(e)
+        # Round s to odd: when inexact with an even last bit, step one ulp towards the exact
+        # value (up in magnitude when e has s's sign, down otherwise); as integers, +-1.
+        bits = s.view(np.int64)
+        step = (e != 0) & ((bits & 1) == 0)
         if step.any():
-            s = np.where(step, np.nextafter(s, np.copysign(np.inf, e)), s)
+            direction = np.where(np.signbit(s) == np.signbit(e), 1, -1)
+            s = (bits + direction * step).view(np.float64)
         out = vh + s
-        # Products or sums that overflow or are non-finite: the plain result is the IEEE answer.
-        bad = ~np.isfinite(out) | ~np.isfinite(uh)
-        if bad.any():
-            out = np.where(bad, uh + x, out)
+    # Near the top of the range Dekker's split (y * 2**27) overflows: those rare elements,
+    # and anything non-finite, take the exact slow path.
+    slow = np.flatnonzero(~np.isfinite(out) | (np.abs(y) > _SPLIT_LIMIT) | (np.abs(a) > _SPLIT_LIMIT))
+    if slow.size:
+        out[slow] = [_exact_fma(float(a), float(yi), float(xi)) for yi, xi in zip(y[slow], x[slow], strict=True)]
     return out
+
+
+def _exact_fma(a: float, y: float, x: float) -> float:
+    """Correctly rounded ``a*y + x`` by exact rational arithmetic (CPython rounds int/int correctly)."""
+    if not (math.isfinite(a) and math.isfinite(y) and math.isfinite(x)):
+        return a * y + x  # inf/nan propagate exactly as in a hardware fma
+    exact = Fraction(a) * Fraction(y) + Fraction(x)
+    try:
+        return float(exact)
+    except OverflowError:
+        return math.inf if exact > 0 else -math.inf
