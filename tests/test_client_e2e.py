@@ -106,7 +106,7 @@ async def test_steps_are_bitwise_those_of_torch_sgd(connect: Connect, dtype: typ
     api = connect()
     rng = np.random.default_rng(7)
     shapes = {"w": (33, 17), "b": (5,), "s": ()}
-    init = {n: np.asarray(rng.standard_normal(s), dtype) for n, s in shapes.items()}
+    init: dict[str, np.ndarray] = {n: np.asarray(rng.standard_normal(s), dtype) for n, s in shapes.items()}
     tparams = {n: torch.nn.Parameter(torch.from_numpy(v.copy())) for n, v in init.items()}
     opt = torch.optim.SGD(list(tparams.values()), **config)
     await api("create_model", "m", **config)
@@ -115,7 +115,7 @@ async def test_steps_are_bitwise_those_of_torch_sgd(connect: Connect, dtype: typ
         if k == 10:  # a hyperparameter change applies from the next step, on both sides
             await api("update_model", "m", lr=config["lr"] / 2)
             opt.param_groups[0]["lr"] = config["lr"] / 2
-        grads = {n: np.asarray(rng.standard_normal(s) * 0.1, dtype) for n, s in shapes.items()}
+        grads: dict[str, np.ndarray] = {n: np.asarray(rng.standard_normal(s) * 0.1, dtype) for n, s in shapes.items()}
         for n, g in grads.items():
             tparams[n].grad = torch.from_numpy(g.copy())
         opt.step()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import email.utils
 import inspect
 import json
+import pickle
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -14,7 +15,7 @@ import httpx
 import momentum_client as mc
 import numpy as np
 import pytest
-from momentum_client import _tensors
+from momentum_client import _exceptions, _tensors
 
 BASE = "http://momentum.test:8000"
 PROBLEM = "application/problem+json"
@@ -474,6 +475,23 @@ def test_exception_tree() -> None:
         assert issubclass(cls, mc.APIError)
 
 
+def test_exceptions_survive_pickling() -> None:
+    headers = httpx.Headers({"Retry-After": "3"})
+    errors: list[mc.MomentumError] = [
+        _exceptions.api_error(503, {"title": "busy"}, headers=headers, method="GET", url=BASE),
+        _exceptions.api_error(412, {"existing": ["w"]}),
+        mc.RequestTimeout("slow", method="GET", url=BASE),
+        mc.UnexpectedResponse("odd", status=200, method="GET", url=BASE),
+    ]
+    for error in errors:
+        copy = pickle.loads(pickle.dumps(error))
+        assert type(copy) is type(error)
+        assert str(copy) == str(error)
+        assert vars(copy).keys() == vars(error).keys()
+    assert pickle.loads(pickle.dumps(errors[0])).retry_after == 3.0
+    assert pickle.loads(pickle.dumps(errors[1])).existing == ["w"]
+
+
 async def test_validation_errors_are_exposed(connect: Callable[..., tuple[Api, Server]]) -> None:
     errors = [{"loc": ["body", "gradients", "w", "data"], "msg": "non-finite number"}]
     api, _ = connect(problem(422, "non-finite", "every number must be finite", errors=errors))
@@ -591,6 +609,12 @@ def test_tensor_round_trip_is_bit_exact(codec: str, dtype: type[np.floating[Any]
     # the server's decoder: float64 parse, cast to dtype
     server_side = np.asarray(json.loads(wire)["t"]["data"], dtype=np.float64).astype(dtype).reshape(values.shape)
     assert server_side.tobytes() == values.tobytes()
+
+
+def test_float32_is_sent_as_its_exact_float64_value(codec: str) -> None:
+    wire = _tensors.dumps(_tensors.encode_tensor(np.array([0.1, 1 / 3], np.float32), "t"))
+    assert b"0.10000000149011612" in wire
+    assert json.loads(wire)["data"] == [0.10000000149011612, 0.3333333432674408]
 
 
 def test_tensor_encoding_is_row_major_for_any_layout(codec: str) -> None:

@@ -1,0 +1,67 @@
+"""Python SDK for momentum-service: ``torch.optim.SGD``'s momentum rule as an HTTP parameter server.
+
+::
+
+    import numpy as np
+    import momentum_client as mc
+
+    with mc.Client("http://localhost:8000") as client:
+        client.create_model("mlp", lr=0.01, momentum=0.9)
+        client.init_params("mlp", {"w": np.zeros((4, 3), np.float32)}, exist_ok=True)
+        params = client.step("mlp", {"w": np.ones((4, 3), np.float32)})
+
+:class:`AsyncClient` has the same methods, as coroutines. Errors are documented in one place,
+the module docstring of ``momentum_client._exceptions``.
+"""
+
+from ._async_client import AsyncClient
+from ._client import Client
+from ._exceptions import (
+    APIError,
+    Conflict,
+    InvalidRequest,
+    MomentumError,
+    NotFound,
+    PayloadTooLarge,
+    PreconditionFailed,
+    RequestTimeout,
+    ServerError,
+    ServiceUnavailable,
+    TransportError,
+    UnexpectedResponse,
+    UnsupportedMediaType,
+)
+from ._models import ModelInfo, OptimizerConfig, OptimizerUpdate, ParamInfo, ParamState
+from ._version import __version__
+
+__all__ = [
+    "__version__",
+    # clients
+    "Client",
+    "AsyncClient",
+    # results
+    "ModelInfo",
+    "OptimizerConfig",
+    "OptimizerUpdate",
+    "ParamInfo",
+    "ParamState",
+    # exceptions
+    "MomentumError",
+    "TransportError",
+    "RequestTimeout",
+    "UnexpectedResponse",
+    "APIError",
+    "InvalidRequest",
+    "NotFound",
+    "Conflict",
+    "PreconditionFailed",
+    "PayloadTooLarge",
+    "UnsupportedMediaType",
+    "ServerError",
+    "ServiceUnavailable",
+]
+
+# Present public names as momentum_client.X rather than momentum_client._module.X (as httpx does).
+for _name in __all__[1:]:
+    globals()[_name].__module__ = __name__
+del _name

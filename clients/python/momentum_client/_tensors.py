@@ -1,0 +1,113 @@
+"""numpy arrays <-> the API's JSON tensors, and the JSON codec for request/response bodies.
+
+A tensor in JSON is ``{"shape": [...], "dtype": "float32"|"float64", "data": [flat row-major]}``.
+Values travel as float64 decimals with round-trip precision: a float32 array is widened to
+float64 (exact) before encoding, and decoding parses float64 then casts to the declared dtype,
+which gives back the exact bits. ``orjson`` is used when importable (much faster for large
+arrays); otherwise the standard library ``json``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = ["Array", "DTYPES", "as_float_array", "encode_tensor", "decode_tensor", "dumps", "loads"]
+
+
+def _optional_orjson() -> Any:
+    try:  # an optional speedup, not a dependency of the client
+        return importlib.import_module("orjson")
+    except ImportError:  # pragma: no cover - depends on the environment
+        return None
+
+
+_orjson: Any = _optional_orjson()
+
+Array = npt.NDArray[np.floating[Any]]
+"""A float32 or float64 numpy array."""
+
+DTYPES = ("float32", "float64")
+
+
+def as_float_array(value: npt.ArrayLike, what: str) -> Array:
+    """``value`` as a float32/float64 array.
+
+    Arrays (and anything ``np.asarray`` understands, e.g. torch CPU tensors) keep their
+    float32/float64 dtype; Python ints, floats and (nested) lists of them become float64.
+    Any other dtype (float16, integer arrays, bool, complex, ...) raises :class:`TypeError`.
+    """
+    arr = np.asarray(value)
+    if arr.dtype.kind == "f" and arr.dtype.itemsize in (4, 8):
+        return arr
+    if arr.dtype.kind in "iu" and _is_python_number_or_list(value):
+        return arr.astype(np.float64)
+    raise TypeError(
+        f"{what} has dtype {arr.dtype}; only float32 and float64 are supported "
+        "(convert explicitly, e.g. with .astype(np.float32))"
+    )
+
+
+def _is_python_number_or_list(value: object) -> bool:
+    return isinstance(value, (int, float, list, tuple)) and not isinstance(value, bool)
+
+
+def encode_tensor(value: npt.ArrayLike, what: str) -> dict[str, Any]:
+    """The JSON tensor object for ``value``; its ``data`` is a flat float64 array for :func:`dumps`.
+
+    Raises :class:`TypeError` for unsupported dtypes and :class:`ValueError` for NaN or
+    infinity, which JSON cannot represent. ``what`` names the value in those messages.
+    """
+    arr = as_float_array(value, what)
+    flat = np.ascontiguousarray(arr, dtype=np.float64).reshape(-1)  # float32 -> float64 is exact
+    finite = np.isfinite(flat)
+    if not finite.all():
+        index = int(np.argmin(finite))
+        raise ValueError(f"{what} contains {flat[index]} at flat index {index}; JSON cannot carry NaN or infinity")
+    return {"shape": list(arr.shape), "dtype": "float32" if arr.dtype.itemsize == 4 else "float64", "data": flat}
+
+
+def decode_tensor(obj: Any) -> Array:
+    """The array for a JSON tensor object. Raises ``TypeError``/``ValueError`` when malformed."""
+    if not isinstance(obj, dict):
+        raise TypeError(f"a tensor must be a JSON object, got {type(obj).__name__}")
+    shape, dtype, data = obj["shape"], obj["dtype"], obj["data"]
+    if not isinstance(shape, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
+        raise ValueError(f"tensor shape must be a list of non-negative integers, got {shape!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"tensor dtype must be one of {DTYPES}, got {dtype!r}")
+    if not isinstance(data, list):
+        raise TypeError(f"tensor data must be a JSON array, got {type(data).__name__}")
+    flat = np.asarray(data)
+    if flat.dtype.kind not in "fiu" and flat.size:  # strings, nulls, booleans, nested objects
+        raise ValueError("tensor data must be an array of numbers")
+    flat = flat.astype(np.float64, copy=False)
+    if flat.ndim != 1 or flat.size != math.prod(shape):
+        raise ValueError(f"tensor data has {flat.size} numbers, shape {shape} needs {math.prod(shape)}")
+    return flat.astype(np.dtype(dtype), copy=False).reshape(shape)
+
+
+def dumps(body: Any) -> bytes:
+    """Encode a request body; numpy arrays in it (from :func:`encode_tensor`) become JSON arrays."""
+    if _orjson is not None:
+        encoded: bytes = _orjson.dumps(body, option=_orjson.OPT_SERIALIZE_NUMPY)
+        return encoded
+    return json.dumps(body, allow_nan=False, separators=(",", ":"), default=_to_list).encode()
+
+
+def _to_list(value: object) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"cannot encode {type(value).__name__} as JSON")
+
+
+def loads(content: bytes) -> Any:
+    """Decode a response body."""
+    if _orjson is not None:
+        return _orjson.loads(content)
+    return json.loads(content)
