@@ -1,0 +1,52 @@
+# Momentum parameter server: the `server` extra on python:3.11-slim, run as a non-root user.
+#
+#   docker build -t momentum-service .
+#   docker run --rm -p 8000:8000 -e MOMENTUM_REDIS_URL=redis://redis-host:6379/0 momentum-service
+#
+# Settings come from the environment (pydantic-settings, prefix MOMENTUM_); see
+# service/momentum_service/settings.py. docker-compose.yml wires it to a Redis with AOF on.
+
+# ---- builder: build the project wheel and install it with the server extra into a venv ----
+FROM python:3.11-slim-bookworm AS builder
+
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PYTHONDONTWRITEBYTECODE=1
+
+WORKDIR /src
+
+# Only what the wheel build reads (.dockerignore keeps everything else out of the context).
+COPY pyproject.toml README.md ./
+COPY service/ service/
+COPY clients/ clients/
+
+# A real (non-editable) wheel, then the wheel plus its `server` extra into /opt/venv, which
+# is the only thing the runtime stage takes from here.
+RUN pip wheel --no-cache-dir --no-deps --wheel-dir /tmp/dist . \
+    && python -m venv /opt/venv \
+    && set -- /tmp/dist/momentum_service-*.whl \
+    && /opt/venv/bin/pip install --no-cache-dir "$1[server]" \
+    && /opt/venv/bin/pip check
+
+# ---- runtime ----
+FROM python:3.11-slim-bookworm AS runtime
+
+ENV PATH="/opt/venv/bin:${PATH}" \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+
+RUN groupadd --system --gid 10001 momentum \
+    && useradd --system --uid 10001 --gid momentum --no-create-home \
+       --home-dir /nonexistent --shell /usr/sbin/nologin momentum
+
+COPY --from=builder /opt/venv /opt/venv
+
+USER 10001:10001
+
+EXPOSE 8000
+
+# The slim image has no curl: probe /healthz with the standard library (exit 1 on any error).
+HEALTHCHECK --interval=15s --timeout=3s --start-period=10s --retries=3 \
+    CMD ["python", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8000/healthz', timeout=2).status == 200 else 1)"]
+
+CMD ["momentum-service", "serve", "--host", "0.0.0.0", "--port", "8000"]
