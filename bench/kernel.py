@@ -14,7 +14,6 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-
 from momentum_service.kernels import SGDConfig, sgd_update
 
 CFG = SGDConfig(lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-4)
@@ -55,8 +54,9 @@ def main() -> None:
         runs: dict[str, list[float]] = {"ours": [], "naive": [], "torch": []}
         inner = max(1, 20_000_000 // args.size)
         for _ in range(args.repeat):
-            runs["ours"].append(timed(lambda: sgd_update(CFG, value, velocity, grad), inner))
-            runs["naive"].append(timed(lambda: naive(value, velocity, grad), inner))
+            args = (value, velocity, grad)
+            runs["ours"].append(timed(lambda a=args: sgd_update(CFG, *a), inner))  # type: ignore[misc]
+            runs["naive"].append(timed(lambda a=args: naive(*a), inner))  # type: ignore[misc]
             runs["torch"].append(timed(opt.step, inner))
         med = {k: statistics.median(v) for k, v in runs.items()}
         print(f"{np.dtype(dtype).name:8} {med['ours']:13.2f} {med['naive']:12.2f} {med['torch']:16.2f}")

@@ -4,7 +4,6 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
-
 from momentum_service.store import MemoryStore, Store
 from momentum_service.store.redis import RedisStore
 

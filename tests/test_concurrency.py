@@ -37,7 +37,17 @@ def run_workers(urls: list[str]) -> list[int]:
     """Start the workers at once, wait for all, and return every step they were given."""
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "tests.push_worker", ",".join(urls[i % 2 :] + urls[: i % 2]), "m", "w", str(PUSHES), str(SIZE), str(GRAD)],
+            [
+                sys.executable,
+                "-m",
+                "tests.push_worker",
+                ",".join(urls[i % 2 :] + urls[: i % 2]),
+                "m",
+                "w",
+                str(PUSHES),
+                str(SIZE),
+                str(GRAD),
+            ],
             cwd=ROOT,
             stdout=subprocess.PIPE,
         )
@@ -54,7 +64,9 @@ def run_workers(urls: list[str]) -> list[int]:
 def setup_model(url: str) -> np.ndarray:
     p0 = np.linspace(-1, 1, SIZE, dtype=np.float32)
     assert httpx.put(f"{url}/v1/models/m", json={"optimizer": OPT}).status_code == 201
-    r = httpx.put(f"{url}/v1/models/m/params/w", json={"shape": [SIZE], "dtype": "float32", "data": p0.astype(float).tolist()})
+    r = httpx.put(
+        f"{url}/v1/models/m/params/w", json={"shape": [SIZE], "dtype": "float32", "data": p0.astype(float).tolist()}
+    )
     assert r.status_code == 201
     return p0
 

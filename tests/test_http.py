@@ -8,7 +8,6 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-
 from momentum_service.api import create_app
 from momentum_service.kernels import SGDConfig, sgd_update
 from momentum_service.settings import Settings
@@ -86,7 +85,10 @@ async def test_get_model(api: httpx.AsyncClient, model: str) -> None:
     assert r.json() == {
         "name": "mnist",
         "optimizer": OPT,
-        "params": {"b": {"shape": [1], "dtype": "float32", "step": 0}, "w": {"shape": [2, 2], "dtype": "float32", "step": 0}},
+        "params": {
+            "b": {"shape": [1], "dtype": "float32", "step": 0},
+            "w": {"shape": [2, 2], "dtype": "float32", "step": 0},
+        },
     }
     assert_problem(await api.get("/v1/models/nope"), 404, "model-not-found")
 
@@ -129,13 +131,17 @@ async def test_patch_model_applies_from_next_step(api: httpx.AsyncClient, model:
     assert r.status_code == 200
     assert r.json()["optimizer"] == {**OPT, "lr": 0.01, "nesterov": True}
     r = await api.post(f"/v1/models/{model}/step", json={"gradients": {"b": tensor([1.0])}})
-    expected, _ = sgd_update(SGDConfig(lr=0.01, momentum=0.9, nesterov=True), np.float32([0.5]), None, np.float32([1.0]))
+    expected, _ = sgd_update(
+        SGDConfig(lr=0.01, momentum=0.9, nesterov=True), np.float32([0.5]), None, np.float32([1.0])
+    )
     assert array(r.json()["params"]["b"]).tobytes() == expected.tobytes()
 
 
 async def test_patch_model_invalid_result_changes_nothing(api: httpx.AsyncClient, model: str) -> None:
     before = await snapshot(api, model)
-    assert_problem(await api.patch(f"/v1/models/{model}", json={"optimizer": {"dampening": 0.3, "nesterov": True}}), 422)
+    assert_problem(
+        await api.patch(f"/v1/models/{model}", json={"optimizer": {"dampening": 0.3, "nesterov": True}}), 422
+    )
     assert_problem(await api.patch(f"/v1/models/{model}", json={"optimizer": {"lr": -1}}), 422)
     assert_problem(await api.patch(f"/v1/models/{model}", json={"optimizer": {"bogus": 1}}), 422)
     assert_problem(await api.patch("/v1/models/nope", json={"optimizer": {"lr": 1}}), 404)
@@ -174,7 +180,9 @@ async def test_put_param_if_none_match(api: httpx.AsyncClient, model: str) -> No
         await api.put(f"/v1/models/{model}/params/new", json=tensor([9.0]), headers={"If-None-Match": "*"}), 412
     )
     assert body["existing"] == ["new"]
-    assert_problem(await api.put(f"/v1/models/{model}/params/new", json=tensor([9.0]), headers={"If-None-Match": '"x"'}), 422)
+    assert_problem(
+        await api.put(f"/v1/models/{model}/params/new", json=tensor([9.0]), headers={"If-None-Match": '"x"'}), 422
+    )
     assert await snapshot(api, model) == before
 
 
@@ -196,7 +204,9 @@ async def test_put_params_bulk(api: httpx.AsyncClient, model: str) -> None:
     )
     assert body["existing"] == ["b", "c"]
     assert await snapshot(api, model) == before  # d was not created either
-    r = await api.put(f"/v1/models/{model}/params", json={"params": {"d": tensor([1.0])}}, headers={"If-None-Match": "*"})
+    r = await api.put(
+        f"/v1/models/{model}/params", json={"params": {"d": tensor([1.0])}}, headers={"If-None-Match": "*"}
+    )
     assert r.status_code == 201
 
 
@@ -216,7 +226,9 @@ async def test_get_params(api: httpx.AsyncClient, model: str) -> None:
     }
     r = await api.get(f"/v1/models/{model}/params", params={"names": "w"})
     assert list(r.json()["params"]) == ["w"]
-    body = assert_problem(await api.get(f"/v1/models/{model}/params", params={"names": "w,x,y"}), 404, "param-not-found")
+    body = assert_problem(
+        await api.get(f"/v1/models/{model}/params", params={"names": "w,x,y"}), 404, "param-not-found"
+    )
     assert body["missing"] == ["x", "y"]
     assert_problem(await api.get(f"/v1/models/{model}/params", params={"names": "w,bad name"}), 422)
     assert_problem(await api.get(f"/v1/models/{model}/params", params={"names": ","}), 422)
@@ -254,7 +266,9 @@ async def test_step_applies_the_momentum_rule(api: httpx.AsyncClient, model: str
         assert list(out) == ["w"] and out["w"]["step"] == k + 1
         assert out["w"]["shape"] == [2, 2] and out["w"]["dtype"] == "float32"
         assert array(out["w"]).tobytes() == w.tobytes()
-    r = await api.post(f"/v1/models/{model}/step", json={"gradients": {"w": tensor(g), "b": tensor([1])}, "return_params": False})
+    r = await api.post(
+        f"/v1/models/{model}/step", json={"gradients": {"w": tensor(g), "b": tensor([1])}, "return_params": False}
+    )
     assert r.json() == {"params": {"w": {"step": 4}, "b": {"step": 1}}}
 
 
@@ -279,10 +293,11 @@ async def test_step_with_unknown_or_mismatched_params_applies_to_none(api: httpx
         409,
         "tensor-mismatch",
     )
-    assert body["mismatches"]["w"] == {"expected": {"shape": [2, 2], "dtype": "float32"}, "got": {"shape": [2], "dtype": "float32"}}
-    assert_problem(
-        await api.post(f"/v1/models/{model}/step", json={"gradients": {"b": tensor([1.0], "float64")}}), 409
-    )
+    assert body["mismatches"]["w"] == {
+        "expected": {"shape": [2, 2], "dtype": "float32"},
+        "got": {"shape": [2], "dtype": "float32"},
+    }
+    assert_problem(await api.post(f"/v1/models/{model}/step", json={"gradients": {"b": tensor([1.0], "float64")}}), 409)
     assert_problem(await api.post("/v1/models/nope/step", json={"gradients": {"b": tensor([1.0])}}), 404)
     assert await snapshot(api, model) == before
 
@@ -290,7 +305,9 @@ async def test_step_with_unknown_or_mismatched_params_applies_to_none(api: httpx
 async def test_step_that_overflows_applies_nothing(api: httpx.AsyncClient, model: str) -> None:
     await api.patch(f"/v1/models/{model}", json={"optimizer": {"lr": 1e38}})
     before = await snapshot(api, model)
-    assert_problem(await api.post(f"/v1/models/{model}/step", json={"gradients": {"b": tensor([1e10])}}), 422, "non-finite-result")
+    assert_problem(
+        await api.post(f"/v1/models/{model}/step", json={"gradients": {"b": tensor([1e10])}}), 422, "non-finite-result"
+    )
     assert await snapshot(api, model) == before
 
 
@@ -312,8 +329,16 @@ BAD_BODIES: list[tuple[str, bytes, int]] = [
     ("empty body", b"", 422),
     ("deep nesting", b"[" * 100_000 + b"]" * 100_000, 422),
     ("huge integer", b'{"gradients": {"b": {"shape": [1], "dtype": "float32", "data": [' + b"9" * 5000 + b"]}}}", 422),
-    ("element cap", b'{"gradients": {"b": {"shape": [1099511627776, 1099511627776], "dtype": "float32", "data": []}}}', 413),
-    ("too many dims", b'{"gradients": {"b": {"shape": [' + b",".join([b"1"] * 33) + b'], "dtype": "float32", "data": [1]}}}', 422),
+    (
+        "element cap",
+        b'{"gradients": {"b": {"shape": [1099511627776, 1099511627776], "dtype": "float32", "data": []}}}',
+        413,
+    ),
+    (
+        "too many dims",
+        b'{"gradients": {"b": {"shape": [' + b",".join([b"1"] * 33) + b'], "dtype": "float32", "data": [1]}}}',
+        422,
+    ),
     ("invalid utf-8", b'{"gradients": {"\xff": 1}}', 422),
 ]
 
@@ -329,7 +354,10 @@ async def test_bad_step_bodies_are_4xx_and_change_nothing(
 
 
 async def test_bad_param_bodies(api: httpx.AsyncClient, model: str) -> None:
-    for raw in (b'{"shape": [2], "dtype": "float32", "data": [1]}', b'{"shape": [1], "dtype": "float32", "data": [NaN]}'):
+    for raw in (
+        b'{"shape": [2], "dtype": "float32", "data": [1]}',
+        b'{"shape": [1], "dtype": "float32", "data": [NaN]}',
+    ):
         r = await api.put(f"/v1/models/{model}/params/w", content=raw, headers={"content-type": "application/json"})
         assert_problem(r, 422)
     assert_problem(await api.put(f"/v1/models/{model}/params/bad name", json=tensor([1.0])), 422)
@@ -338,12 +366,20 @@ async def test_bad_param_bodies(api: httpx.AsyncClient, model: str) -> None:
 async def test_unsupported_media_type(api: httpx.AsyncClient, model: str) -> None:
     before = await snapshot(api, model)
     for headers in ({"content-type": "text/plain"}, {"content-type": "application/x-www-form-urlencoded"}, {}):
-        r = await api.post(f"/v1/models/{model}/step", content=b'{"gradients": {"b": {"shape": [1], "dtype": "float32", "data": [1]}}}', headers=headers)
+        r = await api.post(
+            f"/v1/models/{model}/step",
+            content=b'{"gradients": {"b": {"shape": [1], "dtype": "float32", "data": [1]}}}',
+            headers=headers,
+        )
         assert_problem(r, 415, "unsupported-media-type")
     r = await api.put("/v1/models/x", content=b'{"optimizer": {"lr": 1}}', headers={"content-type": "application/xml"})
     assert_problem(r, 415)
     assert await snapshot(api, model) == before
-    r = await api.post(f"/v1/models/{model}/step", json={"gradients": {"b": tensor([1])}}, headers={"content-type": "application/merge-patch+json"})
+    r = await api.post(
+        f"/v1/models/{model}/step",
+        json={"gradients": {"b": tensor([1])}},
+        headers={"content-type": "application/merge-patch+json"},
+    )
     assert r.status_code == 200  # any +json media type is JSON
 
 

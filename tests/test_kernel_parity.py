@@ -10,14 +10,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
-
 from momentum_service.kernels import SGDConfig, fma, sgd_update
 
 assert torch.__version__.startswith("2.13.0"), f"parity is defined against torch 2.13.0, found {torch.__version__}"
 
 COMBOS = [
     (m, nesterov, d, wd, maximize)
-    for m, nesterov, d, wd, maximize in itertools.product([0.0, 0.9], [False, True], [0.0, 0.1], [0.0, 1e-4], [False, True])
+    for m, nesterov, d, wd, maximize in itertools.product(
+        [0.0, 0.9], [False, True], [0.0, 0.1], [0.0, 1e-4], [False, True]
+    )
     if not nesterov or (m > 0 and d == 0)
 ]
 
@@ -106,9 +107,7 @@ finite64 = st.floats(allow_nan=False, allow_infinity=False)
 @given(
     a=finite32,
     xy=st.integers(1, 40).flatmap(
-        lambda n: st.tuples(
-            hnp.arrays(np.float32, n, elements=finite32), hnp.arrays(np.float32, n, elements=finite32)
-        )
+        lambda n: st.tuples(hnp.arrays(np.float32, n, elements=finite32), hnp.arrays(np.float32, n, elements=finite32))
     ),
 )
 def test_fma32_equals_torch(a: float, xy: tuple[np.ndarray, np.ndarray]) -> None:
@@ -123,9 +122,7 @@ def test_fma32_equals_torch(a: float, xy: tuple[np.ndarray, np.ndarray]) -> None
 @given(
     a=finite64,
     xy=st.integers(1, 40).flatmap(
-        lambda n: st.tuples(
-            hnp.arrays(np.float64, n, elements=finite64), hnp.arrays(np.float64, n, elements=finite64)
-        )
+        lambda n: st.tuples(hnp.arrays(np.float64, n, elements=finite64), hnp.arrays(np.float64, n, elements=finite64))
     ),
 )
 def test_fma64_equals_torch(a: float, xy: tuple[np.ndarray, np.ndarray]) -> None:
@@ -185,10 +182,15 @@ def test_config_validation_says_what_is_wrong(kwargs: dict, message: str) -> Non
 def test_torch_rejects_the_same_configs() -> None:
     """Our validation agrees with torch's constructor on what is invalid."""
     p = [torch.nn.Parameter(torch.zeros(1))]
-    for kwargs in ({"lr": -0.1}, {"lr": 0.1, "momentum": -0.5}, {"lr": 0.1, "weight_decay": -1.0}, {"lr": 0.1, "nesterov": True}):
-        with pytest.raises(ValueError):
+    for kwargs in (
+        {"lr": -0.1},
+        {"lr": 0.1, "momentum": -0.5},
+        {"lr": 0.1, "weight_decay": -1.0},
+        {"lr": 0.1, "nesterov": True},
+    ):
+        with pytest.raises(ValueError, match=r"Invalid|Nesterov"):
             torch.optim.SGD(p, **kwargs)
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match=r"must be >= 0|requires momentum"):
             SGDConfig(**kwargs)
 
 

@@ -6,7 +6,6 @@ import asyncio
 
 import numpy as np
 import pytest
-
 from momentum_service.engine import ParameterServer
 from momentum_service.errors import ModelNotFound, ParamNotFound, ParamsExist
 from momentum_service.kernels import SGDConfig, sgd_update
@@ -75,9 +74,7 @@ async def test_put_params_resets_and_only_create_is_all_or_nothing(store: Store)
     rec, _ = await store.put_model("m", CFG)
     await store.put_params("m", {"a": f32(1), "b": f32(2)}, only_create=False)
     _, ps = await store.read("m", None, with_velocity=True)
-    ok = await store.commit_step(
-        "m", rec.rev, [ParamUpdate("a", ps["a"].etag, f32(5), f32(0.5), 1, new_token())]
-    )
+    ok = await store.commit_step("m", rec.rev, [ParamUpdate("a", ps["a"].etag, f32(5), f32(0.5), 1, new_token())])
     assert ok
     with pytest.raises(ParamsExist) as exc:
         await store.put_params("m", {"a": f32(9), "c": f32(3)}, only_create=True)

@@ -67,7 +67,10 @@ def test_invalid_setting_is_refused_at_start() -> None:
     import sys
 
     r = subprocess.run(
-        [sys.executable, "-m", "momentum_service", "serve", "--port", "99999"], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "momentum_service", "serve", "--port", "99999"],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert r.returncode == 2 and "port" in r.stderr
 

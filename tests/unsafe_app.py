@@ -27,9 +27,7 @@ class LastWriterWinsStore(RedisStore):
     async def commit_step(self, model: str, expected_rev: str, updates: list[ParamUpdate]) -> bool:
         # Pretend every record is still the one we read: the compare-and-set is switched off.
         _, current = await super().read(model, [u.name for u in updates], with_velocity=False)
-        forced = [
-            ParamUpdate(u.name, current[u.name].etag, u.value, u.velocity, u.step, u.etag) for u in updates
-        ]
+        forced = [ParamUpdate(u.name, current[u.name].etag, u.value, u.velocity, u.step, u.etag) for u in updates]
         record = await self.get_model(model)
         assert record is not None
         return await super().commit_step(model, record.rev, forced)
