@@ -36,6 +36,18 @@ def wait_until(predicate, timeout: float = 15.0, what: str = "condition") -> Non
     raise TimeoutError(f"timed out waiting for {what}")
 
 
+def terminate(proc: subprocess.Popen[bytes] | None) -> None:
+    """SIGTERM, then SIGKILL if the process has not exited within 10 s."""
+    if proc is None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
 class RedisProcess:
     """A redis-server this test suite started itself (never one it did not start)."""
 
@@ -76,14 +88,8 @@ class RedisProcess:
             self.proc = None
 
     def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-            self.proc = None
+        terminate(self.proc)
+        self.proc = None
 
 
 class ServerProcess:
@@ -119,11 +125,5 @@ class ServerProcess:
             self.proc = None
 
     def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-            self.proc = None
+        terminate(self.proc)
+        self.proc = None
