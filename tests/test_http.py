@@ -144,6 +144,7 @@ async def test_patch_model_invalid_result_changes_nothing(api: httpx.AsyncClient
     )
     assert_problem(await api.patch(f"/v1/models/{model}", json={"optimizer": {"lr": -1}}), 422)
     assert_problem(await api.patch(f"/v1/models/{model}", json={"optimizer": {"bogus": 1}}), 422)
+    assert_problem(await api.patch(f"/v1/models/{model}", json={"optimizer": {"lr": None}}), 422)
     assert_problem(await api.patch("/v1/models/nope", json={"optimizer": {"lr": 1}}), 404)
     assert await snapshot(api, model) == before
 

@@ -95,3 +95,38 @@ def test_store_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.delenv("MOMENTUM_REDIS_URL")
     assert make_store(Settings()).kind == "memory"
     np.testing.assert_equal(Settings().max_tensor_elements, 1 << 25)
+
+
+async def test_frozen_redis_gives_503_in_bounded_time(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A SIGSTOP'd Redis accepts connections but never answers: requests must not hang."""
+    import os
+    import signal
+    import time
+
+    from momentum_service.api import create_app
+    from momentum_service.settings import Settings
+    from momentum_service.store.redis import RedisStore
+
+    redis_proc = RedisProcess(directory=str(tmp_path)).start()
+    store = RedisStore.from_url(redis_proc.url, prefix="frozen", timeout=0.3)
+    app = create_app(Settings(), store=store)
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as api:
+            assert (await api.put("/v1/models/m", json={"optimizer": OPT})).status_code == 201
+            w = {"shape": [1], "dtype": "float32", "data": [1.0]}
+            assert (await api.put("/v1/models/m/params/w", json=w)).status_code == 201
+            assert redis_proc.proc is not None
+            os.kill(redis_proc.proc.pid, signal.SIGSTOP)
+            try:
+                for call in (api.get("/readyz"), api.post("/v1/models/m/step", json={"gradients": {"w": w}})):
+                    t = time.monotonic()
+                    r = await call
+                    assert r.status_code == 503 and r.headers["content-type"] == "application/problem+json"
+                    assert time.monotonic() - t < 3 * 0.3 + 1.5
+            finally:
+                os.kill(redis_proc.proc.pid, signal.SIGCONT)
+            r = await api.post("/v1/models/m/step", json={"gradients": {"w": w}})
+            assert r.status_code == 200 and r.json()["params"]["w"]["step"] == 1
+    finally:
+        await store.close()
+        redis_proc.stop()

@@ -17,7 +17,15 @@ from typing import Any
 
 import numpy as np
 
-from .errors import Contention, InvalidConfig, ModelNotFound, NonFiniteResult, ParamNotFound, TensorMismatch
+from .errors import (
+    Contention,
+    InvalidConfig,
+    ModelNotFound,
+    NonFiniteResult,
+    ParamNotFound,
+    StoreUnavailable,
+    TensorMismatch,
+)
 from .kernels import SGDConfig, sgd_update
 from .store import ModelRecord, ParamMeta, ParamRecord, ParamUpdate, Store, new_token
 from .store.base import Array
@@ -94,7 +102,14 @@ class ParameterServer:
                 updates = await asyncio.to_thread(_compute, optimizer, params, grads)
             else:
                 updates = _compute(optimizer, params, grads)
-            if await self.store.commit_step(model, record.rev, updates):
+            try:
+                committed = await self.store.commit_step(model, record.rev, updates)
+            except StoreUnavailable as exc:
+                raise StoreUnavailable(
+                    "the store failed while this step was being committed, so it may or may not have been "
+                    "applied: read the parameters' step to find out before pushing it again"
+                ) from exc
+            if committed:
                 return {u.name: ParamRecord(u.name, u.value, u.velocity, u.step, u.etag) for u in updates}
             attempt = await _backoff(attempt, deadline)
 

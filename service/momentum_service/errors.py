@@ -58,7 +58,10 @@ class NonFiniteResult(ServiceError):
 
 
 class StoreUnavailable(ServiceError):
-    """The store cannot be reached (or timed out). Nothing is known to have changed."""
+    """The store cannot be reached, or timed out.
+
+    Nothing changed, except possibly for a step whose commit was under way (its message says so).
+    """
 
 
 class Contention(ServiceError):

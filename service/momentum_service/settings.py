@@ -17,7 +17,9 @@ class Settings(BaseSettings):
         default=None, description="redis:// or rediss:// URL; unset means the embedded in-memory store."
     )
     redis_prefix: str = Field(default="momentum", pattern=r"^[A-Za-z0-9._:-]{1,64}$")
-    redis_timeout_s: float = Field(default=5.0, gt=0, description="Socket timeout for Redis commands.")
+    redis_timeout_s: float = Field(
+        default=2.0, gt=0, description="Socket timeout of a Redis command; a request gets 503 within ~3x this."
+    )
     max_body_bytes: int = Field(default=64 * 1024 * 1024, gt=0, description="Largest accepted request body (413).")
     max_tensor_elements: int = Field(default=1 << 25, gt=0, description="Largest tensor, in elements (413).")
     max_tensor_dims: int = Field(default=32, gt=0)

@@ -133,7 +133,15 @@ async def get_model(model: ModelName, server: ServerDep) -> Response:
 )
 async def patch_model(model: ModelName, request: Request, server: ServerDep, settings: SettingsDep) -> Response:
     body = await parse_json(request, schemas.ModelPatch, settings)
-    changes = body.optimizer.model_dump(exclude_none=True)
+    changes = body.optimizer.model_dump(exclude_unset=True)
+    nulls = sorted(k for k, v in changes.items() if v is None)
+    if nulls:
+        raise Problem(
+            422,
+            "invalid-request",
+            f"hyperparameters cannot be null: {', '.join(nulls)} (leave a field out to keep its value)",
+            errors=[{"loc": ["body", "optimizer", k], "msg": "null is not a value"} for k in nulls],
+        )
     record = await server.patch_model(model, changes)
     _, params = await server.get_model(model)
     return _json(_model_json(record, params))
