@@ -115,7 +115,7 @@ class StepOut(BaseModel):
     params: dict[str, StepParamOut]
 
 
-class Problem(BaseModel):
+class ProblemDetails(BaseModel):
     """RFC 9457 problem details."""
 
     model_config = ConfigDict(extra="allow")
@@ -128,4 +128,4 @@ class Problem(BaseModel):
 
 def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` entries for the given error statuses."""
-    return {s: {"model": Problem, "content": {"application/problem+json": {}}} for s in statuses}
+    return {s: {"model": ProblemDetails, "content": {"application/problem+json": {}}} for s in statuses}
