@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import shutil
 import signal
@@ -11,11 +12,24 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
+import momentum_client as mc
 import redis
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+class Api:
+    """Calls a method on either client and awaits it if needed, so one test covers both."""
+
+    def __init__(self, client: mc.Client | mc.AsyncClient) -> None:
+        self.client = client
+
+    async def __call__(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        result = getattr(self.client, method)(*args, **kwargs)
+        return await result if inspect.isawaitable(result) else result
 
 
 def free_port() -> int:

@@ -4,7 +4,6 @@ and ``AsyncClient`` over ``httpx.ASGITransport``, with the in-memory store."""
 from __future__ import annotations
 
 import asyncio
-import inspect
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from typing import Any
@@ -19,17 +18,7 @@ from momentum_service.settings import Settings
 from momentum_service.store import MemoryStore
 from starlette.testclient import TestClient
 
-
-class Api:
-    """Calls a method on either client and awaits it if needed, so one test covers both."""
-
-    def __init__(self, client: mc.Client | mc.AsyncClient) -> None:
-        self.client = client
-
-    async def __call__(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        result = getattr(self.client, method)(*args, **kwargs)
-        return await result if inspect.isawaitable(result) else result
-
+from .helpers import Api
 
 Connect = Callable[..., Api]
 

@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 from momentum_client import _exceptions, _tensors
 
+from .helpers import Api
+
 BASE = "http://momentum.test:8000"
 PROBLEM = "application/problem+json"
 
@@ -93,17 +95,6 @@ class Server:
     def only(self) -> httpx.Request:
         assert len(self.requests) == 1, self.requests
         return self.requests[0]
-
-
-class Api:
-    """Calls a method on either client and awaits it if needed, so one test covers both."""
-
-    def __init__(self, client: mc.Client | mc.AsyncClient) -> None:
-        self.client = client
-
-    async def __call__(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        result = getattr(self.client, method)(*args, **kwargs)
-        return await result if inspect.isawaitable(result) else result
 
 
 @pytest.fixture(params=["sync", "async"])
