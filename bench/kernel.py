@@ -54,9 +54,9 @@ def main() -> None:
         runs: dict[str, list[float]] = {"ours": [], "naive": [], "torch": []}
         inner = max(1, 20_000_000 // args.size)
         for _ in range(args.repeat):
-            args = (value, velocity, grad)
-            runs["ours"].append(timed(lambda a=args: sgd_update(CFG, *a), inner))  # type: ignore[misc]
-            runs["naive"].append(timed(lambda a=args: naive(*a), inner))  # type: ignore[misc]
+            inputs = (value, velocity, grad)
+            runs["ours"].append(timed(lambda a=inputs: sgd_update(CFG, *a), inner))  # type: ignore[misc]
+            runs["naive"].append(timed(lambda a=inputs: naive(*a), inner))  # type: ignore[misc]
             runs["torch"].append(timed(opt.step, inner))
         med = {k: statistics.median(v) for k, v in runs.items()}
         print(f"{np.dtype(dtype).name:8} {med['ours']:13.2f} {med['naive']:12.2f} {med['torch']:16.2f}")

@@ -187,6 +187,17 @@ def test_torch_rejects_the_same_configs() -> None:
         (2.0, 8.98846567e307, 0.0),
         (1.5, 1.7e308, -1e308),
         (1e300, 1e-300, 1.0),
+        # Signed zeros: -0 + -0 is -0, an exact cancellation is +0 (found by hypothesis).
+        (-1.0, 0.0, -0.0),
+        (2.5, -0.0, -0.0),
+        (0.5, 3.0, -1.5),
+        (0.0, -3.3484644e299, -0.0),
+        # A nonzero exact result that rounds to zero keeps its sign.
+        (5.7251745367394237e-154, -5.59921351e-236, 0.0),
+        (-1e-200, 1e-200, 0.0),
+        # Subnormal products, whose exact error term Dekker's method cannot hold.
+        (9.09969847603397e-05, 2.22507386e-309, 0.0),
+        (3.0, 5e-324, -1e-323),
     ],
 )
 def test_fma64_overflow_range_cases(a: float, y: float, x: float) -> None:

@@ -41,6 +41,7 @@ _F32_LOW_BITS = np.uint64(0x1FFFFFFF)  # the 29 bits float64 has beyond float32'
 _F32_HALFWAY = np.uint64(0x10000000)
 _SPLITTER = 134217729.0  # 2**27 + 1, Dekker's constant for float64
 _SPLIT_LIMIT = 2.0**995  # beyond this, y * _SPLITTER may overflow
+_EXACT_PRODUCT_MIN = 2.0**-969  # below this, the product's error term may fall into the subnormals
 _TWO_128 = 2.0**128  # where float32 rounds to infinity; stands in for +-inf below
 
 
@@ -59,10 +60,9 @@ def fma(alpha: float, y: npt.NDArray[np.floating], x: npt.NDArray[np.floating]) 
 
 def _fma32(alpha: float, y: npt.NDArray[np.float32], x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
     a32 = np.float32(alpha)
-    if a32 == 1:
-        return x + y
-    if a32 == -1:
-        return x - y
+    if a32 == 1 or a32 == -1:
+        with np.errstate(over="ignore"):  # overflow is +-inf, as in torch
+            return x + y if a32 == 1 else x - y
     prod = y.astype(np.float64)
     prod *= np.float64(a32)  # exact: a product of two float32 fits in float64
     r = np.add(prod, x, out=np.empty_like(prod))  # one float64 rounding
@@ -116,10 +116,9 @@ def _two_sum(
 
 def _fma64(alpha: float, y: npt.NDArray[np.float64], x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     a = np.float64(alpha)
-    if a == 1:
-        return x + y
-    if a == -1:
-        return x - y
+    if a == 1 or a == -1:
+        with np.errstate(over="ignore"):  # overflow is +-inf, as in torch
+            return x + y if a == 1 else x - y
     with np.errstate(invalid="ignore", over="ignore"):
         uh = y * a
         yh, yl = _split(y)
@@ -138,9 +137,22 @@ def _fma64(alpha: float, y: npt.NDArray[np.float64], x: npt.NDArray[np.float64])
             direction = np.where(np.signbit(s) == np.signbit(e), 1, -1)
             s = (bits + direction * step).view(np.float64)
         out = vh + s
-    # Near the top of the range Dekker's split (y * 2**27) overflows: those rare elements,
-    # and anything non-finite, take the exact slow path.
-    slow = np.flatnonzero(~np.isfinite(out) | (np.abs(y) > _SPLIT_LIMIT) | (np.abs(a) > _SPLIT_LIMIT))
+        # The parts above lose the sign of a zero result. With a zero product (common: zero
+        # gradients or parameters), IEEE's zero-sum rule gives it: the sign of uh + x.
+        zero = out == 0
+        if zero.any():
+            out[zero] = np.copysign(0.0, uh[zero] + x[zero])
+        product_nonzero = (y != 0) & (a != 0)
+    # Exact slow path, for rare elements: near the top of the range, where Dekker's split
+    # (y * 2**27) overflows; products below 2**-969, whose error term is not exact; anything
+    # non-finite; and zero results of a nonzero product (exact cancellation, or underflow,
+    # which keeps the sign of the exact value).
+    slow = np.flatnonzero(
+        ~np.isfinite(out)
+        | (np.abs(y) > _SPLIT_LIMIT)
+        | (np.abs(a) > _SPLIT_LIMIT)
+        | (product_nonzero & ((np.abs(uh) < _EXACT_PRODUCT_MIN) | zero))
+    )
     if slow.size:
         out[slow] = [_exact_fma(float(a), float(yi), float(xi)) for yi, xi in zip(y[slow], x[slow], strict=True)]
     return out
@@ -151,6 +163,8 @@ def _exact_fma(a: float, y: float, x: float) -> float:
     if not (math.isfinite(a) and math.isfinite(y) and math.isfinite(x)):
         return a * y + x  # inf/nan propagate exactly as in a hardware fma
     exact = Fraction(a) * Fraction(y) + Fraction(x)
+    if exact == 0:
+        return math.copysign(0.0, a * y + x)  # Fractions have no signed zero; IEEE's zero-sum rule
     try:
         return float(exact)
     except OverflowError:
