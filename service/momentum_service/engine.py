@@ -73,6 +73,9 @@ class ParameterServer:
             raise ModelNotFound(model)
         return record, await self.store.list_params(model)
 
+    async def list_params(self, model: str) -> list[ParamMeta]:
+        return await self.store.list_params(model)
+
     async def delete_model(self, model: str) -> None:
         if not await self.store.delete_model(model):
             raise ModelNotFound(model)

@@ -1,7 +1,8 @@
 """RFC 9457 problem+json: every error the API returns, and the mapping from domain errors.
 
 Types are URNs ``urn:momentum-service:problem:<slug>``; the status tells a client what to do:
-4xx means fix the request (nothing changed), 503 means retry later (nothing changed).
+4xx means fix the request (nothing changed), 503 means retry later (nothing changed, except
+for a step whose commit the store interrupted: its detail says so).
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Header, Query, Request, Response
 from pydantic import BaseModel
 
+from ..errors import InvalidConfig
 from ..kernels import SGDConfig
 from ..store import ModelRecord, ParamMeta, ParamRecord
 from . import schemas
@@ -104,7 +105,7 @@ async def put_model(model: ModelName, request: Request, server: ServerDep, setti
     body = await parse_json(request, schemas.ModelPut, settings)
     optimizer = _optimizer(body.optimizer.model_dump())
     record, created = await server.put_model(model, optimizer)
-    _, params = await server.get_model(model)
+    params = await server.list_params(model)
     headers = {"Location": f"/v1/models/{model}"} if created else None
     return _json(_model_json(record, params), 201 if created else 200, headers)
 
@@ -113,9 +114,7 @@ def _optimizer(fields: dict[str, Any]) -> SGDConfig:
     try:
         return SGDConfig(**fields)
     except ValueError as exc:
-        raise Problem(
-            422, "invalid-config", str(exc), errors=[{"loc": ["body", "optimizer"], "msg": str(exc)}]
-        ) from None
+        raise InvalidConfig(str(exc)) from None
 
 
 @router.get("/models/{model}", response_model=schemas.ModelOut, responses=problem_responses(404))
@@ -143,7 +142,7 @@ async def patch_model(model: ModelName, request: Request, server: ServerDep, set
             errors=[{"loc": ["body", "optimizer", k], "msg": "null is not a value"} for k in nulls],
         )
     record = await server.patch_model(model, changes)
-    _, params = await server.get_model(model)
+    params = await server.list_params(model)
     return _json(_model_json(record, params))
 
 
