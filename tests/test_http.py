@@ -18,6 +18,8 @@ from .helpers import free_port
 
 PROBLEM = "application/problem+json"
 OPT = {"lr": 0.1, "momentum": 0.9, "dampening": 0, "nesterov": False, "weight_decay": 0, "maximize": False}
+OPT_OUT = {"rule": "pytorch", **OPT}
+CONSTANT = {"type": "constant"}
 
 
 def tensor(values: Any, dtype: str = "float32") -> dict[str, Any]:
@@ -72,7 +74,12 @@ async def snapshot(api: httpx.AsyncClient, model: str) -> Any:
 async def test_put_model_creates_then_replaces(api: httpx.AsyncClient, model: str) -> None:
     r = await api.put("/v1/models/other", json={"optimizer": {"lr": 0.5}})
     assert r.status_code == 201 and r.headers["location"] == "/v1/models/other"
-    assert r.json() == {"name": "other", "optimizer": {**OPT, "lr": 0.5, "momentum": 0.0}, "params": {}}
+    assert r.json() == {
+        "name": "other",
+        "optimizer": {**OPT_OUT, "lr": 0.5, "momentum": 0.0},
+        "schedule": CONSTANT,
+        "params": {},
+    }
     r = await api.put(f"/v1/models/{model}", json={"optimizer": {"lr": 0.2, "momentum": 0.5}})
     assert r.status_code == 200
     assert r.json()["optimizer"]["lr"] == 0.2
@@ -84,7 +91,8 @@ async def test_get_model(api: httpx.AsyncClient, model: str) -> None:
     assert r.status_code == 200
     assert r.json() == {
         "name": "mnist",
-        "optimizer": OPT,
+        "optimizer": OPT_OUT,
+        "schedule": CONSTANT,
         "params": {
             "b": {"shape": [1], "dtype": "float32", "step": 0},
             "w": {"shape": [2, 2], "dtype": "float32", "step": 0},
@@ -129,7 +137,7 @@ async def test_invalid_model_names(api: httpx.AsyncClient, name: str) -> None:
 async def test_patch_model_applies_from_next_step(api: httpx.AsyncClient, model: str) -> None:
     r = await api.patch(f"/v1/models/{model}", json={"optimizer": {"lr": 0.01, "nesterov": True}})
     assert r.status_code == 200
-    assert r.json()["optimizer"] == {**OPT, "lr": 0.01, "nesterov": True}
+    assert r.json()["optimizer"] == {**OPT_OUT, "lr": 0.01, "nesterov": True}
     r = await api.post(f"/v1/models/{model}/step", json={"gradients": {"b": tensor([1.0])}})
     expected, _ = sgd_update(
         SGDConfig(lr=0.01, momentum=0.9, nesterov=True), np.float32([0.5]), None, np.float32([1.0])
@@ -270,7 +278,7 @@ async def test_step_applies_the_momentum_rule(api: httpx.AsyncClient, model: str
     r = await api.post(
         f"/v1/models/{model}/step", json={"gradients": {"w": tensor(g), "b": tensor([1])}, "return_params": False}
     )
-    assert r.json() == {"params": {"w": {"step": 4}, "b": {"step": 1}}}
+    assert r.json() == {"params": {"w": {"step": 4, "lr": 0.1}, "b": {"step": 1, "lr": 0.1}}}
 
 
 async def test_step_float64(api: httpx.AsyncClient) -> None:

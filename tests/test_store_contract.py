@@ -6,9 +6,11 @@ import asyncio
 
 import numpy as np
 import pytest
+from momentum_service.config import ModelConfig
 from momentum_service.engine import ParameterServer
 from momentum_service.errors import ModelNotFound, ParamNotFound, ParamsExist
 from momentum_service.kernels import SGDConfig, sgd_update
+from momentum_service.kernels.schedules import ConstantSchedule
 from momentum_service.store import ParamUpdate, Store, new_token
 from momentum_service.store.redis import RedisStore
 
@@ -154,7 +156,7 @@ async def test_concurrent_steps_lose_nothing(store: Store) -> None:
     """64 concurrent steps through two engines on one store equal 64 sequential steps."""
     cfg = SGDConfig(lr=0.01, momentum=0.9, nesterov=True)
     engines = [ParameterServer(store), ParameterServer(store)]
-    await engines[0].put_model("m", cfg)
+    await engines[0].put_model("m", ModelConfig(cfg, ConstantSchedule()))
     p0 = np.linspace(-1, 1, 33, dtype=np.float32)
     await store.put_params("m", {"w": p0}, only_create=False)
     grad = np.full(33, 0.3, dtype=np.float32)

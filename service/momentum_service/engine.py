@@ -13,20 +13,23 @@ import asyncio
 import random
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from .config import ModelConfig
 from .errors import (
     Contention,
-    InvalidConfig,
     ModelNotFound,
     NonFiniteResult,
     ParamNotFound,
+    RuleChange,
     StoreUnavailable,
     TensorMismatch,
 )
-from .kernels import SGDConfig, sgd_update
+from .kernels import Rule
+from .kernels.schedules import LRTable
 from .store import ModelRecord, ParamMeta, ParamRecord, ParamUpdate, Store, new_token
 from .store.base import Array
 
@@ -35,34 +38,55 @@ from .store.base import Array
 _THREAD_THRESHOLD = 1 << 16
 
 
-def optimizer_of(record: ModelRecord) -> SGDConfig:
-    return SGDConfig.from_dict(record.config["optimizer"])
+def config_of(record: ModelRecord) -> ModelConfig:
+    return ModelConfig.from_dict(record.config)
 
 
-def _config(optimizer: SGDConfig) -> dict[str, Any]:
-    return {"optimizer": optimizer.to_dict()}
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    """A parameter after a step: its new value and velocity, its step count, and the lr used."""
+
+    value: Array
+    velocity: Array | None
+    step: int
+    lr: float
 
 
 class ParameterServer:
     def __init__(self, store: Store, *, contention_timeout_s: float = 10.0) -> None:
         self.store = store
         self.contention_timeout_s = contention_timeout_s
+        self.lr_table = LRTable()
 
-    async def put_model(self, model: str, optimizer: SGDConfig) -> tuple[ModelRecord, bool]:
-        return await self.store.put_model(model, _config(optimizer))
+    async def put_model(self, model: str, config: ModelConfig) -> tuple[ModelRecord, bool]:
+        """Create the model, or replace its config (same rule only; see :class:`RuleChange`)."""
+        deadline = time.monotonic() + self.contention_timeout_s
+        attempt = 0
+        while True:
+            record = await self.store.get_model(model)
+            if record is None:
+                return await self.store.put_model(model, config.to_dict())
+            _check_same_rule(model, config_of(record), config.rule.name)
+            updated = await self.store.replace_config(model, record.rev, config.to_dict())
+            if updated is not None:
+                return updated, False
+            attempt = await _backoff(attempt, deadline)
 
-    async def patch_model(self, model: str, changes: Mapping[str, Any]) -> ModelRecord:
+    async def patch_model(
+        self, model: str, optimizer: Mapping[str, Any], schedule: Mapping[str, Any] | None = None
+    ) -> ModelRecord:
+        """Change some hyperparameters and/or replace the schedule; they apply from the next step."""
         deadline = time.monotonic() + self.contention_timeout_s
         attempt = 0
         while True:
             record = await self.store.get_model(model)
             if record is None:
                 raise ModelNotFound(model)
-            try:
-                optimizer = optimizer_of(record).updated(**changes)
-            except (TypeError, ValueError) as exc:
-                raise InvalidConfig(str(exc)) from exc
-            updated = await self.store.replace_config(model, record.rev, _config(optimizer))
+            current = config_of(record)
+            if "rule" in optimizer:
+                _check_same_rule(model, current, optimizer["rule"])
+            config = current.patched(optimizer, schedule)
+            updated = await self.store.replace_config(model, record.rev, config.to_dict())
             if updated is not None:
                 return updated
             attempt = await _backoff(attempt, deadline)
@@ -91,8 +115,12 @@ class ParameterServer:
         if not await self.store.delete_param(model, name):
             raise ParamNotFound(model, [name])
 
-    async def step(self, model: str, grads: Mapping[str, Array]) -> dict[str, ParamRecord]:
-        """Apply one momentum update to every named parameter, all or none."""
+    async def step(self, model: str, grads: Mapping[str, Array]) -> dict[str, StepResult]:
+        """Apply one momentum update to every named parameter, all or none.
+
+        Each parameter's update ``k`` (its step count before the update) uses the
+        schedule's lr for ``k``.
+        """
         names = list(grads)
         deadline = time.monotonic() + self.contention_timeout_s
         attempt = 0
@@ -100,11 +128,12 @@ class ParameterServer:
         while True:
             record, params = await self.store.read(model, names, with_velocity=True)
             _check_shapes(model, params, grads)
-            optimizer = optimizer_of(record)
+            config = config_of(record)
+            lrs = {n: self.lr_table.lr(config.schedule, config.rule.lr, params[n].step) for n in names}
             if big:
-                updates = await asyncio.to_thread(_compute, optimizer, params, grads)
+                updates = await asyncio.to_thread(_compute, config.rule, lrs, params, grads)
             else:
-                updates = _compute(optimizer, params, grads)
+                updates = _compute(config.rule, lrs, params, grads)
             try:
                 committed = await self.store.commit_step(model, record.rev, updates)
             except StoreUnavailable as exc:
@@ -113,7 +142,7 @@ class ParameterServer:
                     "applied: read the parameters' step to find out before pushing it again"
                 ) from exc
             if committed:
-                return {u.name: ParamRecord(u.name, u.value, u.velocity, u.step, u.etag) for u in updates}
+                return {u.name: StepResult(u.value, u.velocity, u.step, lrs[u.name]) for u in updates}
             attempt = await _backoff(attempt, deadline)
 
 
@@ -130,11 +159,19 @@ def _check_shapes(model: str, params: Mapping[str, ParamRecord], grads: Mapping[
         raise TensorMismatch(model, mismatches)
 
 
-def _compute(optimizer: SGDConfig, params: Mapping[str, ParamRecord], grads: Mapping[str, Array]) -> list[ParamUpdate]:
+def _check_same_rule(model: str, current: ModelConfig, requested: Any) -> None:
+    if requested != current.rule.name:
+        raise RuleChange(model, current.rule.name, str(requested))
+
+
+def _compute(
+    rule: Rule, lrs: Mapping[str, float], params: Mapping[str, ParamRecord], grads: Mapping[str, Array]
+) -> list[ParamUpdate]:
     updates = []
     for name, grad in grads.items():
         rec = params[name]
-        value, velocity = sgd_update(optimizer, rec.value, rec.velocity, grad)
+        with np.errstate(over="ignore", invalid="ignore"):  # a non-finite result is rejected just below
+            value, velocity = rule.update(rec.value, rec.velocity, grad, lrs[name])
         if not np.isfinite(value).all() or (velocity is not None and not np.isfinite(velocity).all()):
             raise NonFiniteResult(f"the update of {name!r} overflows to a non-finite value; nothing was applied")
         updates.append(ParamUpdate(name, rec.etag, value, velocity, rec.step + 1, new_token()))

@@ -50,7 +50,22 @@ class TensorMismatch(ServiceError):
 
 
 class InvalidConfig(ServiceError):
-    """Hyperparameters that the momentum rule rejects."""
+    """A model config that the rule or the schedule rejects; ``field`` is the part at fault."""
+
+    def __init__(self, message: str, field: str = "optimizer") -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class RuleChange(ServiceError):
+    """A config that would change an existing model's rule (its velocities would change meaning)."""
+
+    def __init__(self, model: str, current: str, requested: str) -> None:
+        self.model, self.current, self.requested = model, current, requested
+        super().__init__(
+            f"model {model!r} uses rule {current!r}; a model's rule is fixed when it is created, because "
+            f"each rule's velocity means something else. Delete the model and create it with rule {requested!r}."
+        )
 
 
 class NonFiniteResult(ServiceError):

@@ -82,7 +82,9 @@ def from_domain(exc: errors.ServiceError) -> Problem:
         case errors.TensorMismatch():
             return Problem(409, "tensor-mismatch", str(exc), mismatches=exc.mismatches)
         case errors.InvalidConfig():
-            return Problem(422, "invalid-config", str(exc), errors=[{"loc": ["body", "optimizer"], "msg": str(exc)}])
+            return Problem(422, "invalid-config", str(exc), errors=[{"loc": ["body", exc.field], "msg": str(exc)}])
+        case errors.RuleChange():
+            return Problem(409, "rule-change", str(exc), current=exc.current, requested=exc.requested)
         case errors.NonFiniteResult():
             return Problem(422, "non-finite-result", str(exc))
         case errors.Contention():

@@ -8,8 +8,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Header, Query, Request, Response
 from pydantic import BaseModel
 
-from ..errors import InvalidConfig
-from ..kernels import SGDConfig
+from ..config import ModelConfig
 from ..store import ModelRecord, ParamMeta, ParamRecord
 from . import schemas
 from .body import json_response_bytes, parse_json, tensor_json, to_array
@@ -49,7 +48,7 @@ def _json(content: Any, status: int = 200, headers: dict[str, str] | None = None
 def _model_json(record: ModelRecord, params: list[ParamMeta]) -> dict[str, Any]:
     return {
         "name": record.name,
-        "optimizer": record.config["optimizer"],
+        **ModelConfig.from_dict(record.config).to_dict(),
         "params": {p.name: {"shape": list(p.shape), "dtype": p.dtype, "step": p.step} for p in params},
     }
 
@@ -99,22 +98,15 @@ Include = Annotated[str | None, Query(description="`velocity` adds each paramete
     response_model=schemas.ModelOut,
     responses={200: {"model": schemas.ModelOut, "description": "Config replaced"}, **problem_responses(*_BODY_ERRORS)},
     openapi_extra=_body_doc(schemas.ModelPut),
-    summary="Create a model or replace its optimizer config (parameters are kept)",
+    summary="Create a model or replace its config (parameters are kept; the rule cannot change: 409)",
 )
 async def put_model(model: ModelName, request: Request, server: ServerDep, settings: SettingsDep) -> Response:
     body = await parse_json(request, schemas.ModelPut, settings)
-    optimizer = _optimizer(body.optimizer.model_dump())
-    record, created = await server.put_model(model, optimizer)
+    config = ModelConfig.build(body.optimizer.model_dump(), body.schedule.model_dump() if body.schedule else None)
+    record, created = await server.put_model(model, config)
     params = await server.list_params(model)
     headers = {"Location": f"/v1/models/{model}"} if created else None
     return _json(_model_json(record, params), 201 if created else 200, headers)
-
-
-def _optimizer(fields: dict[str, Any]) -> SGDConfig:
-    try:
-        return SGDConfig(**fields)
-    except ValueError as exc:
-        raise InvalidConfig(str(exc)) from None
 
 
 @router.get("/models/{model}", response_model=schemas.ModelOut, responses=problem_responses(404))
@@ -126,13 +118,20 @@ async def get_model(model: ModelName, server: ServerDep) -> Response:
 @router.patch(
     "/models/{model}",
     response_model=schemas.ModelOut,
-    responses=problem_responses(404, *_BODY_ERRORS),
+    responses=problem_responses(404, 409, *_BODY_ERRORS),
     openapi_extra=_body_doc(schemas.ModelPatch),
-    summary="Change some hyperparameters; they apply from the next step",
+    summary="Change some hyperparameters and/or the schedule; they apply from the next step",
 )
 async def patch_model(model: ModelName, request: Request, server: ServerDep, settings: SettingsDep) -> Response:
     body = await parse_json(request, schemas.ModelPatch, settings)
-    changes = body.optimizer.model_dump(exclude_unset=True)
+    if body.optimizer is None and body.schedule is None:
+        raise Problem(
+            422,
+            "invalid-request",
+            "nothing to change: give optimizer (some hyperparameters) and/or schedule",
+            errors=[{"loc": ["body"], "msg": "optimizer or schedule is required"}],
+        )
+    changes = body.optimizer.model_dump(exclude_unset=True) if body.optimizer else {}
     nulls = sorted(k for k, v in changes.items() if v is None)
     if nulls:
         raise Problem(
@@ -141,7 +140,8 @@ async def patch_model(model: ModelName, request: Request, server: ServerDep, set
             f"hyperparameters cannot be null: {', '.join(nulls)} (leave a field out to keep its value)",
             errors=[{"loc": ["body", "optimizer", k], "msg": "null is not a value"} for k in nulls],
         )
-    record = await server.patch_model(model, changes)
+    schedule = body.schedule.model_dump() if body.schedule else None
+    record = await server.patch_model(model, changes, schedule)
     params = await server.list_params(model)
     return _json(_model_json(record, params))
 
@@ -252,9 +252,9 @@ async def step(model: ModelName, request: Request, server: ServerDep, settings: 
     results = await server.step(model, grads)
     out: dict[str, Any]
     if body.return_params:
-        out = {n: {**tensor_json(r.value), "step": r.step} for n, r in results.items()}
+        out = {n: {**tensor_json(r.value), "step": r.step, "lr": r.lr} for n, r in results.items()}
     else:
-        out = {n: {"step": r.step} for n, r in results.items()}
+        out = {n: {"step": r.step, "lr": r.lr} for n, r in results.items()}
     return _json({"params": out})
 
 

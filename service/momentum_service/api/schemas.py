@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, StringConstraints, Tag
 
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 PARAM_NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9._:-]{0,255}$"
@@ -25,20 +25,126 @@ class Tensor(_Strict):
     data: list[float] = Field(examples=[[0.1, 0.2, 0.3, 0.4]])
 
 
-class Optimizer(_Strict):
-    """Hyperparameters of torch.optim.SGD's momentum rule."""
+_LR = Field(ge=0, allow_inf_nan=False, examples=[0.01], description="Base learning rate (the schedule scales it).")
 
-    lr: float = Field(ge=0, allow_inf_nan=False, examples=[0.01])
-    momentum: float = Field(default=0.0, ge=0, allow_inf_nan=False, examples=[0.9])
+
+def _momentum(upper: float | None = None, description: str = "Momentum factor m.") -> Any:
+    return Field(default=0.0, ge=0, le=upper, allow_inf_nan=False, examples=[0.9], description=description)
+
+
+class PyTorchRule(_Strict):
+    """`torch.optim.SGD` (the default rule), bitwise torch 2.13 on CPU. lr is outside the velocity.
+
+    ```
+    g = -grad if maximize else grad
+    g = g + wd*p                                  (when wd != 0)
+    b = g on the first update, else b = m*b + (1-d)*g   (when m != 0)
+    g = g + m*b if nesterov else b                (when m != 0)
+    p = p - lr*g
+    ```
+    """
+
+    rule: Literal["pytorch"] = "pytorch"
+    lr: float = _LR
+    momentum: float = _momentum()
     dampening: float = Field(default=0.0, ge=0, allow_inf_nan=False)
-    nesterov: bool = False
+    nesterov: bool = Field(default=False, description="Needs momentum > 0 and dampening = 0.")
     weight_decay: float = Field(default=0.0, ge=0, allow_inf_nan=False)
     maximize: bool = False
 
 
-class OptimizerPatch(_Strict):
-    """Any subset of the hyperparameters; the result is validated as a whole."""
+class KerasRule(_Strict):
+    """Keras 3 `SGD` (TensorFlow backend), bitwise in float32 and float64. lr is inside the velocity.
 
+    ```
+    w = w - w*wd*lr                   (weight decay, decoupled, applied first)
+    v = m*v - lr*g                    (v starts at 0)
+    w = w + v        nesterov: w = w + m*v - lr*g
+    ```
+    The textbook rule `v = beta*v + eta*g; theta = theta - v` gives the same numbers (its
+    velocity is `-v`). Each operation rounds once; lr, m and wd pass through float32 as in Keras.
+    """
+
+    rule: Literal["keras"]
+    lr: float = _LR
+    momentum: float = _momentum(1.0)
+    nesterov: bool = False
+    weight_decay: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+
+
+class TF1Rule(_Strict):
+    """`tf.compat.v1.train.MomentumOptimizer`. lr is outside the velocity.
+
+    ```
+    accum = m*accum + g               (accum starts at 0)
+    var = var - lr*accum      nesterov: var = var - lr*g - lr*m*accum
+    ```
+    """
+
+    rule: Literal["tf1"]
+    lr: float = _LR
+    momentum: float = _momentum()
+    nesterov: bool = False
+
+
+class EMARule(_Strict):
+    """Momentum as a moving average of past gradients (`optax.ema(m, debias=False)`). lr is outside.
+
+    ```
+    v = m*v + (1-m)*g                 (v starts at 0)
+    p = p - lr*v
+    ```
+    """
+
+    rule: Literal["ema"]
+    lr: float = _LR
+    momentum: float = _momentum(1.0, "The averaging factor (beta).")
+
+
+class PreviousDeltaRule(_Strict):
+    """Re-applies only the previous step; not true momentum. lr is inside the velocity.
+
+    ```
+    delta = lr*g
+    p = p - delta - m*delta_prev      (delta_prev starts at 0)
+    ```
+    True momentum sums all past steps (a steady slope gives `lr*g/(1-m)` per step);
+    this echoes only the last one (`lr*g*(1+m)` per step).
+    """
+
+    rule: Literal["previous_delta"]
+    lr: float = _LR
+    momentum: float = _momentum()
+
+
+def _rule_tag(value: Any) -> str | None:
+    if isinstance(value, dict):
+        rule = value.get("rule", "pytorch")
+        return rule if isinstance(rule, str) else None
+    return getattr(value, "rule", None)
+
+
+Optimizer = Annotated[
+    Annotated[PyTorchRule, Tag("pytorch")]
+    | Annotated[KerasRule, Tag("keras")]
+    | Annotated[TF1Rule, Tag("tf1")]
+    | Annotated[EMARule, Tag("ema")]
+    | Annotated[PreviousDeltaRule, Tag("previous_delta")],
+    Discriminator(
+        _rule_tag,
+        custom_error_type="invalid_rule",
+        custom_error_message=("rule must be one of pytorch, keras, tf1, ema, previous_delta (default pytorch)"),
+    ),
+]
+
+
+class OptimizerPatch(_Strict):
+    """Any subset of the model's rule's hyperparameters; the result is validated as a whole.
+
+    `rule` may be given only with the model's current rule (a rule cannot be changed: 409).
+    """
+
+    rule: str | None = None
     lr: float | None = Field(default=None, ge=0, allow_inf_nan=False)
     momentum: float | None = Field(default=None, ge=0, allow_inf_nan=False)
     dampening: float | None = Field(default=None, ge=0, allow_inf_nan=False)
@@ -47,12 +153,87 @@ class OptimizerPatch(_Strict):
     maximize: bool | None = None
 
 
+# Schedules: torch.optim.lr_scheduler's names and numbers (bitwise torch 2.13's lr).
+
+
+class ConstantLR(_Strict):
+    """The base lr at every step."""
+
+    type: Literal["constant"]
+
+
+class StepLR(_Strict):
+    """`lr * gamma ** (k // step_size)` (torch's `StepLR`)."""
+
+    type: Literal["step"]
+    step_size: int = Field(ge=1)
+    gamma: float = Field(default=0.1, ge=0, allow_inf_nan=False)
+
+
+class MultiStepLR(_Strict):
+    """`lr * gamma ** (number of milestones <= k)` (torch's `MultiStepLR`)."""
+
+    type: Literal["multistep"]
+    milestones: list[Annotated[int, Field(ge=1)]] = Field(max_length=1024)
+    gamma: float = Field(default=0.1, ge=0, allow_inf_nan=False)
+
+
+class ExponentialLR(_Strict):
+    """`lr * gamma ** k` (torch's `ExponentialLR`)."""
+
+    type: Literal["exponential"]
+    gamma: float = Field(ge=0, allow_inf_nan=False)
+
+
+class CosineAnnealingLR(_Strict):
+    """`eta_min + (lr - eta_min) * (1 + cos(pi*k/T_max)) / 2` (torch's `CosineAnnealingLR`;
+    like torch, it rises again after `T_max`)."""
+
+    type: Literal["cosine"]
+    T_max: int = Field(ge=1)
+    eta_min: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+
+
+class LinearLR(_Strict):
+    """`lr * factor`, the factor moving linearly from `start_factor` to `end_factor` over
+    `total_iters` steps (torch's `LinearLR`)."""
+
+    type: Literal["linear"]
+    start_factor: float = Field(default=1.0 / 3, gt=0, le=1, allow_inf_nan=False)
+    end_factor: float = Field(default=1.0, ge=0, le=1, allow_inf_nan=False)
+    total_iters: int = Field(default=5, ge=1)
+
+
+BasicSchedule = Annotated[
+    ConstantLR | StepLR | MultiStepLR | ExponentialLR | CosineAnnealingLR | LinearLR,
+    Field(discriminator="type"),
+]
+
+
+class SequentialLR(_Strict):
+    """`schedulers[i]` runs from step `milestones[i-1]` (torch's `SequentialLR`: at a milestone
+    the next scheduler starts from the base lr)."""
+
+    type: Literal["sequential"]
+    schedulers: list[BasicSchedule] = Field(min_length=1, max_length=16)
+    milestones: list[Annotated[int, Field(ge=1)]] = Field(max_length=15)
+
+
+Schedule = Annotated[BasicSchedule | SequentialLR, Field(discriminator="type")]
+
+
 class ModelPut(_Strict):
+    """A model's config. The lr of a parameter's update k is `schedule(lr, k)`."""
+
     optimizer: Optimizer
+    schedule: Schedule | None = Field(default=None, description="Default: constant.")
 
 
 class ModelPatch(_Strict):
-    optimizer: OptimizerPatch
+    """Change some hyperparameters (`lr` rescales the schedule) and/or replace the schedule."""
+
+    optimizer: OptimizerPatch | None = None
+    schedule: Schedule | None = None
 
 
 class ParamsPut(_Strict):
@@ -76,6 +257,7 @@ class ParamSummary(BaseModel):
 class ModelOut(BaseModel):
     name: str
     optimizer: Optimizer
+    schedule: Schedule
     params: dict[str, ParamSummary]
 
 
@@ -105,7 +287,8 @@ class ParamsOut(BaseModel):
 
 
 class StepParamOut(BaseModel):
-    step: int
+    step: int = Field(description="The parameter's step count after this update.")
+    lr: float = Field(description="The learning rate this update used (the schedule's value for it).")
     shape: list[int] | None = None
     dtype: DType | None = None
     data: list[float] | None = None

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
@@ -31,8 +31,9 @@ Array = npt.NDArray[np.floating]
 
 @dataclass(frozen=True, slots=True)
 class SGDConfig:
-    """Hyperparameters of the momentum rule, validated like ``torch.optim.SGD``'s constructor."""
+    """Hyperparameters of the ``pytorch`` rule, validated like ``torch.optim.SGD``'s constructor."""
 
+    name: ClassVar[str] = "pytorch"
     lr: float
     momentum: float = 0.0
     dampening: float = 0.0
@@ -60,21 +61,15 @@ class SGDConfig:
             )
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SGDConfig:
-        names = {f.name for f in fields(cls)}
-        unknown = set(data) - names
-        if unknown:
-            raise ValueError(f"unknown optimizer fields: {', '.join(sorted(unknown))}")
-        if "lr" not in data:
-            raise ValueError("lr is required")
-        return cls(**data)
+        return {"rule": self.name, **{f.name: getattr(self, f.name) for f in fields(self)}}
 
     def updated(self, **changes: Any) -> SGDConfig:
         """A copy with some fields changed, validated as a whole."""
         return replace(self, **changes)
+
+    def update(self, value: Array, velocity: Array | None, grad: Array, lr: float) -> tuple[Array, Array | None]:
+        """One step with learning rate ``lr`` (see :func:`sgd_update`)."""
+        return sgd_update(self, value, velocity, grad, lr=lr)
 
 
 # Large tensors are updated block by block: each block's temporaries stay in the CPU
@@ -82,8 +77,12 @@ class SGDConfig:
 _BLOCK = 1 << 15
 
 
-def sgd_update(config: SGDConfig, value: Array, velocity: Array | None, grad: Array) -> tuple[Array, Array | None]:
+def sgd_update(
+    config: SGDConfig, value: Array, velocity: Array | None, grad: Array, *, lr: float | None = None
+) -> tuple[Array, Array | None]:
     """One momentum step. Returns ``(new_value, new_velocity)``; the inputs are not modified.
+
+    ``lr`` overrides ``config.lr`` (a scheduled learning rate).
 
     ``value``, ``velocity`` and ``grad`` share one dtype (float32 or float64) and shape.
     ``velocity`` is ``None`` before the parameter's first update with momentum; it stays
@@ -93,21 +92,24 @@ def sgd_update(config: SGDConfig, value: Array, velocity: Array | None, grad: Ar
     # Work on 1-D views: numpy ufuncs turn 0-d arrays into scalars, which would lose the dtype discipline.
     v, g = value.reshape(-1), grad.reshape(-1)
     b = None if velocity is None else velocity.reshape(-1)
+    step_lr = config.lr if lr is None else lr
     if v.size <= _BLOCK:
-        new_value, new_velocity = _update_flat(config, v, b, g)
+        new_value, new_velocity = _update_flat(config, step_lr, v, b, g)
     else:
         new_value = np.empty_like(v)
         new_velocity = None if config.momentum == 0 and b is None else np.empty_like(v)
         for start in range(0, v.size, _BLOCK):
             part = slice(start, start + _BLOCK)
-            nv, nb = _update_flat(config, v[part], None if b is None else b[part], g[part])
+            nv, nb = _update_flat(config, step_lr, v[part], None if b is None else b[part], g[part])
             new_value[part] = nv
             if new_velocity is not None:
                 new_velocity[part] = nb
     return new_value.reshape(shape), (None if new_velocity is None else new_velocity.reshape(shape))
 
 
-def _update_flat(config: SGDConfig, value: Array, velocity: Array | None, grad: Array) -> tuple[Array, Array | None]:
+def _update_flat(
+    config: SGDConfig, lr: float, value: Array, velocity: Array | None, grad: Array
+) -> tuple[Array, Array | None]:
     g = -grad if config.maximize else grad
     if config.weight_decay != 0:
         g = fma(config.weight_decay, value, g)
@@ -119,4 +121,4 @@ def _update_flat(config: SGDConfig, value: Array, velocity: Array | None, grad: 
             scaled = velocity * value.dtype.type(config.momentum)
             new_velocity = fma(1.0 - config.dampening, g, scaled)
         g = fma(config.momentum, new_velocity, g) if config.nesterov else new_velocity
-    return fma(-config.lr, g, value), new_velocity
+    return fma(-lr, g, value), new_velocity
