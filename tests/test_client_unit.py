@@ -167,16 +167,31 @@ async def test_create_model(connect: Callable[..., tuple[Api, Server]]) -> None:
     assert req.headers["content-type"] == "application/json"
     assert "application/problem+json" in req.headers["accept"]
     assert req.headers["user-agent"] == f"momentum-client/{mc.__version__}"
-    assert body_of(req) == {
-        "optimizer": {
-            "lr": 0.01,
-            "momentum": 0.5,
-            "dampening": 0.0,
-            "nesterov": True,
-            "weight_decay": 0.0,
-            "maximize": False,
-        }
+    # Fields at their neutral value are left out, so that rules without them are not sent them.
+    assert body_of(req) == {"optimizer": {"rule": "pytorch", "lr": 0.01, "momentum": 0.5, "nesterov": True}}
+
+
+async def test_create_model_with_a_rule_and_a_schedule(connect: Callable[..., tuple[Api, Server]]) -> None:
+    schedule = {"type": "cosine", "T_max": 100, "eta_min": 0.0}
+    reply = {**MODEL_JSON, "optimizer": {"rule": "keras", "lr": 0.1, "momentum": 0.9}, "schedule": schedule}
+    api, server = connect(ok(reply, 201))
+    info = await api("create_model", "m", lr=0.1, momentum=0.9, rule="keras", weight_decay=0.01, schedule=schedule)
+    assert body_of(server.only) == {
+        "optimizer": {"rule": "keras", "lr": 0.1, "momentum": 0.9, "weight_decay": 0.01},
+        "schedule": schedule,
     }
+    assert info.optimizer == mc.OptimizerConfig(lr=0.1, momentum=0.9, rule="keras")
+    assert info.schedule == schedule
+
+
+async def test_update_model_schedule_only(connect: Callable[..., tuple[Api, Server]]) -> None:
+    api, server = connect(ok(MODEL_JSON))
+    await api("update_model", "m", schedule={"type": "exponential", "gamma": 0.9})
+    assert body_of(server.only) == {"schedule": {"type": "exponential", "gamma": 0.9}}
+    with pytest.raises(TypeError, match="at least one"):
+        await api("update_model", "m")
+    with pytest.raises(TypeError, match="schedule must be a mapping"):
+        await api("update_model", "m", schedule="cosine")
 
 
 async def test_create_model_rejects_non_finite_hyperparameters(connect: Callable[..., tuple[Api, Server]]) -> None:
@@ -359,6 +374,19 @@ async def test_step_returns_params(connect: Callable[..., tuple[Api, Server]]) -
         "gradients": {"w": {"shape": [1, 2], "dtype": "float32", "data": [1.0, 2.0]}},
         "return_params": True,
     }
+
+
+async def test_step_results_carry_step_and_lr(connect: Callable[..., tuple[Api, Server]]) -> None:
+    new = np.array([0.25], dtype=np.float32)
+    api, server = connect(ok({"params": {"w": {"step": 3, "lr": 0.05, **tensor(new)}}}))
+    results = await api("step_results", "m", {"w": np.ones(1, np.float32)})
+    assert results["w"].step == 3 and results["w"].lr == 0.05
+    assert results["w"].value is not None and results["w"].value.tobytes() == new.tobytes()
+    assert body_of(server.only)["return_params"] is True
+    api, server = connect(ok({"params": {"w": {"step": 4, "lr": 0.025}}}))
+    results = await api("step_results", "m", {"w": np.ones(1, np.float32)}, return_params=False)
+    assert (results["w"].value, results["w"].step, results["w"].lr) == (None, 4, 0.025)
+    assert body_of(server.only)["return_params"] is False
 
 
 async def test_push_gradients_returns_step_counts(connect: Callable[..., tuple[Api, Server]]) -> None:

@@ -31,7 +31,7 @@ from ._exceptions import (
     UnexpectedResponse,
     UnsupportedMediaType,
 )
-from ._models import ModelInfo, OptimizerConfig, OptimizerUpdate, ParamInfo, ParamState
+from ._models import RULES, ModelInfo, OptimizerConfig, OptimizerUpdate, ParamInfo, ParamState, StepResult
 from ._version import __version__
 
 __all__ = [
@@ -45,6 +45,8 @@ __all__ = [
     "OptimizerUpdate",
     "ParamInfo",
     "ParamState",
+    "StepResult",
+    "RULES",
     # exceptions
     "MomentumError",
     "TransportError",
@@ -62,6 +64,7 @@ __all__ = [
 ]
 
 # Present public names as momentum_client.X rather than momentum_client._module.X (as httpx does).
-for _name in __all__[1:]:
-    globals()[_name].__module__ = __name__
+for _name in __all__:
+    if isinstance(globals()[_name], type):
+        globals()[_name].__module__ = __name__
 del _name

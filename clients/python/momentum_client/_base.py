@@ -21,7 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ._exceptions import APIError, PreconditionFailed, UnexpectedResponse, api_error
-from ._models import HYPERPARAMETERS, ModelInfo, OptimizerConfig, ParamInfo, ParamState
+from ._models import HYPERPARAMETERS, ModelInfo, OptimizerConfig, ParamInfo, ParamState, StepResult
 from ._tensors import DTYPES, Array, decode_tensor, dumps, encode_tensor, loads
 from ._version import __version__
 
@@ -148,13 +148,15 @@ def parse_model(body: Any) -> ModelInfo:
     optimizer = OptimizerConfig(
         lr=_float(opt["lr"]),
         momentum=_float(opt["momentum"]),
-        dampening=_float(opt["dampening"]),
-        nesterov=_bool(opt["nesterov"]),
-        weight_decay=_float(opt["weight_decay"]),
-        maximize=_bool(opt["maximize"]),
+        dampening=_float(opt.get("dampening", 0.0)),
+        nesterov=_bool(opt.get("nesterov", False)),
+        weight_decay=_float(opt.get("weight_decay", 0.0)),
+        maximize=_bool(opt.get("maximize", False)),
+        rule=_str(opt.get("rule", "pytorch")),
     )
     params = {_str(name): _param_info(p) for name, p in _object(body["params"]).items()}
-    return ModelInfo(name=_str(body["name"]), optimizer=optimizer, params=params)
+    schedule = _object(body.get("schedule", {"type": "constant"}))
+    return ModelInfo(name=_str(body["name"]), optimizer=optimizer, params=params, schedule=schedule)
 
 
 def _param_info(value: Any) -> ParamInfo:
@@ -213,21 +215,45 @@ def _encode_all(tensors: Mapping[str, npt.ArrayLike], what: str) -> dict[str, di
 # -- flows -----------------------------------------------------------------------------------
 
 
-def create_model(model: str, config: OptimizerConfig) -> Flow[ModelInfo]:
-    """PUT the model (create or replace)."""
-    response = yield _json("PUT", _model_path(model), {"optimizer": _optimizer_json(asdict(config))})
+# Fields sent only when they differ from their neutral value, so that a rule without them
+# (e.g. keras has no dampening) is not sent one.
+_NEUTRAL: dict[str, object] = {"dampening": 0.0, "nesterov": False, "weight_decay": 0.0, "maximize": False}
+
+
+def _schedule_json(schedule: Mapping[str, Any] | None) -> dict[str, Any]:
+    if not isinstance(schedule, Mapping):
+        raise TypeError(f"schedule must be a mapping like {{'type': 'cosine', 'T_max': 100}}, got {schedule!r}")
+    return dict(schedule)
+
+
+def create_model(model: str, config: OptimizerConfig, schedule: Mapping[str, Any] | None) -> Flow[ModelInfo]:
+    """PUT the model (create, or replace its config)."""
+    fields = {k: v for k, v in asdict(config).items() if k not in _NEUTRAL or v != _NEUTRAL[k]}
+    body: dict[str, Any] = {"optimizer": _optimizer_json(fields)}
+    if schedule is not None:
+        body["schedule"] = _schedule_json(schedule)
+    response = yield _json("PUT", _model_path(model), body)
     return parse(response, parse_model)
 
 
-def update_model(model: str, hyperparameters: Mapping[str, object]) -> Flow[ModelInfo]:
-    """PATCH some hyperparameters; unknown names raise ``TypeError`` before anything is sent."""
+def update_model(
+    model: str, hyperparameters: Mapping[str, object], schedule: Mapping[str, Any] | None = None
+) -> Flow[ModelInfo]:
+    """PATCH some hyperparameters and/or the schedule; unknown names raise ``TypeError`` before sending."""
     unknown = [key for key in hyperparameters if key not in HYPERPARAMETERS]
     if unknown:
         raise TypeError(
             f"update_model() got unknown hyperparameter(s) {', '.join(map(repr, unknown))}; "
             f"valid names are {', '.join(HYPERPARAMETERS)}"
         )
-    response = yield _json("PATCH", _model_path(model), {"optimizer": _optimizer_json(hyperparameters)})
+    if not hyperparameters and schedule is None:
+        raise TypeError("update_model() needs at least one hyperparameter or a schedule")
+    body: dict[str, Any] = {}
+    if hyperparameters:
+        body["optimizer"] = _optimizer_json(hyperparameters)
+    if schedule is not None:
+        body["schedule"] = _schedule_json(schedule)
+    response = yield _json("PATCH", _model_path(model), body)
     return parse(response, parse_model)
 
 
@@ -326,6 +352,23 @@ def step(model: str, gradients: Mapping[str, npt.ArrayLike]) -> Flow[dict[str, A
     """POST one optimizer step; returns the updated values."""
     response = yield _step_request(model, gradients, return_params=True)
     return parse(response, lambda body: _tensors(body, "params"))
+
+
+def step_results(
+    model: str, gradients: Mapping[str, npt.ArrayLike], return_params: bool
+) -> Flow[dict[str, StepResult]]:
+    """POST one optimizer step; returns each parameter's value (if asked), step and lr."""
+    response = yield _step_request(model, gradients, return_params=return_params)
+
+    def parser(body: Any) -> dict[str, StepResult]:
+        out = {}
+        for name, p in _object(_object(body)["params"]).items():
+            p = _object(p)
+            value = decode_tensor(p) if return_params else None
+            out[_str(name)] = StepResult(value=value, step=_int(p["step"]), lr=_float(p["lr"]))
+        return out
+
+    return parse(response, parser)
 
 
 def push_gradients(model: str, gradients: Mapping[str, npt.ArrayLike]) -> Flow[dict[str, int]]:

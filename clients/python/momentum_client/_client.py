@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable, Mapping
 from types import TracebackType
-from typing import Self, TypeVar, Unpack
+from typing import Any, Self, TypeVar, Unpack
 
 import httpx
 import numpy.typing as npt
@@ -13,7 +13,7 @@ import numpy.typing as npt
 from . import _base
 from ._base import Flow, Request, Response
 from ._exceptions import RequestTimeout, TransportError
-from ._models import ModelInfo, OptimizerConfig, OptimizerUpdate, ParamState
+from ._models import ModelInfo, OptimizerConfig, OptimizerUpdate, ParamState, StepResult
 from ._tensors import Array
 
 T = TypeVar("T")
@@ -61,14 +61,30 @@ class Client:
         nesterov: bool = False,
         weight_decay: float = 0.0,
         maximize: bool = False,
+        rule: str = "pytorch",
+        schedule: Mapping[str, Any] | None = None,
     ) -> ModelInfo:
-        """Create the model, or replace its optimizer configuration if it exists."""
-        config = OptimizerConfig(lr, momentum, dampening, nesterov, weight_decay, maximize)
-        return self._run(_base.create_model(model, config))
+        """Create the model, or replace its configuration if it exists (its rule cannot change).
 
-    def update_model(self, model: str, **hyperparameters: Unpack[OptimizerUpdate]) -> ModelInfo:
-        """Change some hyperparameters; unknown names raise ``TypeError`` listing the valid ones."""
-        return self._run(_base.update_model(model, hyperparameters))
+        ``rule`` picks the momentum rule (``"pytorch"``, ``"keras"``, ``"tf1"``, ``"ema"``,
+        ``"previous_delta"``); ``schedule`` the learning-rate schedule, in the API's form, e.g.
+        ``{"type": "cosine", "T_max": 1000}`` (default: constant).
+        """
+        config = OptimizerConfig(lr, momentum, dampening, nesterov, weight_decay, maximize, rule)
+        return self._run(_base.create_model(model, config, schedule))
+
+    def update_model(
+        self,
+        model: str,
+        *,
+        schedule: Mapping[str, Any] | None = None,
+        **hyperparameters: Unpack[OptimizerUpdate],
+    ) -> ModelInfo:
+        """Change some hyperparameters and/or replace the schedule; they apply from the next step.
+
+        A new ``lr`` rescales the schedule. Unknown names raise ``TypeError`` listing the valid ones.
+        """
+        return self._run(_base.update_model(model, hyperparameters, schedule))
 
     def get_model(self, model: str) -> ModelInfo:
         """The model's optimizer configuration and parameter metadata."""
@@ -104,6 +120,13 @@ class Client:
     def step(self, model: str, gradients: Mapping[str, npt.ArrayLike]) -> dict[str, Array]:
         """Apply one optimizer step with ``gradients``; returns the updated values."""
         return self._run(_base.step(model, gradients))
+
+    def step_results(
+        self, model: str, gradients: Mapping[str, npt.ArrayLike], *, return_params: bool = True
+    ) -> dict[str, StepResult]:
+        """Apply one optimizer step like :meth:`step`; returns each parameter's new value
+        (``None`` with ``return_params=False``), step count and the learning rate used."""
+        return self._run(_base.step_results(model, gradients, return_params))
 
     def push_gradients(self, model: str, gradients: Mapping[str, npt.ArrayLike]) -> dict[str, int]:
         """Apply one optimizer step like :meth:`step`, without downloading values; returns step counts."""

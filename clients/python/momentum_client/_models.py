@@ -4,16 +4,32 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TypedDict
+from typing import Any, TypedDict
 
 from ._tensors import Array
 
-__all__ = ["OptimizerConfig", "OptimizerUpdate", "ParamInfo", "ModelInfo", "ParamState", "HYPERPARAMETERS"]
+__all__ = [
+    "HYPERPARAMETERS",
+    "RULES",
+    "ModelInfo",
+    "OptimizerConfig",
+    "OptimizerUpdate",
+    "ParamInfo",
+    "ParamState",
+    "StepResult",
+]
+
+RULES = ("pytorch", "keras", "tf1", "ema", "previous_delta")
 
 
 @dataclass(frozen=True, slots=True)
 class OptimizerConfig:
-    """A model's hyperparameters, with the meaning of ``torch.optim.SGD``'s arguments."""
+    """A model's momentum rule and hyperparameters.
+
+    ``rule`` is one of :data:`RULES` (see the API docs for each formula); the other fields
+    have the meaning of ``torch.optim.SGD``'s arguments. A field the rule does not have
+    (``dampening`` and ``maximize`` exist only in ``pytorch``) reads as its neutral value.
+    """
 
     lr: float
     momentum: float = 0.0
@@ -21,6 +37,7 @@ class OptimizerConfig:
     nesterov: bool = False
     weight_decay: float = 0.0
     maximize: bool = False
+    rule: str = "pytorch"
 
 
 class OptimizerUpdate(TypedDict, total=False):
@@ -53,6 +70,8 @@ class ModelInfo:
     name: str
     optimizer: OptimizerConfig
     params: Mapping[str, ParamInfo] = field(default_factory=dict)
+    schedule: Mapping[str, Any] = field(default_factory=lambda: {"type": "constant"})
+    """The learning-rate schedule, as the API writes it (e.g. ``{"type": "cosine", "T_max": 100, "eta_min": 0.0}``)."""
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -67,3 +86,13 @@ class ParamState:
     value: Array
     velocity: Array | None
     step: int
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class StepResult:
+    """One parameter after a step: its new value (``None`` with ``return_params=False``),
+    its step count, and the learning rate the update used (the schedule's value for it)."""
+
+    value: Array | None
+    step: int
+    lr: float
