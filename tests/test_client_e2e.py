@@ -41,6 +41,26 @@ async def connect(request: pytest.FixtureRequest) -> AsyncIterator[Connect]:
         yield make
 
 
+async def test_rule_and_schedule_through_the_sdk(connect: Connect) -> None:
+    api = connect()
+    schedule = {"type": "step", "step_size": 2, "gamma": 0.5}
+    info = await api("create_model", "k", lr=0.4, momentum=0.5, rule="keras", weight_decay=0.01, schedule=schedule)
+    assert info.optimizer == mc.OptimizerConfig(lr=0.4, momentum=0.5, weight_decay=0.01, rule="keras")
+    assert info.schedule == schedule
+    await api("init_params", "k", {"w": np.ones(3, np.float32)})
+    results = [await api("step_results", "k", {"w": np.ones(3, np.float32)}) for _ in range(3)]
+    assert [r["w"].lr for r in results] == [0.4, 0.4, 0.2]
+    assert [r["w"].step for r in results] == [1, 2, 3]
+    info = await api("update_model", "k", lr=0.8, schedule={"type": "constant"})
+    assert info.optimizer.lr == 0.8 and info.schedule == {"type": "constant"}
+    pushed = await api("step_results", "k", {"w": np.ones(3, np.float32)}, return_params=False)
+    assert (pushed["w"].value, pushed["w"].step, pushed["w"].lr) == (None, 4, 0.8)
+    with pytest.raises(mc.Conflict, match="rule"):
+        await api("create_model", "k", lr=0.1)  # the default rule is pytorch: 409 rule-change
+    with pytest.raises(mc.InvalidRequest, match="dampening"):
+        await api("update_model", "k", dampening=0.1)  # keras has no dampening
+
+
 async def test_model_and_parameter_lifecycle(connect: Connect) -> None:
     api = connect()
     assert await api("health") is True
