@@ -60,7 +60,11 @@ class Rule(Protocol):
     """What every momentum rule provides."""
 
     name: ClassVar[str]
-    lr: float
+
+    @property
+    def lr(self) -> float:
+        """The base learning rate (the schedule scales it)."""
+        ...
 
     def to_dict(self) -> dict[str, Any]:
         """The hyperparameters, with ``"rule": name`` (the inverse of :func:`rule_from_dict`)."""
@@ -109,6 +113,17 @@ class _RuleBase:
     def updated(self, **changes: Any) -> Self:
         return replace(self, **changes)  # type: ignore[type-var]
 
+    def update(self, value: Array, velocity: Array | None, grad: Array, lr: float) -> tuple[Array, Array | None]:
+        """One step with learning rate ``lr``: ``(new_value, new_velocity)``, arrays of the input's shape."""
+        # On 1-D views: numpy turns 0-d results into scalars, which would lose the array type.
+        shape = value.shape
+        flat_velocity = None if velocity is None else velocity.reshape(-1)
+        new_value, new_velocity = self._update(value.reshape(-1), flat_velocity, grad.reshape(-1), lr)
+        return new_value.reshape(shape), None if new_velocity is None else new_velocity.reshape(shape)
+
+    def _update(self, value: Array, velocity: Array | None, grad: Array, lr: float) -> tuple[Array, Array | None]:
+        raise NotImplementedError
+
 
 @dataclass(frozen=True, slots=True)
 class KerasSGD(_RuleBase):
@@ -138,7 +153,7 @@ class KerasSGD(_RuleBase):
         object.__setattr__(self, "weight_decay", _check_number("weight_decay", self.weight_decay))
         _check_bool("nesterov", self.nesterov)
 
-    def update(self, value: Array, velocity: Array | None, grad: Array, lr: float) -> tuple[Array, Array | None]:
+    def _update(self, value: Array, velocity: Array | None, grad: Array, lr: float) -> tuple[Array, Array | None]:
         dt = value.dtype
         lr_t = _via_float32(lr, dt)
         w = value
@@ -174,7 +189,7 @@ class TF1Momentum(_RuleBase):
         object.__setattr__(self, "momentum", _check_number("momentum", self.momentum))
         _check_bool("nesterov", self.nesterov)
 
-    def update(self, value: Array, velocity: Array | None, grad: Array, lr: float) -> tuple[Array, Array | None]:
+    def _update(self, value: Array, velocity: Array | None, grad: Array, lr: float) -> tuple[Array, Array | None]:
         dt = value.dtype
         lr_t, m = _via_float32(lr, dt), _via_float32(self.momentum, dt)
         accum = grad.copy() if velocity is None else velocity * m + grad
@@ -204,7 +219,7 @@ class EMAMomentum(_RuleBase):
         object.__setattr__(self, "lr", _check_number("lr", self.lr))
         object.__setattr__(self, "momentum", _check_number("momentum", self.momentum, upper=1.0))
 
-    def update(self, value: Array, velocity: Array | None, grad: Array, lr: float) -> tuple[Array, Array | None]:
+    def _update(self, value: Array, velocity: Array | None, grad: Array, lr: float) -> tuple[Array, Array | None]:
         dt = value.dtype.type
         scaled = grad * dt(1.0 - self.momentum)
         v = scaled if velocity is None else scaled + velocity * dt(self.momentum)
@@ -232,7 +247,7 @@ class PreviousDelta(_RuleBase):
         object.__setattr__(self, "lr", _check_number("lr", self.lr))
         object.__setattr__(self, "momentum", _check_number("momentum", self.momentum))
 
-    def update(self, value: Array, velocity: Array | None, grad: Array, lr: float) -> tuple[Array, Array | None]:
+    def _update(self, value: Array, velocity: Array | None, grad: Array, lr: float) -> tuple[Array, Array | None]:
         dt = value.dtype.type
         delta = grad * dt(lr)
         p = value - delta
