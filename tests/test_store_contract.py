@@ -11,7 +11,7 @@ from momentum_service.engine import ParameterServer
 from momentum_service.errors import ModelNotFound, ParamNotFound, ParamsExist
 from momentum_service.kernels import SGDConfig, sgd_update
 from momentum_service.kernels.schedules import ConstantSchedule
-from momentum_service.store import ParamUpdate, Store, new_token
+from momentum_service.store import Claim, ClaimState, ParamUpdate, Store, new_token
 from momentum_service.store.redis import RedisStore
 
 CFG = {"optimizer": SGDConfig(lr=0.1, momentum=0.9).to_dict()}
@@ -77,7 +77,7 @@ async def test_put_params_resets_and_only_create_is_all_or_nothing(store: Store)
     await store.put_params("m", {"a": f32(1), "b": f32(2)}, only_create=False)
     _, ps = await store.read("m", None, with_velocity=True)
     ok = await store.commit_step("m", rec.rev, [ParamUpdate("a", ps["a"].etag, f32(5), f32(0.5), 1, new_token())])
-    assert ok
+    assert ok.status == "applied"
     with pytest.raises(ParamsExist) as exc:
         await store.put_params("m", {"a": f32(9), "c": f32(3)}, only_create=True)
     assert exc.value.names == ["a"]
@@ -113,12 +113,14 @@ async def test_commit_step_is_all_or_nothing(store: Store) -> None:
     await store.put_params("m", {"a": f32(1), "b": f32(2)}, only_create=False)
     _, ps = await store.read("m", None, with_velocity=True)
     stale = ParamUpdate("b", "not-the-etag", f32(20), None, 1, new_token())
-    assert not await store.commit_step("m", rec.rev, [ParamUpdate("a", ps["a"].etag, f32(10), None, 1, "e1"), stale])
+    updates = [ParamUpdate("a", ps["a"].etag, f32(10), None, 1, "e1"), stale]
+    assert (await store.commit_step("m", rec.rev, updates)).status == "conflict"
     _, after = await store.read("m", None, with_velocity=True)
     assert after["a"].value.tolist() == [1.0] and after["a"].step == 0  # a untouched too
     # A config change since the read also invalidates the commit.
     await store.put_model("m", CFG)
-    assert not await store.commit_step("m", rec.rev, [ParamUpdate("a", ps["a"].etag, f32(10), None, 1, "e2")])
+    update = ParamUpdate("a", ps["a"].etag, f32(10), None, 1, "e2")
+    assert (await store.commit_step("m", rec.rev, [update])).status == "conflict"
 
 
 async def test_commit_step_applies_and_replay_is_harmless(store: Store) -> None:
@@ -126,16 +128,17 @@ async def test_commit_step_applies_and_replay_is_harmless(store: Store) -> None:
     await store.put_params("m", {"a": f32(1)}, only_create=False)
     _, ps = await store.read("m", None, with_velocity=True)
     update = ParamUpdate("a", ps["a"].etag, f32(3), f32(0.25), 1, new_token())
-    assert await store.commit_step("m", rec.rev, [update])
+    assert (await store.commit_step("m", rec.rev, [update])).status == "applied"
     # The same commit sent again (e.g. re-sent by a client library after a dropped reply)
     # finds its own etag in place: it reports success and applies nothing more.
-    assert await store.commit_step("m", rec.rev, [update])
+    assert (await store.commit_step("m", rec.rev, [update])).status == "applied"
     _, ps = await store.read("m", None, with_velocity=True)
     assert ps["a"].value.tolist() == [3.0] and ps["a"].step == 1 and ps["a"].etag == update.etag
     v = ps["a"].velocity
     assert v is not None and v.tolist() == [0.25]
     # Clearing the velocity (a commit with None) removes it.
-    assert await store.commit_step("m", rec.rev, [ParamUpdate("a", update.etag, f32(4), None, 2, new_token())])
+    clear = ParamUpdate("a", update.etag, f32(4), None, 2, new_token())
+    assert (await store.commit_step("m", rec.rev, [clear])).status == "applied"
     _, ps = await store.read("m", None, with_velocity=True)
     assert ps["a"].velocity is None
 
@@ -168,6 +171,72 @@ async def test_concurrent_steps_lose_nothing(store: Store) -> None:
     _, ps = await store.read("m", ["w"], with_velocity=True)
     assert ps["w"].step == 64
     assert ps["w"].value.tobytes() == value.tobytes()
+
+
+def claim_for(key: str, fingerprint: str = "fp", *, lease_ms: int = 60_000) -> Claim:
+    return Claim(key, fingerprint, new_token(), lease_ms, 60_000)
+
+
+async def test_claims_hold_one_attempt_at_a_time(store: Store) -> None:
+    await store.put_model("m", CFG)
+    first, second = claim_for("k"), claim_for("k")
+    assert (await store.claim("m", first)).status == "owned"
+    assert (await store.claim("m", first)).status == "owned"  # renewing is fine
+    assert (await store.claim("m", second)).status == "in_flight"
+    assert (await store.claim("m", claim_for("k", "other-body"))).status == "mismatch"
+    await store.release("m", second)  # not the holder: no effect
+    assert (await store.claim("m", second)).status == "in_flight"
+    await store.release("m", first)
+    assert (await store.claim("m", second)).status == "owned"
+    assert (await store.claim("m", claim_for("k2"))).status == "owned"  # keys are independent
+
+
+async def test_a_claimed_commit_applies_once_and_records_its_summary(store: Store) -> None:
+    rec, _ = await store.put_model("m", CFG)
+    await store.put_params("m", {"a": f32(1)}, only_create=False)
+    _, ps = await store.read("m", None, with_velocity=True)
+    claim = claim_for("k")
+    assert (await store.claim("m", claim)).status == "owned"
+    update = ParamUpdate("a", ps["a"].etag, f32(3), None, 1, new_token())
+    assert (await store.commit_step("m", rec.rev, [update], claim, "S1")).status == "applied"
+    # Re-sent (same attempt): done by this owner, nothing applied again.
+    again = await store.commit_step("m", rec.rev, [update], claim, "S1")
+    assert (again.status, again.owner, again.summary) == ("done", claim.owner, "S1")
+    # Another attempt with the same key, computed from the new state: still not applied.
+    _, ps = await store.read("m", None, with_velocity=True)
+    retry = claim_for("k")
+    later = ParamUpdate("a", ps["a"].etag, f32(5), None, 2, new_token())
+    outcome = await store.commit_step("m", rec.rev, [later], retry, "S2")
+    assert (outcome.status, outcome.owner, outcome.summary) == ("done", claim.owner, "S1")
+    assert (await store.claim("m", retry)) == ClaimState("done", claim.owner, "S1")
+    assert (await store.commit_step("m", rec.rev, [later], claim_for("k", "x"), "")).status == "mismatch"
+    _, ps = await store.read("m", None, with_velocity=True)
+    assert ps["a"].step == 1 and ps["a"].value.tolist() == [3.0]
+    # A key held by a live attempt stops another attempt's commit.
+    holder, intruder = claim_for("k3"), claim_for("k3")
+    await store.claim("m", holder)
+    assert (await store.commit_step("m", rec.rev, [later], intruder, "")).status == "in_flight"
+    # A conflict leaves the key pending, not done.
+    stale = ParamUpdate("a", "old-etag", f32(9), None, 2, new_token())
+    assert (await store.commit_step("m", rec.rev, [stale], holder, "")).status == "conflict"
+    assert (await store.claim("m", holder)).status == "owned"
+
+
+async def test_leases_and_records_expire(store: Store) -> None:
+    await store.put_model("m", CFG)
+    short = Claim("k", "fp", new_token(), 50, 50)
+    assert (await store.claim("m", short)).status == "owned"
+    await asyncio.sleep(0.15)
+    assert (await store.claim("m", claim_for("k"))).status == "owned"  # the dead attempt's lease ran out
+    rec, _ = await store.put_model("m", CFG)
+    await store.put_params("m", {"a": f32(1)}, only_create=False)
+    _, ps = await store.read("m", None, with_velocity=True)
+    quick = Claim("q", "fp", new_token(), 60_000, 50)
+    await store.claim("m", quick)
+    update = ParamUpdate("a", ps["a"].etag, f32(3), None, 1, new_token())
+    assert (await store.commit_step("m", rec.rev, [update], quick, "S")).status == "applied"
+    await asyncio.sleep(0.15)
+    assert (await store.claim("m", claim_for("q"))).status == "owned"  # forgotten after the TTL
 
 
 async def test_redis_keys_stay_under_the_prefix(redis_proc, redis_prefix: str) -> None:  # type: ignore[no-untyped-def]

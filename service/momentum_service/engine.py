@@ -10,9 +10,11 @@ recomputes, so no update is ever lost, and none is applied twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,16 +23,19 @@ import numpy as np
 from .config import ModelConfig
 from .errors import (
     Contention,
+    IdempotencyInFlight,
+    IdempotencyKeyReused,
     ModelNotFound,
     NonFiniteResult,
     ParamNotFound,
     RuleChange,
+    StepMismatch,
     StoreUnavailable,
     TensorMismatch,
 )
 from .kernels import Rule
 from .kernels.schedules import LRTable
-from .store import ModelRecord, ParamMeta, ParamRecord, ParamUpdate, Store, new_token
+from .store import Claim, ModelRecord, ParamMeta, ParamRecord, ParamUpdate, Store, new_token
 from .store.base import Array
 
 # Updates bigger than this many elements are computed in a worker thread (numpy releases
@@ -44,18 +49,42 @@ def config_of(record: ModelRecord) -> ModelConfig:
 
 @dataclass(frozen=True, slots=True)
 class StepResult:
-    """A parameter after a step: its new value and velocity, its step count, and the lr used."""
+    """A parameter after a step: its new value and velocity, its step count, and the lr used.
 
-    value: Array
+    ``replayed``: the step was applied by an earlier request with the same idempotency key.
+    ``current_step``: for a replay, the parameter's step when it has moved on since (then
+    ``value`` is its current value, not the step's result); ``value`` is None if it is gone.
+    """
+
+    value: Array | None
     velocity: Array | None
     step: int
     lr: float
+    replayed: bool = False
+    current_step: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Idempotency:
+    """An ``Idempotency-Key`` and the fingerprint of the request it came with."""
+
+    key: str
+    fingerprint: str
 
 
 class ParameterServer:
-    def __init__(self, store: Store, *, contention_timeout_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        store: Store,
+        *,
+        contention_timeout_s: float = 10.0,
+        idempotency_ttl_s: float = 86400.0,
+        idempotency_lease_s: float = 10.0,
+    ) -> None:
         self.store = store
         self.contention_timeout_s = contention_timeout_s
+        self.ttl_ms = max(1, round(idempotency_ttl_s * 1000))
+        self.lease_ms = max(1, round(idempotency_lease_s * 1000))
         self.lr_table = LRTable()
 
     async def put_model(self, model: str, config: ModelConfig) -> tuple[ModelRecord, bool]:
@@ -115,12 +144,41 @@ class ParameterServer:
         if not await self.store.delete_param(model, name):
             raise ParamNotFound(model, [name])
 
-    async def step(self, model: str, grads: Mapping[str, Array]) -> dict[str, StepResult]:
+    async def step(
+        self,
+        model: str,
+        grads: Mapping[str, Array],
+        *,
+        expected_steps: Mapping[str, int] | None = None,
+        idempotency: Idempotency | None = None,
+    ) -> dict[str, StepResult]:
         """Apply one momentum update to every named parameter, all or none.
 
         Each parameter's update ``k`` (its step count before the update) uses the
-        schedule's lr for ``k``.
+        schedule's lr for ``k``. With ``expected_steps``, nothing is applied unless those
+        parameters are at those steps (:class:`StepMismatch`). With ``idempotency``, the step
+        is applied at most once per key: a repeat returns the first result (see :meth:`_replay`).
         """
+        claim = None
+        if idempotency is not None:
+            claim = Claim(idempotency.key, idempotency.fingerprint, new_token(), self.lease_ms, self.ttl_ms)
+            state = await self.store.claim(model, claim)
+            if state.status != "owned":
+                return await self._settle(model, claim, state.status, state.summary)
+        try:
+            return await self._step(model, grads, expected_steps, claim)
+        except BaseException:
+            if claim is not None:
+                await _quietly(self.store.release(model, claim))
+            raise
+
+    async def _step(
+        self,
+        model: str,
+        grads: Mapping[str, Array],
+        expected_steps: Mapping[str, int] | None,
+        claim: Claim | None,
+    ) -> dict[str, StepResult]:
         names = list(grads)
         deadline = time.monotonic() + self.contention_timeout_s
         attempt = 0
@@ -128,22 +186,74 @@ class ParameterServer:
         while True:
             record, params = await self.store.read(model, names, with_velocity=True)
             _check_shapes(model, params, grads)
+            if expected_steps is not None:
+                current = {n: params[n].step for n in names}
+                if any(current[n] != k for n, k in expected_steps.items()):
+                    raise StepMismatch(model, current, expected_steps)
             config = config_of(record)
             lrs = {n: self.lr_table.lr(config.schedule, config.rule.lr, params[n].step) for n in names}
             if big:
                 updates = await asyncio.to_thread(_compute, config.rule, lrs, params, grads)
             else:
                 updates = _compute(config.rule, lrs, params, grads)
+            summary = _summary(updates, lrs)
             try:
-                committed = await self.store.commit_step(model, record.rev, updates)
+                outcome = await self.store.commit_step(model, record.rev, updates, claim, summary)
             except StoreUnavailable as exc:
+                hint = (
+                    "retry with the same Idempotency-Key: it is applied exactly once"
+                    if claim is not None
+                    else "read the parameters' step to find out before pushing it again"
+                )
                 raise StoreUnavailable(
-                    "the store failed while this step was being committed, so it may or may not have been "
-                    "applied: read the parameters' step to find out before pushing it again"
+                    f"the store failed while this step was being committed, so it may or may not have been "
+                    f"applied: {hint}"
                 ) from exc
-            if committed:
+            if outcome.status == "applied" or (
+                outcome.status == "done" and claim is not None and outcome.owner == claim.owner
+            ):  # applied now, or by this very attempt (a re-sent script)
                 return {u.name: StepResult(u.value, u.velocity, u.step, lrs[u.name]) for u in updates}
+            if outcome.status != "conflict":
+                assert claim is not None
+                return await self._settle(model, claim, outcome.status, outcome.summary)
             attempt = await _backoff(attempt, deadline)
+            if claim is not None:  # renew the lease while racing
+                state = await self.store.claim(model, claim)
+                if state.status != "owned":
+                    return await self._settle(model, claim, state.status, state.summary)
+
+    async def _settle(self, model: str, claim: Claim, status: str, summary: str | None) -> dict[str, StepResult]:
+        """Answer for a key that this attempt does not hold."""
+        if status == "mismatch":
+            raise IdempotencyKeyReused(claim.key)
+        if status == "in_flight":
+            raise IdempotencyInFlight(claim.key)
+        assert status == "done"
+        assert summary is not None
+        return await self._replay(model, summary)
+
+    async def _replay(self, model: str, summary: str) -> dict[str, StepResult]:
+        """The result of a step applied earlier under the same key, without applying it again.
+
+        ``step`` and ``lr`` are the original ones. The value is the original result while the
+        parameter is still at that step; once later steps moved it on, it is the current value
+        and ``current_step`` says so (values are not kept per key: that would cost a copy of
+        the parameters per step for the whole TTL).
+        """
+        recorded: dict[str, list[Any]] = json.loads(summary)
+        try:
+            _, params = await self.store.read(model, list(recorded), with_velocity=True)
+        except (ParamNotFound, ModelNotFound):
+            params = {}
+        out = {}
+        for name, (step, lr) in recorded.items():
+            rec = params.get(name)
+            if rec is None:
+                out[name] = StepResult(None, None, step, lr, replayed=True)
+            else:
+                moved = None if rec.step == step else rec.step
+                out[name] = StepResult(rec.value, rec.velocity, step, lr, replayed=True, current_step=moved)
+        return out
 
 
 def _check_shapes(model: str, params: Mapping[str, ParamRecord], grads: Mapping[str, Array]) -> None:
@@ -176,6 +286,17 @@ def _compute(
             raise NonFiniteResult(f"the update of {name!r} overflows to a non-finite value; nothing was applied")
         updates.append(ParamUpdate(name, rec.etag, value, velocity, rec.step + 1, new_token()))
     return updates
+
+
+def _summary(updates: list[ParamUpdate], lrs: Mapping[str, float]) -> str:
+    """What an idempotency record keeps of a step: each parameter's new step and lr."""
+    return json.dumps({u.name: [u.step, lrs[u.name]] for u in updates}, separators=(",", ":"))
+
+
+async def _quietly(op: Awaitable[None]) -> None:
+    """Best effort (a lease that is not released expires by itself)."""
+    with contextlib.suppress(Exception):
+        await asyncio.shield(op)
 
 
 async def _backoff(attempt: int, deadline: float) -> int:

@@ -81,3 +81,33 @@ class StoreUnavailable(ServiceError):
 
 class Contention(ServiceError):
     """An update kept losing optimistic-concurrency races; the client should retry later."""
+
+
+class StepMismatch(ServiceError):
+    """``expected_steps`` differ from the parameters' current steps (nothing was applied)."""
+
+    def __init__(self, model: str, current: Mapping[str, int], expected: Mapping[str, int]) -> None:
+        self.model = model
+        self.current = dict(current)
+        diffs = [
+            f"{n!r} is at step {current[n]}, not {expected[n]}" for n in sorted(expected) if current[n] != expected[n]
+        ]
+        super().__init__("parameter versions moved on: " + "; ".join(diffs) + "; nothing was applied")
+
+
+class IdempotencyKeyReused(ServiceError):
+    """An Idempotency-Key sent again with a different request."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        super().__init__(f"Idempotency-Key {key!r} was already used with a different request; use a new key")
+
+
+class IdempotencyInFlight(ServiceError):
+    """A retry arrived while the first attempt with its Idempotency-Key is still being processed."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        super().__init__(
+            f"a request with Idempotency-Key {key!r} is still being processed; retry with the same key shortly"
+        )

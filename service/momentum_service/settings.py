@@ -23,4 +23,12 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=64 * 1024 * 1024, gt=0, description="Largest accepted request body (413).")
     max_tensor_elements: int = Field(default=1 << 25, gt=0, description="Largest tensor, in elements (413).")
     max_tensor_dims: int = Field(default=32, gt=0)
+    idempotency_ttl_s: float = Field(
+        default=86400.0, gt=0, description="How long a step's Idempotency-Key is remembered (default 24 h)."
+    )
+    idempotency_lease_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="How long a key stays in flight (409 to retries) when the attempt holding it dies.",
+    )
     log_level: str = "info"

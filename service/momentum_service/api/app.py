@@ -54,7 +54,11 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None) 
 
     app = FastAPI(title="momentum-service", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
-    app.state.server = ParameterServer(store)
+    app.state.server = ParameterServer(
+        store,
+        idempotency_ttl_s=settings.idempotency_ttl_s,
+        idempotency_lease_s=settings.idempotency_lease_s,
+    )
     problems.install(app)
     app.include_router(health)
     app.include_router(router)

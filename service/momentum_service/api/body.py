@@ -49,6 +49,12 @@ async def read_limited(request: Request, limit: int) -> bytes:
 
 
 async def parse_json(request: Request, model: type[M], settings: Settings) -> M:
+    parsed, _ = await parse_json_raw(request, model, settings)
+    return parsed
+
+
+async def parse_json_raw(request: Request, model: type[M], settings: Settings) -> tuple[M, bytes]:
+    """The validated body, and its bytes (for an idempotency fingerprint)."""
     content_type = request.headers.get("content-type", "")
     if not _is_json(content_type):
         raise Problem(
@@ -65,7 +71,7 @@ async def parse_json(request: Request, model: type[M], settings: Settings) -> M:
             422, "malformed-json", f"the body is not valid JSON: {exc}", errors=[{"loc": ["body"], "msg": str(exc)}]
         ) from None
     try:
-        return model.model_validate(obj)
+        return model.model_validate(obj), raw
     except ValidationError as exc:
         errs = validation_errors(exc.errors(include_url=False, include_input=False))
         for e in errs:

@@ -85,6 +85,17 @@ def from_domain(exc: errors.ServiceError) -> Problem:
             return Problem(422, "invalid-config", str(exc), errors=[{"loc": ["body", exc.field], "msg": str(exc)}])
         case errors.RuleChange():
             return Problem(409, "rule-change", str(exc), current=exc.current, requested=exc.requested)
+        case errors.StepMismatch():
+            return Problem(409, "step-mismatch", str(exc), current_steps=exc.current)
+        case errors.IdempotencyKeyReused():
+            return Problem(
+                422,
+                "idempotency-key-reused",
+                str(exc),
+                errors=[{"loc": ["header", "Idempotency-Key"], "msg": str(exc)}],
+            )
+        case errors.IdempotencyInFlight():
+            return Problem(409, "idempotency-in-flight", str(exc), headers={"Retry-After": "1"})
         case errors.NonFiniteResult():
             return Problem(422, "non-finite-result", str(exc))
         case errors.Contention():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Annotated, Any, Literal
 
@@ -9,9 +10,10 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from pydantic import BaseModel
 
 from ..config import ModelConfig
+from ..engine import Idempotency, StepResult
 from ..store import ModelRecord, ParamMeta, ParamRecord
 from . import schemas
-from .body import json_response_bytes, parse_json, tensor_json, to_array
+from .body import json_response_bytes, parse_json, parse_json_raw, tensor_json, to_array
 from .deps import ModelName, ParamPath, ServerDep, SettingsDep
 from .problems import Problem
 from .schemas import problem_responses
@@ -239,6 +241,50 @@ async def delete_param(model: ModelName, name: ParamPath, server: ServerDep) -> 
     return Response(status_code=204)
 
 
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        description="Makes the step exactly-once: a retry with the same key and body returns the first result "
+        "(header `Idempotent-Replayed: true`) without applying it again; the same key with another body is a 422; "
+        "a retry while the first attempt is in flight is a 409 (retry shortly). Keys are kept per model for "
+        "`MOMENTUM_IDEMPOTENCY_TTL_S` (default 24 h). 1 to 255 visible ASCII characters; a quoted string "
+        '(`"..."`, as in the IETF draft) is accepted too.',
+    ),
+]
+
+_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+
+
+def _idempotency(key: str | None, request: Request, raw: bytes) -> Idempotency | None:
+    if key is None:
+        return None
+    if len(key) >= 2 and key[0] == key[-1] == '"':
+        key = key[1:-1]
+    if not _KEY.match(key):
+        raise Problem(
+            422,
+            "invalid-idempotency-key",
+            "Idempotency-Key must be 1 to 255 visible ASCII characters",
+            errors=[{"loc": ["header", "Idempotency-Key"], "msg": "1 to 255 visible ASCII characters"}],
+        )
+    digest = hashlib.sha256()
+    for part in (request.method, request.url.path, request.headers.get("content-type", "")):
+        digest.update(part.encode() + b"\n")
+    digest.update(raw)
+    return Idempotency(key, digest.hexdigest())
+
+
+def _step_json(r: StepResult, with_value: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if with_value and r.value is not None:
+        out.update(tensor_json(r.value))
+    out["step"], out["lr"] = r.step, r.lr
+    if r.current_step is not None:
+        out["current_step"] = r.current_step
+    return out
+
+
 @router.post(
     "/models/{model}/step",
     response_model=schemas.StepOut,
@@ -246,16 +292,29 @@ async def delete_param(model: ModelName, name: ParamPath, server: ServerDep) -> 
     openapi_extra=_body_doc(schemas.StepRequest),
     summary="Apply one momentum update per named parameter (all or none) and return the new values",
 )
-async def step(model: ModelName, request: Request, server: ServerDep, settings: SettingsDep) -> Response:
-    body = await parse_json(request, schemas.StepRequest, settings)
+async def step(
+    model: ModelName,
+    request: Request,
+    server: ServerDep,
+    settings: SettingsDep,
+    idempotency_key: IdempotencyKey = None,
+) -> Response:
+    body, raw = await parse_json_raw(request, schemas.StepRequest, settings)
+    idempotency = _idempotency(idempotency_key, request, raw)
     grads = {name: to_array(t, ["gradients", name], settings) for name, t in body.gradients.items()}
-    results = await server.step(model, grads)
-    out: dict[str, Any]
-    if body.return_params:
-        out = {n: {**tensor_json(r.value), "step": r.step, "lr": r.lr} for n, r in results.items()}
-    else:
-        out = {n: {"step": r.step, "lr": r.lr} for n, r in results.items()}
-    return _json({"params": out})
+    if body.expected_steps is not None:
+        extra = sorted(set(body.expected_steps) - set(grads))
+        if extra:
+            raise Problem(
+                422,
+                "invalid-request",
+                f"expected_steps names parameters without a gradient: {', '.join(extra)}",
+                errors=[{"loc": ["body", "expected_steps", n], "msg": "no gradient for it"} for n in extra],
+            )
+    results = await server.step(model, grads, expected_steps=body.expected_steps, idempotency=idempotency)
+    out = {n: _step_json(r, body.return_params) for n, r in results.items()}
+    replayed = any(r.replayed for r in results.values())
+    return _json({"params": out}, headers={"Idempotent-Replayed": "true"} if replayed else None)
 
 
 health = APIRouter()

@@ -243,6 +243,11 @@ class ParamsPut(_Strict):
 class StepRequest(_Strict):
     gradients: dict[ParamName, Tensor] = Field(min_length=1)
     return_params: bool = True
+    expected_steps: dict[ParamName, Annotated[int, Field(ge=0)]] | None = Field(
+        default=None,
+        description="Apply only if these parameters are at these steps (their versions); else 409 "
+        "`step-mismatch` with `current_steps`, and nothing is applied.",
+    )
 
 
 # Responses (documentation only: handlers encode them directly with orjson for speed).
@@ -289,6 +294,11 @@ class ParamsOut(BaseModel):
 class StepParamOut(BaseModel):
     step: int = Field(description="The parameter's step count after this update.")
     lr: float = Field(description="The learning rate this update used (the schedule's value for it).")
+    current_step: int | None = Field(
+        default=None,
+        description="Only in a replay (`Idempotent-Replayed: true`) of a step that later steps have moved on "
+        "from: the parameter's current step; `data` is then its current value.",
+    )
     shape: list[int] | None = None
     dtype: DType | None = None
     data: list[float] | None = None

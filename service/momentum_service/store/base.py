@@ -12,12 +12,22 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["ModelRecord", "ParamMeta", "ParamRecord", "ParamUpdate", "Store", "new_token"]
+__all__ = [
+    "Claim",
+    "ClaimState",
+    "CommitOutcome",
+    "ModelRecord",
+    "ParamMeta",
+    "ParamRecord",
+    "ParamUpdate",
+    "Store",
+    "new_token",
+]
 
 Array = npt.NDArray[np.floating]
 
@@ -67,6 +77,50 @@ class ParamUpdate:
     etag: str
 
 
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """One attempt's claim on an idempotency key (the ``Idempotency-Key`` header of a step).
+
+    A key's record is *pending* (an attempt holds it, for ``lease_ms`` unless renewed) or
+    *done* (the step was applied; kept ``ttl_ms``, with the ``summary`` the engine stored).
+    ``fingerprint`` identifies the request the key was first used with.
+    """
+
+    key: str
+    fingerprint: str
+    owner: str
+    lease_ms: int
+    ttl_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimState:
+    """What :meth:`Store.claim` found.
+
+    ``owned``: this attempt holds the key (new, or renewed); ``in_flight``: another attempt
+    holds it; ``mismatch``: the key was used with another request; ``done``: applied already,
+    by ``owner``, with ``summary``.
+    """
+
+    status: Literal["owned", "in_flight", "mismatch", "done"]
+    owner: str | None = None
+    summary: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CommitOutcome:
+    """What :meth:`Store.commit_step` did.
+
+    ``applied``; ``conflict`` (nothing applied: the model or a parameter changed since the
+    read); or, for a claimed step, the :class:`ClaimState` that stopped it (``done``: the key's
+    step was applied already, maybe by this very attempt if ``claim.owner == owner``).
+    """
+
+    status: Literal["applied", "conflict", "in_flight", "mismatch", "done"]
+    owner: str | None = None
+    summary: str | None = None
+
+
 @runtime_checkable
 class Store(Protocol):
     """Where models and parameters live. Every method is atomic on its own."""
@@ -111,9 +165,24 @@ class Store(Protocol):
     async def delete_param(self, model: str, name: str) -> bool:
         """False if the parameter did not exist; ModelNotFound if the model does not."""
 
-    async def commit_step(self, model: str, expected_rev: str, updates: list[ParamUpdate]) -> bool:
+    async def commit_step(
+        self,
+        model: str,
+        expected_rev: str,
+        updates: list[ParamUpdate],
+        claim: Claim | None = None,
+        summary: str = "",
+    ) -> CommitOutcome:
         """Apply every update, or none if the model's rev or any parameter's etag changed.
 
-        Returns False on such a conflict (the caller re-reads and recomputes). Raises
-        ModelNotFound if the model is gone.
+        ``conflict`` tells the caller to re-read and recompute. With a ``claim``, the check of
+        the key's record, the updates and the record becoming *done* (with ``summary``) are
+        one atomic operation, so a step is never applied twice under one key, whatever is
+        re-sent or retried. Raises ModelNotFound if the model is gone.
         """
+
+    async def claim(self, model: str, claim: Claim) -> ClaimState:
+        """Take (or renew) the key's lease unless it is done, held by another attempt, or mismatched."""
+
+    async def release(self, model: str, claim: Claim) -> None:
+        """Drop the key's record if it is still pending under this claim (the attempt failed)."""

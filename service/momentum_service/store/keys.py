@@ -7,6 +7,8 @@ slot and multi-key scripts and transactions over a model stay valid on a cluster
 - ``<prefix>:{<model>}:params``       set of parameter names
 - ``<prefix>:{<model>}:param:<name>`` hash: ``shape`` (JSON), ``dtype``, ``step``, ``etag``,
   ``value`` (little-endian raw bytes), ``velocity`` (same; absent before the first momentum update)
+- ``<prefix>:{<model>}:idem:<key>``   hash: ``state`` (pending/done), ``fp``, ``owner``, ``summary``;
+  expires (a lease while pending, the idempotency TTL once done)
 """
 
 from __future__ import annotations
@@ -24,3 +26,6 @@ class Keys:
 
     def param(self, model: str, name: str) -> str:
         return f"{self.prefix}:{{{model}}}:param:{name}"
+
+    def idempotency(self, model: str, key: str) -> str:
+        return f"{self.prefix}:{{{model}}}:idem:{key}"

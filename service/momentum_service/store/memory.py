@@ -8,13 +8,23 @@ Every method runs without awaiting in between, so each is atomic on the event lo
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from ..errors import ModelNotFound, ParamNotFound, ParamsExist
-from .base import Array, ModelRecord, ParamMeta, ParamRecord, ParamUpdate, new_token
+from .base import Array, Claim, ClaimState, CommitOutcome, ModelRecord, ParamMeta, ParamRecord, ParamUpdate, new_token
+
+
+@dataclass
+class _Idem:
+    state: str  # "pending" or "done"
+    fingerprint: str
+    owner: str
+    summary: str
+    expires: float  # time.monotonic()
 
 
 @dataclass
@@ -29,6 +39,16 @@ class MemoryStore:
 
     def __init__(self) -> None:
         self._models: dict[str, _Model] = {}
+        self._idem: dict[tuple[str, str], _Idem] = {}
+        self._next_sweep = 0.0
+
+    def _idem_record(self, model: str, key: str) -> _Idem | None:
+        now = time.monotonic()
+        if now >= self._next_sweep:  # drop expired records now and then, as Redis does
+            self._idem = {k: r for k, r in self._idem.items() if r.expires > now}
+            self._next_sweep = now + 10.0
+        rec = self._idem.get((model, key))
+        return rec if rec is not None and rec.expires > now else None
 
     async def ping(self) -> None:
         return None
@@ -98,20 +118,57 @@ class MemoryStore:
     async def delete_param(self, model: str, name: str) -> bool:
         return self._model(model).params.pop(name, None) is not None
 
-    async def commit_step(self, model: str, expected_rev: str, updates: list[ParamUpdate]) -> bool:
+    async def commit_step(
+        self,
+        model: str,
+        expected_rev: str,
+        updates: list[ParamUpdate],
+        claim: Claim | None = None,
+        summary: str = "",
+    ) -> CommitOutcome:
         m = self._model(model)
-        if updates and (first := m.params.get(updates[0].name)) is not None and first.etag == updates[0].etag:
-            return True  # this very commit was applied already
+        if claim is not None:
+            rec = self._idem_record(model, claim.key)
+            if rec is not None:
+                if rec.fingerprint != claim.fingerprint:
+                    return CommitOutcome("mismatch")
+                if rec.state == "done":
+                    return CommitOutcome("done", rec.owner, rec.summary)
+                if rec.owner != claim.owner:
+                    return CommitOutcome("in_flight")
+        elif updates and (first := m.params.get(updates[0].name)) is not None and first.etag == updates[0].etag:
+            return CommitOutcome("applied")  # this very commit was applied already
         if m.rev != expected_rev:
-            return False
+            return CommitOutcome("conflict")
         for u in updates:
-            rec = m.params.get(u.name)
-            if rec is None or rec.etag != u.expected_etag:
-                return False
+            rec_p = m.params.get(u.name)
+            if rec_p is None or rec_p.etag != u.expected_etag:
+                return CommitOutcome("conflict")
         for u in updates:
             velocity = None if u.velocity is None else _frozen(u.velocity)
             m.params[u.name] = ParamRecord(u.name, _frozen(u.value), velocity, u.step, u.etag)
-        return True
+        if claim is not None:
+            expires = time.monotonic() + claim.ttl_ms / 1000
+            self._idem[(model, claim.key)] = _Idem("done", claim.fingerprint, claim.owner, summary, expires)
+        return CommitOutcome("applied")
+
+    async def claim(self, model: str, claim: Claim) -> ClaimState:
+        rec = self._idem_record(model, claim.key)
+        if rec is not None:
+            if rec.fingerprint != claim.fingerprint:
+                return ClaimState("mismatch")
+            if rec.state == "done":
+                return ClaimState("done", rec.owner, rec.summary)
+            if rec.owner != claim.owner:
+                return ClaimState("in_flight")
+        expires = time.monotonic() + claim.lease_ms / 1000
+        self._idem[(model, claim.key)] = _Idem("pending", claim.fingerprint, claim.owner, "", expires)
+        return ClaimState("owned")
+
+    async def release(self, model: str, claim: Claim) -> None:
+        rec = self._idem_record(model, claim.key)
+        if rec is not None and rec.state == "pending" and rec.owner == claim.owner:
+            del self._idem[(model, claim.key)]
 
 
 def _frozen(a: Array) -> Array:

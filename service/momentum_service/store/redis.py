@@ -21,7 +21,7 @@ from redis.exceptions import RedisError, WatchError
 
 from ..errors import ModelNotFound, ParamNotFound, ParamsExist, StoreUnavailable
 from . import scripts
-from .base import Array, ModelRecord, ParamMeta, ParamRecord, ParamUpdate, new_token
+from .base import Array, Claim, ClaimState, CommitOutcome, ModelRecord, ParamMeta, ParamRecord, ParamUpdate, new_token
 from .keys import Keys
 
 # Stored little-endian whatever the host; decoded to native order (a no-op on x86 and ARM).
@@ -61,6 +61,8 @@ class RedisStore:
         self._put_params = client.register_script(scripts.PUT_PARAMS)
         self._commit_step = client.register_script(scripts.COMMIT_STEP)
         self._delete_param = client.register_script(scripts.DELETE_PARAM)
+        self._claim = client.register_script(scripts.CLAIM)
+        self._release = client.register_script(scripts.RELEASE)
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str = "momentum", timeout: float = 2.0) -> RedisStore:
@@ -194,18 +196,47 @@ class RedisStore:
             raise ModelNotFound(model)
         return bool(res)
 
-    async def commit_step(self, model: str, expected_rev: str, updates: list[ParamUpdate]) -> bool:
-        keys = [self.keys.model(model), *(self.keys.param(model, u.name) for u in updates)]
+    async def commit_step(
+        self,
+        model: str,
+        expected_rev: str,
+        updates: list[ParamUpdate],
+        claim: Claim | None = None,
+        summary: str = "",
+    ) -> CommitOutcome:
+        idem_key = self.keys.idempotency(model, claim.key if claim else "-")
+        keys = [self.keys.model(model), idem_key, *(self.keys.param(model, u.name) for u in updates)]
         args: list[Any] = [expected_rev]
+        if claim is None:
+            args += ["0", "", "", 0, ""]
+        else:
+            args += ["1", claim.fingerprint, claim.owner, claim.ttl_ms, summary]
         for u in updates:
             has_velocity = u.velocity is not None
             velocity = _encode(u.velocity) if u.velocity is not None else b""
             args += [u.expected_etag, u.etag, u.step, _encode(u.value), "1" if has_velocity else "0", velocity]
         async with _guard():
             res = await self._commit_step(keys=keys, args=args)
-        if res == -1:
+        code = int(res[0])
+        if code == -1:
             raise ModelNotFound(model)
-        return bool(res == 1)
+        if code == 2:
+            return CommitOutcome("done", _text(res[1]), _text(res[2]))
+        return CommitOutcome({1: "applied", 0: "conflict", -2: "mismatch", -3: "in_flight"}[code])  # type: ignore[arg-type]
+
+    async def claim(self, model: str, claim: Claim) -> ClaimState:
+        async with _guard():
+            res = await self._claim(
+                keys=[self.keys.idempotency(model, claim.key)], args=[claim.fingerprint, claim.owner, claim.lease_ms]
+            )
+        status = _text(res[0])
+        if status == "done":
+            return ClaimState("done", _text(res[1]), _text(res[2]))
+        return ClaimState(status)  # type: ignore[arg-type]
+
+    async def release(self, model: str, claim: Claim) -> None:
+        async with _guard():
+            await self._release(keys=[self.keys.idempotency(model, claim.key)], args=[claim.owner])
 
 
 def _text(raw: bytes | str) -> str:

@@ -60,21 +60,35 @@ return created
 """
 
 COMMIT_STEP = """
--- KEYS[1] model hash, KEYS[2..] parameter hashes.
--- ARGV[1] expected model rev; then 6 per parameter: expected etag, new etag, step, value,
--- has velocity ('1'/'0'), velocity.
--- All or nothing: 0 if the rev or any etag differs from what the update was computed from.
+-- KEYS[1] model hash, KEYS[2] idempotency hash (unused without a claim), KEYS[3..] parameter hashes.
+-- ARGV[1] expected model rev; ARGV[2] '1' with a claim, else '0'; ARGV[3] fingerprint,
+-- ARGV[4] owner, ARGV[5] TTL in ms, ARGV[6] summary; then 6 per parameter: expected etag,
+-- new etag, step, value, has velocity ('1'/'0'), velocity.
+-- Returns {-1} without the model; {0} on a conflict (the rev or an etag differs from what the
+-- update was computed from); {1} applied; with a claim, {-2} if the key was used with another
+-- request, {-3} if another attempt holds it, {2, owner, summary} if it was applied already.
+-- Without a claim, a re-sent commit finds its own new etag in place and reports {1}; with one,
+-- it finds the key done by its own owner.
 local rev = redis.call('HGET', KEYS[1], 'rev')
-if not rev then return -1 end
-local n = #KEYS - 1
-if n > 0 and redis.call('HGET', KEYS[2], 'etag') == ARGV[3] then return 1 end
-if rev ~= ARGV[1] then return 0 end
+if not rev then return {-1} end
+local n = #KEYS - 2
+if ARGV[2] == '1' then
+  local st = redis.call('HMGET', KEYS[2], 'state', 'fp', 'owner', 'summary')
+  if st[1] then
+    if st[2] ~= ARGV[3] then return {-2} end
+    if st[1] == 'done' then return {2, st[3], st[4]} end
+    if st[3] ~= ARGV[4] then return {-3} end
+  end
+elseif n > 0 and redis.call('HGET', KEYS[3], 'etag') == ARGV[8] then
+  return {1}
+end
+if rev ~= ARGV[1] then return {0} end
 for i = 1, n do
-  if redis.call('HGET', KEYS[i + 1], 'etag') ~= ARGV[2 + (i - 1) * 6] then return 0 end
+  if redis.call('HGET', KEYS[i + 2], 'etag') ~= ARGV[7 + (i - 1) * 6] then return {0} end
 end
 for i = 1, n do
-  local b = 2 + (i - 1) * 6
-  local key = KEYS[i + 1]
+  local b = 7 + (i - 1) * 6
+  local key = KEYS[i + 2]
   redis.call('HSET', key, 'etag', ARGV[b + 1], 'step', ARGV[b + 2], 'value', ARGV[b + 3])
   if ARGV[b + 4] == '1' then
     redis.call('HSET', key, 'velocity', ARGV[b + 5])
@@ -82,6 +96,32 @@ for i = 1, n do
     redis.call('HDEL', key, 'velocity')
   end
 end
+if ARGV[2] == '1' then
+  redis.call('HSET', KEYS[2], 'state', 'done', 'fp', ARGV[3], 'owner', ARGV[4], 'summary', ARGV[6])
+  redis.call('PEXPIRE', KEYS[2], ARGV[5])
+end
+return {1}
+"""
+
+CLAIM = """
+-- KEYS[1] idempotency hash. ARGV[1] fingerprint, ARGV[2] owner, ARGV[3] lease in ms.
+-- Returns {'mismatch'}, {'done', owner, summary}, {'in_flight'}, or {'owned'} after taking
+-- (or renewing) the lease.
+local st = redis.call('HMGET', KEYS[1], 'state', 'fp', 'owner', 'summary')
+if st[1] then
+  if st[2] ~= ARGV[1] then return {'mismatch'} end
+  if st[1] == 'done' then return {'done', st[3], st[4]} end
+  if st[3] ~= ARGV[2] then return {'in_flight'} end
+end
+redis.call('HSET', KEYS[1], 'state', 'pending', 'fp', ARGV[1], 'owner', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return {'owned'}
+"""
+
+RELEASE = """
+-- KEYS[1] idempotency hash. ARGV[1] owner. Deletes the record if it is pending under owner.
+local st = redis.call('HMGET', KEYS[1], 'state', 'owner')
+if st[1] == 'pending' and st[2] == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 1
 """
 
