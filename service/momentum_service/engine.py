@@ -25,10 +25,13 @@ from .errors import (
     Contention,
     IdempotencyInFlight,
     IdempotencyKeyReused,
+    ModeFieldRequired,
     ModelNotFound,
     NonFiniteResult,
     ParamNotFound,
     RuleChange,
+    StaleGradient,
+    StepAlreadyApplied,
     StepMismatch,
     StoreUnavailable,
     TensorMismatch,
@@ -65,6 +68,38 @@ class StepResult:
 
 
 @dataclass(frozen=True, slots=True)
+class StepPending:
+    """A sync push whose step was not complete within the sync timeout: ``counts`` of ``workers``
+    have contributed. Sending the same push again waits again (it is not counted twice)."""
+
+    base_step: int
+    counts: dict[str, int]
+    workers: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Push:
+    expected_steps: Mapping[str, int] | None
+    worker_id: int | None
+    base_step: int | None
+
+
+def mean_gradient(contributions: Mapping[int, bytes], like: Array) -> Array:
+    """The mean of the workers' gradients: summed in worker-id order, then divided by their number.
+
+    Each addition and the division round once in the parameter's dtype, so the result is
+    reproducible bit for bit: ``(((g_0 + g_1) + g_2) + ...) / n``.
+    """
+    dtype = like.dtype.newbyteorder("<")
+    total: Array | None = None
+    for worker in sorted(contributions):
+        g = np.frombuffer(contributions[worker], dtype=dtype).reshape(like.shape).astype(like.dtype)
+        total = g.copy() if total is None else total + g
+    assert total is not None
+    return total / like.dtype.type(len(contributions))
+
+
+@dataclass(frozen=True, slots=True)
 class Idempotency:
     """An ``Idempotency-Key`` and the fingerprint of the request it came with."""
 
@@ -80,11 +115,15 @@ class ParameterServer:
         contention_timeout_s: float = 10.0,
         idempotency_ttl_s: float = 86400.0,
         idempotency_lease_s: float = 10.0,
+        sync_timeout_s: float = 5.0,
+        sync_ttl_s: float = 3600.0,
     ) -> None:
         self.store = store
         self.contention_timeout_s = contention_timeout_s
         self.ttl_ms = max(1, round(idempotency_ttl_s * 1000))
         self.lease_ms = max(1, round(idempotency_lease_s * 1000))
+        self.sync_timeout_s = sync_timeout_s
+        self.sync_ttl_ms = max(1, round(sync_ttl_s * 1000))
         self.lr_table = LRTable()
 
     async def put_model(self, model: str, config: ModelConfig) -> tuple[ModelRecord, bool]:
@@ -102,9 +141,13 @@ class ParameterServer:
             attempt = await _backoff(attempt, deadline)
 
     async def patch_model(
-        self, model: str, optimizer: Mapping[str, Any], schedule: Mapping[str, Any] | None = None
+        self,
+        model: str,
+        optimizer: Mapping[str, Any],
+        schedule: Mapping[str, Any] | None = None,
+        mode: Mapping[str, Any] | None = None,
     ) -> ModelRecord:
-        """Change some hyperparameters and/or replace the schedule; they apply from the next step."""
+        """Change some hyperparameters, the schedule and/or the mode; they apply from the next step."""
         deadline = time.monotonic() + self.contention_timeout_s
         attempt = 0
         while True:
@@ -114,7 +157,7 @@ class ParameterServer:
             current = config_of(record)
             if "rule" in optimizer:
                 _check_same_rule(model, current, optimizer["rule"])
-            config = current.patched(optimizer, schedule)
+            config = current.patched(optimizer, schedule, mode)
             updated = await self.store.replace_config(model, record.rev, config.to_dict())
             if updated is not None:
                 return updated
@@ -151,14 +194,21 @@ class ParameterServer:
         *,
         expected_steps: Mapping[str, int] | None = None,
         idempotency: Idempotency | None = None,
-    ) -> dict[str, StepResult]:
+        worker_id: int | None = None,
+        base_step: int | None = None,
+    ) -> dict[str, StepResult] | StepPending:
         """Apply one momentum update to every named parameter, all or none.
 
         Each parameter's update ``k`` (its step count before the update) uses the
         schedule's lr for ``k``. With ``expected_steps``, nothing is applied unless those
         parameters are at those steps (:class:`StepMismatch`). With ``idempotency``, the step
         is applied at most once per key: a repeat returns the first result (see :meth:`_replay`).
+
+        In ``bounded`` mode, ``base_step`` (the step the gradients were computed from) may be
+        at most ``max_staleness`` behind (:class:`StaleGradient`). In ``sync`` mode the push is
+        ``worker_id``'s contribution to ``base_step`` (see :meth:`_sync`).
         """
+        push = _Push(expected_steps, worker_id, base_step)
         claim = None
         if idempotency is not None:
             claim = Claim(idempotency.key, idempotency.fingerprint, new_token(), self.lease_ms, self.ttl_ms)
@@ -166,19 +216,15 @@ class ParameterServer:
             if state.status != "owned":
                 return await self._settle(model, claim, state.status, state.summary)
         try:
-            return await self._step(model, grads, expected_steps, claim)
+            return await self._step(model, grads, push, claim)
         except BaseException:
             if claim is not None:
                 await _quietly(self.store.release(model, claim))
             raise
 
     async def _step(
-        self,
-        model: str,
-        grads: Mapping[str, Array],
-        expected_steps: Mapping[str, int] | None,
-        claim: Claim | None,
-    ) -> dict[str, StepResult]:
+        self, model: str, grads: Mapping[str, Array], push: _Push, claim: Claim | None
+    ) -> dict[str, StepResult] | StepPending:
         names = list(grads)
         deadline = time.monotonic() + self.contention_timeout_s
         attempt = 0
@@ -186,11 +232,16 @@ class ParameterServer:
         while True:
             record, params = await self.store.read(model, names, with_velocity=True)
             _check_shapes(model, params, grads)
-            if expected_steps is not None:
-                current = {n: params[n].step for n in names}
-                if any(current[n] != k for n, k in expected_steps.items()):
-                    raise StepMismatch(model, current, expected_steps)
             config = config_of(record)
+            if config.mode.kind == "sync":
+                if claim is not None:  # (worker_id, base_step) makes a contribution idempotent already
+                    await _quietly(self.store.release(model, claim))
+                return await self._sync(model, grads, push, config.mode.workers or 1)
+            current = {n: params[n].step for n in names}
+            if push.expected_steps is not None and any(current[n] != k for n, k in push.expected_steps.items()):
+                raise StepMismatch(model, current, push.expected_steps)
+            if config.mode.kind == "bounded":
+                _check_staleness(model, current, push.base_step, config.mode.max_staleness or 0)
             lrs = {n: self.lr_table.lr(config.schedule, config.rule.lr, params[n].step) for n in names}
             if big:
                 updates = await asyncio.to_thread(_compute, config.rule, lrs, params, grads)
@@ -221,6 +272,73 @@ class ParameterServer:
                 state = await self.store.claim(model, claim)
                 if state.status != "owned":
                     return await self._settle(model, claim, state.status, state.summary)
+
+    async def _sync(
+        self, model: str, grads: Mapping[str, Array], push: _Push, workers: int
+    ) -> dict[str, StepResult] | StepPending:
+        """Contribute to a synchronous step, and wait (up to the sync timeout) until it is applied.
+
+        Contributions live in the store, so the workers of one step may use different server
+        processes. Whoever sees the last contribution arrive applies the step; any waiter takes
+        over if that one fails (the commit's compare-and-set lets only one apply it).
+        """
+        if push.worker_id is None:
+            raise ModeFieldRequired(model, "sync", "worker_id")
+        if push.base_step is None:
+            raise ModeFieldRequired(model, "sync", "base_step")
+        names, base = list(grads), push.base_step
+        got = await self.store.contribute(model, base, push.worker_id, dict(grads), self.sync_ttl_ms)
+        if got.status == "moved":
+            if all(s > base for s in got.steps.values()):
+                who = await self.store.contributors(model, base, names)
+                if all(push.worker_id in who[n] for n in names):
+                    return await self._sync_result(model, names, base)
+                raise StepAlreadyApplied(model, base, got.steps)
+            raise StaleGradient(
+                f"base_step {base} is not the parameters' current step; a sync push contributes to the current step",
+                got.steps,
+            )
+        deadline = time.monotonic() + self.sync_timeout_s
+        counts, delay = got.counts, 0.002
+        while True:
+            if all(c >= workers for c in counts.values()):
+                await self._apply_sync(model, names, base, workers)
+            steps = await self.store.steps(model, names)
+            if all(s > base for s in steps.values()):
+                return await self._sync_result(model, names, base)
+            if time.monotonic() >= deadline:
+                return StepPending(base, counts, workers)
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 0.05)
+            counts = {n: len(w) for n, w in (await self.store.contributors(model, base, names)).items()}
+
+    async def _apply_sync(self, model: str, names: list[str], base: int, workers: int) -> None:
+        """Apply the mean of the contributions to ``base``, unless someone did already."""
+        record, params = await self.store.read(model, names, with_velocity=True)
+        if any(params[n].step != base for n in names):
+            return
+        contributions = await self.store.contributions(model, base, names)
+        if any(len(contributions[n]) < workers for n in names):
+            return
+        config = config_of(record)
+        means = {n: mean_gradient(contributions[n], params[n].value) for n in names}
+        lrs = {n: self.lr_table.lr(config.schedule, config.rule.lr, base) for n in names}
+        if sum(g.size for g in means.values()) > _THREAD_THRESHOLD:
+            updates = await asyncio.to_thread(_compute, config.rule, lrs, params, means)
+        else:
+            updates = _compute(config.rule, lrs, params, means)
+        outcome = await self.store.commit_step(model, record.rev, updates)
+        if outcome.status == "applied":
+            await _quietly(self.store.drop_contributions(model, base, names))
+
+    async def _sync_result(self, model: str, names: list[str], base: int) -> dict[str, StepResult]:
+        record, params = await self.store.read(model, names, with_velocity=False)
+        config = config_of(record)
+        out = {}
+        for n in names:
+            rec, lr = params[n], self.lr_table.lr(config.schedule, config.rule.lr, base)
+            out[n] = StepResult(rec.value, None, base + 1, lr, current_step=None if rec.step == base + 1 else rec.step)
+        return out
 
     async def _settle(self, model: str, claim: Claim, status: str, summary: str | None) -> dict[str, StepResult]:
         """Answer for a key that this attempt does not hold."""
@@ -286,6 +404,26 @@ def _compute(
             raise NonFiniteResult(f"the update of {name!r} overflows to a non-finite value; nothing was applied")
         updates.append(ParamUpdate(name, rec.etag, value, velocity, rec.step + 1, new_token()))
     return updates
+
+
+def _check_staleness(model: str, current: Mapping[str, int], base_step: int | None, max_staleness: int) -> None:
+    if base_step is None:
+        raise ModeFieldRequired(model, "bounded", "base_step")
+    ahead = sorted(n for n, s in current.items() if base_step > s)
+    if ahead:
+        raise StaleGradient(
+            f"base_step {base_step} is ahead of {', '.join(map(repr, ahead))} (at step "
+            f"{min(current[n] for n in ahead)}); nothing was applied",
+            current,
+        )
+    stale = sorted(n for n, s in current.items() if s - base_step > max_staleness)
+    if stale:
+        worst = max(current[n] for n in stale) - base_step
+        raise StaleGradient(
+            f"the gradient is {worst} steps stale (computed at step {base_step}); the limit is {max_staleness}; "
+            "nothing was applied",
+            current,
+        )
 
 
 def _summary(updates: list[ParamUpdate], lrs: Mapping[str, float]) -> str:

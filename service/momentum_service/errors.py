@@ -111,3 +111,30 @@ class IdempotencyInFlight(ServiceError):
         super().__init__(
             f"a request with Idempotency-Key {key!r} is still being processed; retry with the same key shortly"
         )
+
+
+class ModeFieldRequired(ServiceError):
+    """A push without a field its model's mode needs (``worker_id``, ``base_step``)."""
+
+    def __init__(self, model: str, mode: str, field: str) -> None:
+        self.field = field
+        super().__init__(f"model {model!r} is in {mode} mode: each push must carry {field}")
+
+
+class StaleGradient(ServiceError):
+    """A push whose base step is too old (bounded mode), or ahead of the parameters (nothing applied)."""
+
+    def __init__(self, message: str, current: Mapping[str, int]) -> None:
+        self.current = dict(current)
+        super().__init__(message)
+
+
+class StepAlreadyApplied(ServiceError):
+    """A sync contribution for a step that was applied without this worker (nothing was added)."""
+
+    def __init__(self, model: str, base_step: int, current: Mapping[str, int]) -> None:
+        self.current = dict(current)
+        super().__init__(
+            f"step {base_step} of model {model!r} was applied already, without this worker's contribution; "
+            "push the gradient of the current step instead"
+        )

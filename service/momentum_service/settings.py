@@ -31,4 +31,12 @@ class Settings(BaseSettings):
         gt=0,
         description="How long a key stays in flight (409 to retries) when the attempt holding it dies.",
     )
+    sync_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="How long a sync push waits for the other workers before a 202 (keep it below client timeouts).",
+    )
+    sync_ttl_s: float = Field(
+        default=3600.0, gt=0, description="How long an unfinished sync step's gradients are kept."
+    )
     log_level: str = "info"

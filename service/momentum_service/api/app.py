@@ -58,6 +58,8 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None) 
         store,
         idempotency_ttl_s=settings.idempotency_ttl_s,
         idempotency_lease_s=settings.idempotency_lease_s,
+        sync_timeout_s=settings.sync_timeout_s,
+        sync_ttl_s=settings.sync_ttl_s,
     )
     problems.install(app)
     app.include_router(health)

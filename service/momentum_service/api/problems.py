@@ -96,6 +96,12 @@ def from_domain(exc: errors.ServiceError) -> Problem:
             )
         case errors.IdempotencyInFlight():
             return Problem(409, "idempotency-in-flight", str(exc), headers={"Retry-After": "1"})
+        case errors.ModeFieldRequired():
+            return Problem(422, "mode-field-required", str(exc), errors=[{"loc": ["body", exc.field], "msg": str(exc)}])
+        case errors.StaleGradient():
+            return Problem(409, "stale-gradient", str(exc), current_steps=exc.current)
+        case errors.StepAlreadyApplied():
+            return Problem(409, "step-already-applied", str(exc), current_steps=exc.current)
         case errors.NonFiniteResult():
             return Problem(422, "non-finite-result", str(exc))
         case errors.Contention():

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from pydantic import BaseModel
 
 from ..config import ModelConfig
-from ..engine import Idempotency, StepResult
+from ..engine import Idempotency, StepPending, StepResult
 from ..store import ModelRecord, ParamMeta, ParamRecord
 from . import schemas
 from .body import json_response_bytes, parse_json, parse_json_raw, tensor_json, to_array
@@ -104,7 +104,11 @@ Include = Annotated[str | None, Query(description="`velocity` adds each paramete
 )
 async def put_model(model: ModelName, request: Request, server: ServerDep, settings: SettingsDep) -> Response:
     body = await parse_json(request, schemas.ModelPut, settings)
-    config = ModelConfig.build(body.optimizer.model_dump(), body.schedule.model_dump() if body.schedule else None)
+    config = ModelConfig.build(
+        body.optimizer.model_dump(),
+        body.schedule.model_dump() if body.schedule else None,
+        body.model_dump(include={"mode", "workers", "max_staleness"}, exclude_none=True),
+    )
     record, created = await server.put_model(model, config)
     params = await server.list_params(model)
     headers = {"Location": f"/v1/models/{model}"} if created else None
@@ -126,12 +130,13 @@ async def get_model(model: ModelName, server: ServerDep) -> Response:
 )
 async def patch_model(model: ModelName, request: Request, server: ServerDep, settings: SettingsDep) -> Response:
     body = await parse_json(request, schemas.ModelPatch, settings)
-    if body.optimizer is None and body.schedule is None:
+    mode = body.model_dump(include={"mode", "workers", "max_staleness"}, exclude_unset=True)
+    if body.optimizer is None and body.schedule is None and not mode:
         raise Problem(
             422,
             "invalid-request",
-            "nothing to change: give optimizer (some hyperparameters) and/or schedule",
-            errors=[{"loc": ["body"], "msg": "optimizer or schedule is required"}],
+            "nothing to change: give optimizer (some hyperparameters), schedule and/or mode fields",
+            errors=[{"loc": ["body"], "msg": "optimizer, schedule, mode, workers or max_staleness is required"}],
         )
     changes = body.optimizer.model_dump(exclude_unset=True) if body.optimizer else {}
     nulls = sorted(k for k, v in changes.items() if v is None)
@@ -143,7 +148,15 @@ async def patch_model(model: ModelName, request: Request, server: ServerDep, set
             errors=[{"loc": ["body", "optimizer", k], "msg": "null is not a value"} for k in nulls],
         )
     schedule = body.schedule.model_dump() if body.schedule else None
-    record = await server.patch_model(model, changes, schedule)
+    nulls = sorted(k for k, v in mode.items() if v is None)
+    if nulls:
+        raise Problem(
+            422,
+            "invalid-request",
+            f"{', '.join(nulls)} cannot be null (leave a field out to keep its value)",
+            errors=[{"loc": ["body", k], "msg": "null is not a value"} for k in nulls],
+        )
+    record = await server.patch_model(model, changes, schedule, mode)
     params = await server.list_params(model)
     return _json(_model_json(record, params))
 
@@ -288,7 +301,10 @@ def _step_json(r: StepResult, with_value: bool) -> dict[str, Any]:
 @router.post(
     "/models/{model}/step",
     response_model=schemas.StepOut,
-    responses=problem_responses(404, 409, *_BODY_ERRORS, 503),
+    responses={
+        202: {"model": schemas.StepPendingOut, "description": "Sync mode: the step is not complete yet"},
+        **problem_responses(404, 409, *_BODY_ERRORS, 503),
+    },
     openapi_extra=_body_doc(schemas.StepRequest),
     summary="Apply one momentum update per named parameter (all or none) and return the new values",
 )
@@ -311,7 +327,25 @@ async def step(
                 f"expected_steps names parameters without a gradient: {', '.join(extra)}",
                 errors=[{"loc": ["body", "expected_steps", n], "msg": "no gradient for it"} for n in extra],
             )
-    results = await server.step(model, grads, expected_steps=body.expected_steps, idempotency=idempotency)
+    results = await server.step(
+        model,
+        grads,
+        expected_steps=body.expected_steps,
+        idempotency=idempotency,
+        worker_id=body.worker_id,
+        base_step=body.base_step,
+    )
+    if isinstance(results, StepPending):
+        pending = {
+            "status": "pending",
+            "base_step": results.base_step,
+            "workers": results.workers,
+            "contributions": results.counts,
+            "detail": "not all workers have contributed to this step yet; send the same push again to wait for "
+            "the result (it is not counted twice)",
+        }
+        location = f"/v1/models/{model}/params?names={','.join(grads)}"
+        return _json(pending, 202, headers={"Location": location, "Retry-After": "0"})
     out = {n: _step_json(r, body.return_params) for n, r in results.items()}
     replayed = any(r.replayed for r in results.values())
     return _json({"params": out}, headers={"Idempotent-Replayed": "true"} if replayed else None)

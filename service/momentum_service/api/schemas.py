@@ -222,18 +222,39 @@ class SequentialLR(_Strict):
 Schedule = Annotated[BasicSchedule | SequentialLR, Field(discriminator="type")]
 
 
+ModeName = Literal["async", "sync", "bounded"]
+_MODE_DOC = (
+    "`async` (default): each push is applied on arrival. `sync`: each push carries `worker_id` and "
+    "`base_step`; once `workers` distinct workers contributed to a step, their mean gradient is applied once "
+    "(summed in worker-id order, then divided by `workers`: reproducible bit for bit). `bounded`: each push "
+    "carries `base_step`, and a gradient more than `max_staleness` steps stale is refused (409)."
+)
+
+
 class ModelPut(_Strict):
     """A model's config. The lr of a parameter's update k is `schedule(lr, k)`."""
 
     optimizer: Optimizer
     schedule: Schedule | None = Field(default=None, description="Default: constant.")
+    mode: ModeName = Field(default="async", description=_MODE_DOC)
+    workers: int | None = Field(default=None, ge=1, le=1024, description="Workers per step (`sync` only).")
+    max_staleness: int | None = Field(
+        default=None, ge=0, le=2**31 - 1, description="Largest accepted staleness, in steps (`bounded` only)."
+    )
 
 
 class ModelPatch(_Strict):
-    """Change some hyperparameters (`lr` rescales the schedule) and/or replace the schedule."""
+    """Change some hyperparameters (`lr` rescales the schedule), the schedule and/or the mode.
+
+    A new `mode` replaces the mode with its fields; without `mode`, `workers` or `max_staleness`
+    change the current mode's.
+    """
 
     optimizer: OptimizerPatch | None = None
     schedule: Schedule | None = None
+    mode: ModeName | None = None
+    workers: int | None = Field(default=None, ge=1, le=1024)
+    max_staleness: int | None = Field(default=None, ge=0, le=2**31 - 1)
 
 
 class ParamsPut(_Strict):
@@ -247,6 +268,14 @@ class StepRequest(_Strict):
         default=None,
         description="Apply only if these parameters are at these steps (their versions); else 409 "
         "`step-mismatch` with `current_steps`, and nothing is applied.",
+    )
+    worker_id: int | None = Field(
+        default=None, ge=0, le=2**31 - 1, description="`sync` mode: this worker's id (required there)."
+    )
+    base_step: int | None = Field(
+        default=None,
+        ge=0,
+        description="`sync` and `bounded` modes (required there): the step the gradients were computed from.",
     )
 
 
@@ -263,6 +292,9 @@ class ModelOut(BaseModel):
     name: str
     optimizer: Optimizer
     schedule: Schedule
+    mode: ModeName
+    workers: int | None = None
+    max_staleness: int | None = None
     params: dict[str, ParamSummary]
 
 
@@ -306,6 +338,16 @@ class StepParamOut(BaseModel):
 
 class StepOut(BaseModel):
     params: dict[str, StepParamOut]
+
+
+class StepPendingOut(BaseModel):
+    """202: a sync push whose step still waits for other workers (re-send the push to wait again)."""
+
+    status: Literal["pending"]
+    base_step: int
+    workers: int
+    contributions: dict[str, int] = Field(description="Distinct workers that contributed so far, per parameter.")
+    detail: str
 
 
 class ProblemDetails(BaseModel):

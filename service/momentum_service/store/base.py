@@ -21,6 +21,7 @@ __all__ = [
     "Claim",
     "ClaimState",
     "CommitOutcome",
+    "Contribution",
     "ModelRecord",
     "ParamMeta",
     "ParamRecord",
@@ -121,6 +122,20 @@ class CommitOutcome:
     summary: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Contribution:
+    """What :meth:`Store.contribute` did.
+
+    ``added`` (or ``duplicate``: this worker had contributed to that step already, and is not
+    counted twice), with ``counts``: the number of distinct workers per parameter so far; or
+    ``moved``: some parameter is not at the step (nothing was added), with their ``steps``.
+    """
+
+    status: Literal["added", "duplicate", "moved"]
+    counts: dict[str, int]
+    steps: dict[str, int]
+
+
 @runtime_checkable
 class Store(Protocol):
     """Where models and parameters live. Every method is atomic on its own."""
@@ -186,3 +201,26 @@ class Store(Protocol):
 
     async def release(self, model: str, claim: Claim) -> None:
         """Drop the key's record if it is still pending under this claim (the attempt failed)."""
+
+    # Synchronous training: gradients gathered per parameter and step, until enough workers sent theirs.
+
+    async def contribute(
+        self, model: str, step: int, worker: int, grads: dict[str, Array], ttl_ms: int
+    ) -> Contribution:
+        """Add a worker's gradients for ``step``, atomically, if every parameter is at that step.
+
+        The first contribution of a worker to a step counts; a repeat changes nothing. Raises
+        ModelNotFound or ParamNotFound.
+        """
+
+    async def contributions(self, model: str, step: int, names: list[str]) -> dict[str, dict[int, bytes]]:
+        """Every worker's gradient bytes (little-endian) per parameter for ``step``."""
+
+    async def contributors(self, model: str, step: int, names: list[str]) -> dict[str, set[int]]:
+        """The workers that contributed to ``step`` (remembered after the gradients are dropped)."""
+
+    async def drop_contributions(self, model: str, step: int, names: list[str]) -> None:
+        """Forget the gradients of an applied step (its contributors stay known until they expire)."""
+
+    async def steps(self, model: str, names: list[str]) -> dict[str, int]:
+        """The parameters' current steps (a cheap read to wait on). Raises ParamNotFound."""

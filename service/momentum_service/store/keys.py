@@ -9,6 +9,9 @@ slot and multi-key scripts and transactions over a model stay valid on a cluster
   ``value`` (little-endian raw bytes), ``velocity`` (same; absent before the first momentum update)
 - ``<prefix>:{<model>}:idem:<key>``   hash: ``state`` (pending/done), ``fp``, ``owner``, ``summary``;
   expires (a lease while pending, the idempotency TTL once done)
+- ``<prefix>:{<model>}:sync:<step>:<name>``     hash: worker id -> gradient bytes (sync mode; dropped
+  once the step is applied, else expires)
+- ``<prefix>:{<model>}:sync:<step>:<name>:who`` set of the worker ids that contributed (expires)
 """
 
 from __future__ import annotations
@@ -29,3 +32,9 @@ class Keys:
 
     def idempotency(self, model: str, key: str) -> str:
         return f"{self.prefix}:{{{model}}}:idem:{key}"
+
+    def sync_grads(self, model: str, step: int, name: str) -> str:
+        return f"{self.prefix}:{{{model}}}:sync:{step}:{name}"
+
+    def sync_workers(self, model: str, step: int, name: str) -> str:
+        return f"{self.prefix}:{{{model}}}:sync:{step}:{name}:who"

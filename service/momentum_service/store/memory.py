@@ -15,7 +15,18 @@ from typing import Any
 import numpy as np
 
 from ..errors import ModelNotFound, ParamNotFound, ParamsExist
-from .base import Array, Claim, ClaimState, CommitOutcome, ModelRecord, ParamMeta, ParamRecord, ParamUpdate, new_token
+from .base import (
+    Array,
+    Claim,
+    ClaimState,
+    CommitOutcome,
+    Contribution,
+    ModelRecord,
+    ParamMeta,
+    ParamRecord,
+    ParamUpdate,
+    new_token,
+)
 
 
 @dataclass
@@ -40,6 +51,8 @@ class MemoryStore:
     def __init__(self) -> None:
         self._models: dict[str, _Model] = {}
         self._idem: dict[tuple[str, str], _Idem] = {}
+        # (model, step, name) -> (expiry, {worker: gradient bytes}, contributors)
+        self._sync: dict[tuple[str, int, str], tuple[float, dict[int, bytes], set[int]]] = {}
         self._next_sweep = 0.0
 
     def _idem_record(self, model: str, key: str) -> _Idem | None:
@@ -169,6 +182,62 @@ class MemoryStore:
         rec = self._idem_record(model, claim.key)
         if rec is not None and rec.state == "pending" and rec.owner == claim.owner:
             del self._idem[(model, claim.key)]
+
+    def _sync_entry(self, model: str, step: int, name: str) -> tuple[float, dict[int, bytes], set[int]] | None:
+        entry = self._sync.get((model, step, name))
+        if entry is not None and entry[0] <= time.monotonic():
+            del self._sync[(model, step, name)]
+            return None
+        return entry
+
+    async def contribute(
+        self, model: str, step: int, worker: int, grads: dict[str, Array], ttl_ms: int
+    ) -> Contribution:
+        m = self._model(model)
+        missing = [n for n in grads if n not in m.params]
+        if missing:
+            raise ParamNotFound(model, missing[:1])
+        steps = {n: m.params[n].step for n in grads}
+        if any(s != step for s in steps.values()):
+            return Contribution("moved", {}, steps)
+        now = time.monotonic()
+        self._sync = {k: e for k, e in self._sync.items() if e[0] > now}
+        duplicate, counts = False, {}
+        for name, grad in grads.items():
+            _, by_worker, who = self._sync.get((model, step, name), (0.0, {}, set()))
+            duplicate = duplicate or worker in by_worker
+            by_worker.setdefault(worker, np.ascontiguousarray(grad).astype(grad.dtype.newbyteorder("<")).tobytes())
+            who.add(worker)
+            self._sync[(model, step, name)] = (now + ttl_ms / 1000, by_worker, who)
+            counts[name] = len(by_worker)
+        return Contribution("duplicate" if duplicate else "added", counts, steps)
+
+    async def contributions(self, model: str, step: int, names: list[str]) -> dict[str, dict[int, bytes]]:
+        out = {}
+        for name in names:
+            entry = self._sync_entry(model, step, name)
+            out[name] = {} if entry is None else dict(entry[1])
+        return out
+
+    async def contributors(self, model: str, step: int, names: list[str]) -> dict[str, set[int]]:
+        out = {}
+        for name in names:
+            entry = self._sync_entry(model, step, name)
+            out[name] = set() if entry is None else set(entry[2])
+        return out
+
+    async def drop_contributions(self, model: str, step: int, names: list[str]) -> None:
+        for name in names:
+            entry = self._sync_entry(model, step, name)
+            if entry is not None:
+                self._sync[(model, step, name)] = (entry[0], {}, entry[2])
+
+    async def steps(self, model: str, names: list[str]) -> dict[str, int]:
+        m = self._model(model)
+        missing = [n for n in names if n not in m.params]
+        if missing:
+            raise ParamNotFound(model, missing)
+        return {n: m.params[n].step for n in names}
 
 
 def _frozen(a: Array) -> Array:

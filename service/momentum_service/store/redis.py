@@ -21,7 +21,18 @@ from redis.exceptions import RedisError, WatchError
 
 from ..errors import ModelNotFound, ParamNotFound, ParamsExist, StoreUnavailable
 from . import scripts
-from .base import Array, Claim, ClaimState, CommitOutcome, ModelRecord, ParamMeta, ParamRecord, ParamUpdate, new_token
+from .base import (
+    Array,
+    Claim,
+    ClaimState,
+    CommitOutcome,
+    Contribution,
+    ModelRecord,
+    ParamMeta,
+    ParamRecord,
+    ParamUpdate,
+    new_token,
+)
 from .keys import Keys
 
 # Stored little-endian whatever the host; decoded to native order (a no-op on x86 and ARM).
@@ -63,6 +74,7 @@ class RedisStore:
         self._delete_param = client.register_script(scripts.DELETE_PARAM)
         self._claim = client.register_script(scripts.CLAIM)
         self._release = client.register_script(scripts.RELEASE)
+        self._contribute = client.register_script(scripts.CONTRIBUTE)
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str = "momentum", timeout: float = 2.0) -> RedisStore:
@@ -237,6 +249,58 @@ class RedisStore:
     async def release(self, model: str, claim: Claim) -> None:
         async with _guard():
             await self._release(keys=[self.keys.idempotency(model, claim.key)], args=[claim.owner])
+
+    async def contribute(
+        self, model: str, step: int, worker: int, grads: dict[str, Array], ttl_ms: int
+    ) -> Contribution:
+        names = list(grads)
+        keys = [self.keys.model(model)]
+        for name in names:
+            keys += [
+                self.keys.param(model, name),
+                self.keys.sync_grads(model, step, name),
+                self.keys.sync_workers(model, step, name),
+            ]
+        args: list[Any] = [step, worker, ttl_ms, *(_encode(grads[n]) for n in names)]
+        async with _guard():
+            res = await self._contribute(keys=keys, args=args)
+        code = int(res[0])
+        if code == -1:
+            raise ModelNotFound(model)
+        if code == -2:
+            raise ParamNotFound(model, [names[int(res[1]) - 1]])
+        if code == 0:
+            return Contribution("moved", {}, {n: int(v) for n, v in zip(names, res[1:], strict=True)})
+        counts = {n: int(v) for n, v in zip(names, res[2:], strict=True)}
+        return Contribution("duplicate" if int(res[1]) else "added", counts, {n: step for n in names})
+
+    async def contributions(self, model: str, step: int, names: list[str]) -> dict[str, dict[int, bytes]]:
+        async with _guard(), self._redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.hgetall(self.keys.sync_grads(model, step, name))
+            rows = await pipe.execute()
+        return {name: {int(w): g for w, g in row.items()} for name, row in zip(names, rows, strict=True)}
+
+    async def contributors(self, model: str, step: int, names: list[str]) -> dict[str, set[int]]:
+        async with _guard(), self._redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.smembers(self.keys.sync_workers(model, step, name))
+            rows = await pipe.execute()
+        return {name: {int(w) for w in row} for name, row in zip(names, rows, strict=True)}
+
+    async def drop_contributions(self, model: str, step: int, names: list[str]) -> None:
+        async with _guard():
+            await self._redis.delete(*(self.keys.sync_grads(model, step, n) for n in names))
+
+    async def steps(self, model: str, names: list[str]) -> dict[str, int]:
+        async with _guard(), self._redis.pipeline(transaction=False) as pipe:
+            for name in names:
+                pipe.hget(self.keys.param(model, name), "step")
+            rows = await pipe.execute()
+        missing = [n for n, v in zip(names, rows, strict=True) if v is None]
+        if missing:
+            raise ParamNotFound(model, missing)
+        return {n: int(v) for n, v in zip(names, rows, strict=True)}
 
 
 def _text(raw: bytes | str) -> str:

@@ -125,6 +125,34 @@ if st[1] == 'pending' and st[2] == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 1
 """
 
+CONTRIBUTE = """
+-- KEYS[1] model hash; then 3 per parameter: parameter hash, gradients hash, workers set.
+-- ARGV[1] step, ARGV[2] worker id, ARGV[3] TTL in ms; then one gradient (bytes) per parameter.
+-- Returns {-1} without the model, {-2, i} if parameter i is missing, {0, steps...} if some
+-- parameter is not at the step (nothing added), else {1, duplicate (0/1), counts...}.
+if redis.call('EXISTS', KEYS[1]) == 0 then return {-1} end
+local n = (#KEYS - 1) / 3
+local steps = {0}
+local moved = false
+for i = 1, n do
+  local step = redis.call('HGET', KEYS[2 + (i - 1) * 3], 'step')
+  if not step then return {-2, i} end
+  table.insert(steps, tonumber(step))
+  if tonumber(step) ~= tonumber(ARGV[1]) then moved = true end
+end
+if moved then return steps end
+local out = {1, 0}
+for i = 1, n do
+  local grads, who = KEYS[3 + (i - 1) * 3], KEYS[4 + (i - 1) * 3]
+  if redis.call('HSETNX', grads, ARGV[2], ARGV[3 + i]) == 0 then out[2] = 1 end
+  redis.call('SADD', who, ARGV[2])
+  redis.call('PEXPIRE', grads, ARGV[3])
+  redis.call('PEXPIRE', who, ARGV[3])
+  table.insert(out, redis.call('HLEN', grads))
+end
+return out
+"""
+
 DELETE_PARAM = """
 -- KEYS[1] model hash, KEYS[2] parameter index, KEYS[3] parameter hash. ARGV[1] name.
 -- Returns -1 without the model, else the number of parameters deleted (0 or 1).
