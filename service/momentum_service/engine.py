@@ -14,6 +14,7 @@ import contextlib
 import json
 import random
 import time
+import weakref
 from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -78,6 +79,11 @@ class StepPending:
 
 
 @dataclass(frozen=True, slots=True)
+class _Sync:
+    workers: int
+
+
+@dataclass(frozen=True, slots=True)
 class _Push:
     expected_steps: Mapping[str, int] | None
     worker_id: int | None
@@ -125,6 +131,15 @@ class ParameterServer:
         self.sync_timeout_s = sync_timeout_s
         self.sync_ttl_ms = max(1, round(sync_ttl_s * 1000))
         self.lr_table = LRTable()
+        # Steps on one model queue up in this process instead of racing each other: only
+        # steps from other processes can then invalidate a commit.
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+
+    def _lock(self, model: str) -> asyncio.Lock:
+        lock = self._locks.get(model)
+        if lock is None:
+            lock = self._locks[model] = asyncio.Lock()
+        return lock
 
     async def put_model(self, model: str, config: ModelConfig) -> tuple[ModelRecord, bool]:
         """Create the model, or replace its config (same rule only; see :class:`RuleChange`)."""
@@ -225,53 +240,62 @@ class ParameterServer:
     async def _step(
         self, model: str, grads: Mapping[str, Array], push: _Push, claim: Claim | None
     ) -> dict[str, StepResult] | StepPending:
-        names = list(grads)
         deadline = time.monotonic() + self.contention_timeout_s
         attempt = 0
-        big = sum(g.size for g in grads.values()) > _THREAD_THRESHOLD
         while True:
-            record, params = await self.store.read(model, names, with_velocity=True)
-            _check_shapes(model, params, grads)
-            config = config_of(record)
-            if config.mode.kind == "sync":
+            async with self._lock(model):
+                result = await self._attempt(model, grads, push, claim)
+            if isinstance(result, _Sync):
                 if claim is not None:  # (worker_id, base_step) makes a contribution idempotent already
                     await _quietly(self.store.release(model, claim))
-                return await self._sync(model, grads, push, config.mode.workers or 1)
-            current = {n: params[n].step for n in names}
-            if push.expected_steps is not None and any(current[n] != k for n, k in push.expected_steps.items()):
-                raise StepMismatch(model, current, push.expected_steps)
-            if config.mode.kind == "bounded":
-                _check_staleness(model, current, push.base_step, config.mode.max_staleness or 0)
-            lrs = {n: self.lr_table.lr(config.schedule, config.rule.lr, params[n].step) for n in names}
-            if big:
-                updates = await asyncio.to_thread(_compute, config.rule, lrs, params, grads)
-            else:
-                updates = _compute(config.rule, lrs, params, grads)
-            summary = _summary(updates, lrs)
-            try:
-                outcome = await self.store.commit_step(model, record.rev, updates, claim, summary)
-            except StoreUnavailable as exc:
-                hint = (
-                    "retry with the same Idempotency-Key: it is applied exactly once"
-                    if claim is not None
-                    else "read the parameters' step to find out before pushing it again"
-                )
-                raise StoreUnavailable(
-                    f"the store failed while this step was being committed, so it may or may not have been "
-                    f"applied: {hint}"
-                ) from exc
-            if outcome.status == "applied" or (
-                outcome.status == "done" and claim is not None and outcome.owner == claim.owner
-            ):  # applied now, or by this very attempt (a re-sent script)
-                return {u.name: StepResult(u.value, u.velocity, u.step, lrs[u.name]) for u in updates}
-            if outcome.status != "conflict":
-                assert claim is not None
-                return await self._settle(model, claim, outcome.status, outcome.summary)
+                return await self._sync(model, grads, push, result.workers)
+            if result is not None:
+                return result
             attempt = await _backoff(attempt, deadline)
             if claim is not None:  # renew the lease while racing
                 state = await self.store.claim(model, claim)
                 if state.status != "owned":
                     return await self._settle(model, claim, state.status, state.summary)
+
+    async def _attempt(
+        self, model: str, grads: Mapping[str, Array], push: _Push, claim: Claim | None
+    ) -> dict[str, StepResult] | _Sync | None:
+        """Read, compute and commit once: the results, ``None`` after losing a race, or ``_Sync``."""
+        names = list(grads)
+        record, params = await self.store.read(model, names, with_velocity=True)
+        _check_shapes(model, params, grads)
+        config = config_of(record)
+        if config.mode.kind == "sync":
+            return _Sync(config.mode.workers or 1)
+        current = {n: params[n].step for n in names}
+        if push.expected_steps is not None and any(current[n] != k for n, k in push.expected_steps.items()):
+            raise StepMismatch(model, current, push.expected_steps)
+        if config.mode.kind == "bounded":
+            _check_staleness(model, current, push.base_step, config.mode.max_staleness or 0)
+        lrs = {n: self.lr_table.lr(config.schedule, config.rule.lr, params[n].step) for n in names}
+        if sum(g.size for g in grads.values()) > _THREAD_THRESHOLD:
+            updates = await asyncio.to_thread(_compute, config.rule, lrs, params, grads)
+        else:
+            updates = _compute(config.rule, lrs, params, grads)
+        try:
+            outcome = await self.store.commit_step(model, record.rev, updates, claim, _summary(updates, lrs))
+        except StoreUnavailable as exc:
+            hint = (
+                "retry with the same Idempotency-Key: it is applied exactly once"
+                if claim is not None
+                else "read the parameters' step to find out before pushing it again"
+            )
+            raise StoreUnavailable(
+                f"the store failed while this step was being committed, so it may or may not have been applied: {hint}"
+            ) from exc
+        if outcome.status == "applied" or (
+            outcome.status == "done" and claim is not None and outcome.owner == claim.owner
+        ):  # applied now, or by this very attempt (a re-sent script)
+            return {u.name: StepResult(u.value, u.velocity, u.step, lrs[u.name]) for u in updates}
+        if outcome.status == "conflict":
+            return None
+        assert claim is not None
+        return await self._settle(model, claim, outcome.status, outcome.summary)
 
     async def _sync(
         self, model: str, grads: Mapping[str, Array], push: _Push, workers: int
