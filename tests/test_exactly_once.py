@@ -1,0 +1,317 @@
+"""Consistency across workers and replicas, with real processes: 2 servers on one Redis.
+
+- 32 workers x 250 pushes of distinct gradients: the steps the pushes got are 1..8000, each
+  once, and the final state equals replaying the gradients in that order with the kernel.
+  The negative control runs the same harness against servers without the compare-and-set.
+- 200 ambiguous failures (a client timeout shorter than a frozen Redis; a server killed
+  mid-request), each retried with the same Idempotency-Key on the other replica: every
+  push applied exactly once. Without keys, the same retries apply pushes twice.
+- 20 concurrent requests with one key, over both replicas: one applied.
+- Sync mode, 4 workers over 2 replicas, 50 steps: bitwise single-process training on the
+  mean gradient.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+from momentum_service.engine import mean_gradient
+from momentum_service.kernels import SGDConfig, sgd_update
+
+from .helpers import ROOT, RedisProcess, ServerProcess, free_port, terminate, wait_until
+from .step_worker import gradient, push
+
+pytestmark = pytest.mark.slow
+
+OPT = {"lr": 0.01, "momentum": 0.9, "nesterov": True}
+FAST_LEASE = {"MOMENTUM_IDEMPOTENCY_LEASE_S": "1"}
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisProcess]:
+    proc = RedisProcess().start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def replicas(redis_server: RedisProcess) -> Iterator[list[ServerProcess]]:
+    servers = [ServerProcess(redis_url=redis_server.url, env=FAST_LEASE).start() for _ in range(2)]
+    yield servers
+    for s in servers:
+        s.stop()
+
+
+def tensor(a: np.ndarray) -> dict[str, object]:
+    return {"shape": list(a.shape), "dtype": a.dtype.name, "data": a.astype(np.float64).ravel().tolist()}
+
+
+def create(url: str, optimizer: dict[str, object], value: np.ndarray, **config: object) -> None:
+    assert httpx.put(f"{url}/v1/models/m", json={"optimizer": optimizer, **config}).status_code == 201
+    assert httpx.put(f"{url}/v1/models/m/params/w", json=tensor(value)).status_code == 201
+
+
+def read(url: str) -> tuple[int, np.ndarray, np.ndarray | None]:
+    body = httpx.get(f"{url}/v1/models/m/params/w", params={"include": "velocity"}).json()
+    value = np.asarray(body["data"]).astype(body["dtype"])
+    v = body["velocity"]
+    return body["step"], value, None if v is None else np.asarray(v["data"]).astype(v["dtype"])
+
+
+# -- 32 workers x 250 pushes ------------------------------------------------------------------------
+
+WORKERS, PUSHES, SIZE, PROCESSES = 32, 250, 64, 4
+
+
+def run_pushes(urls: list[str], workers: int, pushes: int) -> list[list[int]]:
+    per = workers // PROCESSES
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tests.step_worker",
+                ",".join(urls),
+                "m",
+                str(i * per),
+                str(per),
+                str(pushes),
+                str(SIZE),
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+        )
+        for i in range(PROCESSES)
+    ]
+    records: list[list[int]] = []
+    for p in procs:
+        out, _ = p.communicate(timeout=600)
+        assert p.returncode == 0
+        records += json.loads(out)
+    return records
+
+
+def replay(p0: np.ndarray, records: list[list[int]]) -> tuple[np.ndarray, np.ndarray | None]:
+    """The kernel applied to every push's gradient in the order of the steps the pushes got."""
+    cfg, value, velocity = SGDConfig(**OPT), p0, None  # type: ignore[arg-type]
+    for _, w, j in sorted(records):
+        value, velocity = sgd_update(cfg, value, velocity, gradient(w, j, SIZE))
+    return value, velocity
+
+
+def test_32_workers_x_250_pushes_through_2_replicas(replicas: list[ServerProcess]) -> None:
+    p0 = np.linspace(-1, 1, SIZE, dtype=np.float32)
+    create(replicas[0].url, OPT, p0)
+    records = run_pushes([s.url for s in replicas], WORKERS, PUSHES)
+    total = WORKERS * PUSHES
+    assert len(records) == total
+    assert sorted(r[0] for r in records) == list(range(1, total + 1)), "contiguous steps, none twice"
+    step, value, velocity = read(replicas[1].url)
+    expected_value, expected_velocity = replay(p0, records)
+    assert step == total
+    assert value.tobytes() == expected_value.tobytes()
+    assert velocity is not None and expected_velocity is not None
+    assert velocity.tobytes() == expected_velocity.tobytes()
+
+
+def test_negative_control_without_the_compare_and_set(redis_server: RedisProcess) -> None:
+    ports = [free_port(), free_port()]
+    env = {**os.environ, "MOMENTUM_REDIS_URL": redis_server.url}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "tests.unsafe_app:app", "--port", str(port), "--log-level", "warning"],
+            cwd=ROOT,
+            env=env,
+        )
+        for port in ports
+    ]
+    urls = [f"http://127.0.0.1:{port}" for port in ports]
+    try:
+        for url in urls:
+            wait_until(lambda url=url: httpx.get(url + "/healthz").status_code == 200, what="unsafe server")
+        p0 = np.linspace(-1, 1, SIZE, dtype=np.float32)
+        create(urls[0], OPT, p0)
+        records = run_pushes(urls, 8, 50)
+        steps = sorted(r[0] for r in records)
+        step, value, _ = read(urls[0])
+        # The same checks as above; without the compare-and-set they fail.
+        assert steps != list(range(1, len(records) + 1))
+        assert step < len(records)
+        assert value.tobytes() != replay(p0, records)[0].tobytes()
+    finally:
+        for p in procs:
+            terminate(p)
+
+
+# -- ambiguous failures, retried with the same key on the other replica --------------------------
+
+SLOTS = 220  # one slot per push: push i subtracts 1 from slot i only (lr 1, plain SGD)
+
+
+def one_hot(i: int) -> bytes:
+    g = np.zeros(SLOTS)
+    g[i] = 1.0
+    return json.dumps({"gradients": {"w": tensor(g)}, "return_params": False}).encode()
+
+
+def fire(url: str, bodies: dict[str, bytes], timeout: float, use_keys: bool = True) -> dict[str, str]:
+    """Send every body at once; the outcome per key: 'ok', or the failure the client saw."""
+    outcome: dict[str, str] = {}
+
+    def send(key: str, body: bytes) -> None:
+        headers = {"content-type": "application/json", **({"Idempotency-Key": key} if use_keys else {})}
+        try:
+            r = httpx.post(f"{url}/v1/models/m/step", content=body, headers=headers, timeout=timeout)
+            outcome[key] = "ok" if r.status_code == 200 else f"status {r.status_code}"
+        except httpx.TransportError as exc:
+            outcome[key] = type(exc).__name__
+
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        list(pool.map(lambda kv: send(*kv), bodies.items()))
+    return outcome
+
+
+def retry_all(url: str, bodies: dict[str, bytes], use_keys: bool = True) -> None:
+    with httpx.Client(timeout=30) as client:
+        for key, body in bodies.items():
+            if use_keys:
+                r = push(client, f"{url}/v1/models/m/step", body, key)
+            else:
+                r = client.post(f"{url}/v1/models/m/step", content=body, headers={"content-type": "application/json"})
+            assert r.status_code == 200, r.text
+
+
+def frozen_redis_rounds(
+    redis_server: RedisProcess, a: str, b: str, first: int, rounds: int, use_keys: bool = True
+) -> int:
+    """Freeze Redis, push to A with a short client timeout, thaw, retry on B. Returns failures seen."""
+    failures, i = 0, first
+    assert redis_server.proc is not None
+    for r in range(rounds):
+        bodies = {uuid.uuid4().hex: one_hot(i + k) for k in range(10)}
+        i += 10
+        redis_server.proc.send_signal(signal.SIGSTOP)
+        # Short freezes leave A's Redis commands waiting; long ones (> the 2 s socket timeout)
+        # make A's client time out and re-send them, the case that used to apply a script twice.
+        thaw = threading.Timer(0.6 if r % 2 else 2.4, redis_server.proc.send_signal, [signal.SIGCONT])
+        thaw.start()
+        try:
+            outcome = fire(a, bodies, timeout=0.3, use_keys=use_keys)
+        finally:
+            thaw.join()
+        failures += sum(v != "ok" for v in outcome.values())
+        retry_all(b, bodies, use_keys)
+    return failures
+
+
+def killed_server_rounds(servers: list[ServerProcess], first: int, rounds: int, use_keys: bool = True) -> int:
+    """Push to A, SIGKILL A mid-request, retry everything on B, restart A. Returns failures seen."""
+    failures, i = 0, first
+    rng = random.Random(4)
+    for _ in range(rounds):
+        a, b = servers
+        bodies = {uuid.uuid4().hex: one_hot(i + k) for k in range(10)}
+        i += 10
+        killer = threading.Timer(rng.uniform(0.0, 0.03), a.kill)
+        killer.start()
+        outcome = fire(a.url, bodies, timeout=5, use_keys=use_keys)
+        killer.join()
+        failures += sum(v != "ok" for v in outcome.values())
+        retry_all(b.url, bodies, use_keys)
+        a.start()
+        servers.reverse()
+    return failures
+
+
+def test_200_ambiguous_failures_each_applied_exactly_once(
+    redis_server: RedisProcess, replicas: list[ServerProcess]
+) -> None:
+    a, b = replicas
+    create(a.url, {"lr": 1.0}, np.zeros(SLOTS))
+    failures = frozen_redis_rounds(redis_server, a.url, b.url, 0, 10)
+    failures += killed_server_rounds(replicas, 100, 10)
+    step, value, _ = read(replicas[0].url)
+    assert value[:200].tolist() == [-1.0] * 200, f"pushes applied {sorted(set(value[:200].tolist()))} times"
+    assert step == 200
+    # Nearly every push saw its first attempt fail (a kill can land after some replies).
+    assert failures >= 150, failures
+
+
+def test_negative_control_retries_without_keys_apply_twice(
+    redis_server: RedisProcess, replicas: list[ServerProcess]
+) -> None:
+    a, b = replicas
+    create(a.url, {"lr": 1.0}, np.zeros(SLOTS))
+    frozen_redis_rounds(redis_server, a.url, b.url, 0, 2, use_keys=False)
+    time.sleep(0.5)  # let A's abandoned requests finish
+    _, value, _ = read(b.url)
+    assert (value[:20] == -2.0).any(), "without keys, a timed-out push that was applied is applied again"
+
+
+def test_20_concurrent_requests_with_one_key_over_2_replicas(replicas: list[ServerProcess]) -> None:
+    create(replicas[0].url, {"lr": 1.0}, np.zeros(SLOTS))
+    body, key = one_hot(0), "one-key"
+    barrier = threading.Barrier(20)
+    answers: list[int] = []
+
+    def send(n: int) -> None:
+        with httpx.Client(timeout=30) as client:
+            barrier.wait()
+            r = push(client, f"{replicas[n % 2].url}/v1/models/m/step", body, key)
+            answers.append(r.status_code)
+
+    threads = [threading.Thread(target=send, args=(n,)) for n in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert answers == [200] * 20
+    step, value, _ = read(replicas[0].url)
+    assert step == 1 and value[0] == -1.0
+
+
+# -- sync mode ------------------------------------------------------------------------------------
+
+
+def test_sync_4_workers_over_2_replicas_equal_training_on_the_mean(replicas: list[ServerProcess]) -> None:
+    shape, steps, workers = (17, 3), 50, [3, 0, 2, 1]
+    p0 = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    create(replicas[0].url, OPT, p0, mode="sync", workers=4)
+    grads = {w: [gradient(w, k, 51).reshape(shape) for k in range(steps)] for w in workers}
+    seen: dict[int, list[bytes]] = {w: [] for w in workers}
+
+    def worker(w: int) -> None:
+        with httpx.Client(timeout=30) as client:
+            for k in range(steps):
+                body = json.dumps({"gradients": {"w": tensor(grads[w][k])}, "worker_id": w, "base_step": k}).encode()
+                while True:
+                    r = push(client, f"{replicas[w % 2].url}/v1/models/m/step", body, uuid.uuid4().hex)
+                    if r.status_code != 202:
+                        break
+                assert r.status_code == 200, r.text
+                out = r.json()["params"]["w"]
+                assert out["step"] == k + 1
+                seen[w].append(np.asarray(out["data"]).astype(np.float32).tobytes())
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(worker, workers))
+    cfg, value, velocity = SGDConfig(**OPT), p0, None  # type: ignore[arg-type]
+    for k in range(steps):
+        mean = mean_gradient({w: grads[w][k].tobytes() for w in workers}, value)
+        value, velocity = sgd_update(cfg, value, velocity, mean)
+        assert all(seen[w][k] == value.tobytes() for w in workers), f"step {k}"
+    step, final, _ = read(replicas[1].url)
+    assert step == steps and final.tobytes() == value.tobytes()
