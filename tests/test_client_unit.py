@@ -7,6 +7,7 @@ import email.utils
 import inspect
 import json
 import pickle
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -142,7 +143,8 @@ def test_clients_expose_the_same_methods_and_signatures() -> None:
 def test_constructors_take_the_same_arguments() -> None:
     sync = inspect.signature(mc.Client.__init__).parameters
     aio = inspect.signature(mc.AsyncClient.__init__).parameters
-    assert list(sync) == list(aio) == ["self", "base_url", "timeout", "transport", "client", "headers"]
+    expected = ["self", "base_url", "timeout", "transport", "client", "headers", "max_retries", "sync_wait"]
+    assert list(sync) == list(aio) == expected
     for name in sync:
         assert (sync[name].kind, sync[name].default) == (aio[name].kind, aio[name].default)
 
@@ -152,7 +154,27 @@ def test_public_names() -> None:
     for name in mc.__all__:
         assert hasattr(mc, name), name
     assert mc.Client.__module__ == "momentum_client"
+    assert mc.StepTimeout.__module__ == "momentum_client"
     assert not [n for n in mc.__all__ if n.startswith("_") and n != "__version__"]
+    assert {"StepTimeout", "Conflict", "StepResult", "ModelInfo"} <= set(mc.__all__)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"max_retries": -1}, ValueError),
+        ({"max_retries": 1.5}, TypeError),
+        ({"max_retries": True}, TypeError),
+        ({"sync_wait": -0.1}, ValueError),
+        ({"sync_wait": float("nan")}, ValueError),
+        ({"sync_wait": "5"}, TypeError),
+    ],
+)
+def test_retry_settings_are_checked(kwargs: dict[str, Any], error: type[Exception]) -> None:
+    with pytest.raises(error, match=next(iter(kwargs))):
+        mc.Client(BASE, **kwargs)
+    with pytest.raises(error, match=next(iter(kwargs))):
+        mc.AsyncClient(BASE, **kwargs)
 
 
 # -- models ----------------------------------------------------------------------------------------
@@ -192,6 +214,53 @@ async def test_update_model_schedule_only(connect: Callable[..., tuple[Api, Serv
         await api("update_model", "m")
     with pytest.raises(TypeError, match="schedule must be a mapping"):
         await api("update_model", "m", schedule="cosine")
+
+
+async def test_create_model_with_a_mode(connect: Callable[..., tuple[Api, Server]]) -> None:
+    reply = {**MODEL_JSON, "mode": "sync", "workers": 4}
+    api, server = connect(ok(reply, 201), ok({**MODEL_JSON, "mode": "bounded", "max_staleness": 2}), ok(MODEL_JSON))
+    info = await api("create_model", "m", lr=0.01, mode="sync", workers=np.int64(4))
+    assert body_of(server.requests[0]) == {
+        "optimizer": {"rule": "pytorch", "lr": 0.01, "momentum": 0.0},
+        "mode": "sync",
+        "workers": 4,
+    }
+    assert (info.mode, info.workers, info.max_staleness) == ("sync", 4, None)
+    info = await api("create_model", "m", lr=0.01, mode="bounded", max_staleness=2)
+    assert body_of(server.requests[1]) == {
+        "optimizer": {"rule": "pytorch", "lr": 0.01, "momentum": 0.0},
+        "mode": "bounded",
+        "max_staleness": 2,
+    }
+    assert (info.mode, info.workers, info.max_staleness) == ("bounded", None, 2)
+    await api("create_model", "m", lr=0.01, mode="async")  # the default: not sent
+    assert body_of(server.requests[2]) == {"optimizer": {"rule": "pytorch", "lr": 0.01, "momentum": 0.0}}
+    with pytest.raises(TypeError, match="workers must be an int"):
+        await api("create_model", "m", lr=0.01, mode="sync", workers=2.5)
+    with pytest.raises(TypeError, match="mode must be a str"):
+        await api("create_model", "m", lr=0.01, mode=None)
+    assert len(server.requests) == 3
+
+
+def test_model_info_mode_fields_come_last_with_defaults() -> None:
+    info = mc.ModelInfo("m", mc.OptimizerConfig(lr=0.1), {}, {"type": "constant"})
+    assert (info.mode, info.workers, info.max_staleness) == ("async", None, None)
+    assert EXPECTED_MODEL.mode == "async"  # parsed from a representation without mode fields
+    sync = mc.ModelInfo("m", mc.OptimizerConfig(lr=0.1), {}, {"type": "constant"}, "sync", 3)
+    assert (sync.mode, sync.workers) == ("sync", 3)
+
+
+async def test_update_model_mode_fields(connect: Callable[..., tuple[Api, Server]]) -> None:
+    api, server = connect(ok(MODEL_JSON), ok(MODEL_JSON), ok(MODEL_JSON))
+    await api("update_model", "m", mode="sync", workers=2)
+    assert body_of(server.requests[0]) == {"mode": "sync", "workers": 2}
+    await api("update_model", "m", max_staleness=0)  # 0 is a value, not "nothing"
+    assert body_of(server.requests[1]) == {"max_staleness": 0}
+    await api("update_model", "m", lr=0.2, schedule={"type": "constant"}, mode="async")
+    assert body_of(server.requests[2]) == {"optimizer": {"lr": 0.2}, "schedule": {"type": "constant"}, "mode": "async"}
+    with pytest.raises(TypeError, match="at least one hyperparameter, a schedule, mode, workers or max_staleness"):
+        await api("update_model", "m", mode=None, workers=None)
+    assert len(server.requests) == 3
 
 
 async def test_create_model_rejects_non_finite_hyperparameters(connect: Callable[..., tuple[Api, Server]]) -> None:
@@ -374,6 +443,61 @@ async def test_step_returns_params(connect: Callable[..., tuple[Api, Server]]) -
         "gradients": {"w": {"shape": [1, 2], "dtype": "float32", "data": [1.0, 2.0]}},
         "return_params": True,
     }
+    assert re.fullmatch("[0-9a-f]{32}", req.headers["idempotency-key"])
+
+
+@pytest.mark.parametrize("method", ["step", "step_results", "push_gradients"])
+async def test_step_options_are_sent_when_given(connect: Callable[..., tuple[Api, Server]], method: str) -> None:
+    reply = {"params": {"w": {"step": 5, "lr": 0.1, **tensor(np.zeros(2, np.float32))}}}
+    api, server = connect(ok(reply), ok(reply))
+    grads = {"w": np.ones(2, np.float32)}
+    await api(method, "m", grads, expected_steps={"w": np.int32(4)}, worker_id=3, base_step=4, idempotency_key="k-1")
+    body = body_of(server.requests[0])
+    assert {k: v for k, v in body.items() if k != "gradients"} == {
+        "return_params": method != "push_gradients",
+        "expected_steps": {"w": 4},
+        "worker_id": 3,
+        "base_step": 4,
+    }
+    assert server.requests[0].headers["idempotency-key"] == "k-1"
+    await api(method, "m", grads, base_step=0)  # 0 is sent; the fields not given are not
+    assert {k for k in body_of(server.requests[1]) if k != "gradients"} == {"return_params", "base_step"}
+    assert body_of(server.requests[1])["base_step"] == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"worker_id": True}, TypeError, "worker_id must be an int"),
+        ({"base_step": 1.0}, TypeError, "base_step must be an int"),
+        ({"expected_steps": {"w": "3"}}, TypeError, r"expected_steps\['w'\] must be an int"),
+        ({"expected_steps": [("w", 3)]}, TypeError, "expected_steps must be a mapping"),
+        ({"idempotency_key": ""}, ValueError, "visible ASCII"),
+        ({"idempotency_key": "with space"}, ValueError, "visible ASCII"),
+        ({"idempotency_key": "caf\u00e9"}, ValueError, "visible ASCII"),
+        ({"idempotency_key": "k" * 256}, ValueError, "visible ASCII"),
+        ({"idempotency_key": b"bytes"}, TypeError, "idempotency_key must be a str"),
+    ],
+)
+async def test_step_options_are_checked_before_sending(
+    connect: Callable[..., tuple[Api, Server]], kwargs: dict[str, Any], error: type[Exception], match: str
+) -> None:
+    api, server = connect()
+    with pytest.raises(error, match=match):
+        await api("step", "m", {"w": np.zeros(1)}, **kwargs)
+    assert server.requests == []
+
+
+async def test_step_results_of_a_replay(connect: Callable[..., tuple[Api, Server]]) -> None:
+    now = np.array([0.5], dtype=np.float32)
+    reply = {"params": {"w": {"step": 3, "lr": 0.1, "current_step": 5, **tensor(now)}, "b": {"step": 1, "lr": 0.1}}}
+    api, _ = connect(httpx.Response(200, json=reply, headers={"Idempotent-Replayed": "true"}))
+    results = await api("step_results", "m", {"w": np.ones(1, np.float32), "b": np.ones(1)}, return_params=False)
+    assert (results["w"].step, results["w"].current_step, results["w"].replayed) == (3, 5, True)
+    assert (results["b"].current_step, results["b"].replayed) == (None, True)
+    api, _ = connect(ok({"params": {"w": {"step": 1, "lr": 0.1}}}))
+    fresh = await api("step_results", "m", {"w": np.ones(1)}, return_params=False)
+    assert (fresh["w"].current_step, fresh["w"].replayed) == (None, False)
 
 
 async def test_step_results_carry_step_and_lr(connect: Callable[..., tuple[Api, Server]]) -> None:
@@ -484,6 +608,9 @@ async def test_error_statuses_map_to_exceptions(
 
 
 def test_exception_tree() -> None:
+    assert issubclass(mc.StepTimeout, mc.MomentumError)
+    assert issubclass(mc.StepTimeout, TimeoutError)
+    assert not issubclass(mc.StepTimeout, mc.TransportError)
     assert issubclass(mc.PreconditionFailed, mc.Conflict)
     assert issubclass(mc.ServiceUnavailable, mc.ServerError)
     assert issubclass(mc.RequestTimeout, mc.TransportError)
@@ -501,6 +628,8 @@ def test_exceptions_survive_pickling() -> None:
         _exceptions.api_error(412, {"existing": ["w"]}),
         mc.RequestTimeout("slow", method="GET", url=BASE),
         mc.UnexpectedResponse("odd", status=200, method="GET", url=BASE),
+        mc.StepTimeout("waited", base_step=4, workers=3, contributions={"w": 2}, method="POST", url=BASE),
+        _exceptions.api_error(409, {"type": "urn:momentum-service:problem:step-mismatch", "current_steps": {"w": 2}}),
     ]
     for error in errors:
         copy = pickle.loads(pickle.dumps(error))
@@ -509,6 +638,37 @@ def test_exceptions_survive_pickling() -> None:
         assert vars(copy).keys() == vars(error).keys()
     assert pickle.loads(pickle.dumps(errors[0])).retry_after == 3.0
     assert pickle.loads(pickle.dumps(errors[1])).existing == ["w"]
+    timeout = pickle.loads(pickle.dumps(errors[4]))
+    assert (timeout.base_step, timeout.workers, timeout.contributions) == (4, 3, {"w": 2})
+    conflict = pickle.loads(pickle.dumps(errors[5]))
+    assert (conflict.code, conflict.current_steps) == ("step-mismatch", {"w": 2})
+
+
+@pytest.mark.parametrize("slug", ["step-mismatch", "stale-gradient", "step-already-applied"])
+async def test_step_conflicts_carry_current_steps(connect: Callable[..., tuple[Api, Server]], slug: str) -> None:
+    api, server = connect(problem(409, slug, current_steps={"w": 7, "b": 6}))
+    with pytest.raises(mc.Conflict) as info:
+        await api("step", "m", {"w": np.zeros(1), "b": np.zeros(1)}, expected_steps={"w": 6, "b": 6})
+    assert type(info.value) is mc.Conflict
+    assert info.value.code == slug
+    assert info.value.current_steps == {"w": 7, "b": 6}
+    assert len(server.requests) == 1  # a conflict is an answer: not retried
+
+
+def test_problem_codes_and_missing_extensions() -> None:
+    assert _exceptions.api_error(404, {"type": "urn:momentum-service:problem:model-not-found"}).code == (
+        "model-not-found"
+    )
+    assert _exceptions.api_error(404, {"type": "about:blank"}).code is None
+    assert _exceptions.api_error(404, {}).code is None
+    plain = _exceptions.api_error(409, {"type": "urn:momentum-service:problem:tensor-mismatch"})
+    assert isinstance(plain, mc.Conflict)
+    assert plain.current_steps == {}
+    odd = _exceptions.api_error(409, {"current_steps": {"w": "3", "b": True, "c": 2}})
+    assert isinstance(odd, mc.Conflict)
+    assert odd.current_steps == {"c": 2}
+    in_flight = _exceptions.api_error(409, {}, headers=httpx.Headers({"Retry-After": "1"}))
+    assert in_flight.retry_after == 1.0
 
 
 async def test_validation_errors_are_exposed(connect: Callable[..., tuple[Api, Server]]) -> None:

@@ -78,6 +78,7 @@ async def test_put_model_creates_then_replaces(api: httpx.AsyncClient, model: st
         "name": "other",
         "optimizer": {**OPT_OUT, "lr": 0.5, "momentum": 0.0},
         "schedule": CONSTANT,
+        "mode": "async",
         "params": {},
     }
     r = await api.put(f"/v1/models/{model}", json={"optimizer": {"lr": 0.2, "momentum": 0.5}})
@@ -93,6 +94,7 @@ async def test_get_model(api: httpx.AsyncClient, model: str) -> None:
         "name": "mnist",
         "optimizer": OPT_OUT,
         "schedule": CONSTANT,
+        "mode": "async",
         "params": {
             "b": {"shape": [1], "dtype": "float32", "step": 0},
             "w": {"shape": [2, 2], "dtype": "float32", "step": 0},

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import Iterable, Mapping
+import random
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any, Self, TypeVar, Unpack
 
@@ -11,7 +14,7 @@ import httpx
 import numpy.typing as npt
 
 from . import _base
-from ._base import Flow, Request, Response
+from ._base import Flow, Request, Response, Sleep
 from ._exceptions import RequestTimeout, TransportError
 from ._models import ModelInfo, OptimizerConfig, OptimizerUpdate, ParamState, StepResult
 from ._tensors import Array
@@ -26,6 +29,8 @@ class AsyncClient:
     applies and :meth:`close` leaves it open. Otherwise the client creates a connection-pooling
     ``httpx.AsyncClient`` with ``timeout``, over ``transport`` or by default one that retries failed
     connection attempts twice. ``headers`` are added to every request either way.
+
+    Steps retry and wait for sync steps as in ``Client`` (``max_retries``, ``sync_wait``).
     """
 
     def __init__(
@@ -36,11 +41,20 @@ class AsyncClient:
         transport: httpx.AsyncBaseTransport | None = None,
         client: httpx.AsyncClient | None = None,
         headers: Mapping[str, str] | None = None,
+        max_retries: int = _base.DEFAULT_MAX_RETRIES,
+        sync_wait: float = _base.DEFAULT_SYNC_WAIT,
     ) -> None:
         if client is not None and transport is not None:
             raise ValueError("pass either client or transport, not both")
+        _base.check_retry_settings(max_retries, sync_wait)
         self._base_url = _base.normalize_base_url(base_url)
         self._headers = {**_base.DEFAULT_HEADERS, **(headers or {})}
+        self._max_retries = max_retries
+        self._sync_wait = float(sync_wait)
+        # What the retries use to wait, jitter and measure sync_wait; tests replace them.
+        self._sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+        self._random = random.Random()
+        self._clock: Callable[[], float] = time.monotonic
         self._owns_http = client is None
         if client is None:
             client = httpx.AsyncClient(transport=transport or httpx.AsyncHTTPTransport(retries=2), timeout=timeout)
@@ -63,28 +77,39 @@ class AsyncClient:
         maximize: bool = False,
         rule: str = "pytorch",
         schedule: Mapping[str, Any] | None = None,
+        mode: str = "async",
+        workers: int | None = None,
+        max_staleness: int | None = None,
     ) -> ModelInfo:
         """Create the model, or replace its configuration if it exists (its rule cannot change).
 
         ``rule`` picks the momentum rule (``"pytorch"``, ``"keras"``, ``"tf1"``, ``"ema"``,
         ``"previous_delta"``); ``schedule`` the learning-rate schedule, in the API's form, e.g.
-        ``{"type": "cosine", "T_max": 1000}`` (default: constant).
+        ``{"type": "cosine", "T_max": 1000}`` (default: constant). ``mode`` says how the workers'
+        pushes combine: ``"async"`` (each applied on arrival), ``"sync"`` (each step waits for
+        ``workers`` pushes, which give ``worker_id`` and ``base_step``, and applies their mean) or
+        ``"bounded"`` (pushes give ``base_step`` and may be at most ``max_staleness`` steps stale).
         """
         config = OptimizerConfig(lr, momentum, dampening, nesterov, weight_decay, maximize, rule)
-        return await self._run(_base.create_model(model, config, schedule))
+        return await self._run(_base.create_model(model, config, schedule, mode, workers, max_staleness))
 
     async def update_model(
         self,
         model: str,
         *,
         schedule: Mapping[str, Any] | None = None,
+        mode: str | None = None,
+        workers: int | None = None,
+        max_staleness: int | None = None,
         **hyperparameters: Unpack[OptimizerUpdate],
     ) -> ModelInfo:
-        """Change some hyperparameters and/or replace the schedule; they apply from the next step.
+        """Change some hyperparameters, replace the schedule and/or change the mode; they apply from the next step.
 
-        A new ``lr`` rescales the schedule. Unknown names raise ``TypeError`` listing the valid ones.
+        A new ``lr`` rescales the schedule. A new ``mode`` replaces the mode with its fields;
+        ``workers`` or ``max_staleness`` alone change the current mode's. Unknown names raise
+        ``TypeError`` listing the valid ones, as does giving nothing to change.
         """
-        return await self._run(_base.update_model(model, hyperparameters, schedule))
+        return await self._run(_base.update_model(model, hyperparameters, schedule, mode, workers, max_staleness))
 
     async def get_model(self, model: str) -> ModelInfo:
         """The model's optimizer configuration and parameter metadata."""
@@ -117,20 +142,57 @@ class AsyncClient:
         """Delete one parameter."""
         await self._run(_base.delete_param(model, name))
 
-    async def step(self, model: str, gradients: Mapping[str, npt.ArrayLike]) -> dict[str, Array]:
-        """Apply one optimizer step with ``gradients``; returns the updated values."""
-        return await self._run(_base.step(model, gradients))
+    async def step(
+        self,
+        model: str,
+        gradients: Mapping[str, npt.ArrayLike],
+        *,
+        expected_steps: Mapping[str, int] | None = None,
+        worker_id: int | None = None,
+        base_step: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Array]:
+        """Apply one optimizer step with ``gradients``, exactly once; returns the updated values.
+
+        ``expected_steps`` (``{name: step}``): apply only if those parameters are at those steps,
+        else :class:`Conflict` ``step-mismatch`` with ``current_steps``. ``base_step``: the step the
+        gradients were computed from (required in ``bounded`` and ``sync`` mode); ``worker_id``: this
+        worker's id (``sync`` mode). ``idempotency_key``: the key to send (1 to 255 visible ASCII
+        characters), by default a fresh one per call; pass the same key to re-send a step whose
+        outcome you do not know (after an exception), with the same arguments.
+        """
+        options = _base.StepOptions(expected_steps, worker_id, base_step, idempotency_key)
+        return await self._run(_base.step(model, gradients, options, self._retry_policy()))
 
     async def step_results(
-        self, model: str, gradients: Mapping[str, npt.ArrayLike], *, return_params: bool = True
+        self,
+        model: str,
+        gradients: Mapping[str, npt.ArrayLike],
+        *,
+        return_params: bool = True,
+        expected_steps: Mapping[str, int] | None = None,
+        worker_id: int | None = None,
+        base_step: int | None = None,
+        idempotency_key: str | None = None,
     ) -> dict[str, StepResult]:
         """Apply one optimizer step like :meth:`step`; returns each parameter's new value
         (``None`` with ``return_params=False``), step count and the learning rate used."""
-        return await self._run(_base.step_results(model, gradients, return_params))
+        options = _base.StepOptions(expected_steps, worker_id, base_step, idempotency_key)
+        return await self._run(_base.step_results(model, gradients, return_params, options, self._retry_policy()))
 
-    async def push_gradients(self, model: str, gradients: Mapping[str, npt.ArrayLike]) -> dict[str, int]:
+    async def push_gradients(
+        self,
+        model: str,
+        gradients: Mapping[str, npt.ArrayLike],
+        *,
+        expected_steps: Mapping[str, int] | None = None,
+        worker_id: int | None = None,
+        base_step: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict[str, int]:
         """Apply one optimizer step like :meth:`step`, without downloading values; returns step counts."""
-        return await self._run(_base.push_gradients(model, gradients))
+        options = _base.StepOptions(expected_steps, worker_id, base_step, idempotency_key)
+        return await self._run(_base.push_gradients(model, gradients, options, self._retry_policy()))
 
     async def health(self) -> bool:
         """Whether the server answers its liveness probe (``False`` also when unreachable)."""
@@ -162,16 +224,27 @@ class AsyncClient:
     ) -> None:
         await self.close()
 
+    def _retry_policy(self) -> _base.RetryPolicy:
+        return _base.RetryPolicy(self._max_retries, self._sync_wait, self._random.random, self._clock)
+
     async def _run(self, flow: Flow[T]) -> T:
         with contextlib.closing(flow):
-            response: Response | None = None
+            reply: Response | None = None
+            error: TransportError | None = None
             while True:
                 try:
-                    request = next(flow) if response is None else flow.send(response)
+                    instruction = flow.send(reply) if error is None else flow.throw(error)
                 except StopIteration as stop:
                     result: T = stop.value
                     return result
-                response = await self._send(request)
+                reply, error = None, None
+                if isinstance(instruction, Sleep):
+                    await self._sleep(instruction.seconds)
+                    continue
+                try:
+                    reply = await self._send(instruction)
+                except TransportError as exc:
+                    error = exc  # thrown into the flow, which may retry
 
     async def _send(self, request: Request) -> Response:
         url = self._base_url + request.path

@@ -1,16 +1,21 @@
 """Everything ``Client`` and ``AsyncClient`` share, without I/O.
 
-Each API operation is a *flow*: a generator that yields the :class:`Request` objects it needs
-sent, receives each :class:`Response` back, and returns the operation's result (or raises).
-A client drives a flow with its own transport, so both clients run the same request building,
-response parsing, error mapping and multi-request logic (the ``init_params(exist_ok=True)``
-loop), and differ only in how they send.
+Each API operation is a *flow*: a generator that yields instructions and returns the
+operation's result (or raises). A :class:`Request` is to be sent: the client sends its
+:class:`Response` back into the flow, or throws the :class:`TransportError` in when there was
+none (the flow may catch it and retry). A :class:`Sleep` is to be waited out; the client sends
+``None`` back. A client drives a flow with its own transport and sleep, so both clients run the
+same request building, response parsing, error mapping and multi-request logic (the
+``init_params(exist_ok=True)`` loop, the step retries), and differ only in how they send and wait.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import operator
+import re
+import uuid
 from collections.abc import Callable, Generator, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, TypeAlias, TypeVar
@@ -20,7 +25,15 @@ import httpx
 import numpy as np
 import numpy.typing as npt
 
-from ._exceptions import APIError, PreconditionFailed, UnexpectedResponse, api_error
+from ._exceptions import (
+    APIError,
+    PreconditionFailed,
+    StepTimeout,
+    TransportError,
+    UnexpectedResponse,
+    api_error,
+    parse_retry_after,
+)
 from ._models import HYPERPARAMETERS, ModelInfo, OptimizerConfig, ParamInfo, ParamState, StepResult
 from ._tensors import DTYPES, Array, decode_tensor, dumps, encode_tensor, loads
 from ._version import __version__
@@ -55,7 +68,26 @@ class Response:
     url: str
 
 
-Flow: TypeAlias = Generator[Request, Response, T]
+@dataclass(frozen=True, slots=True)
+class Sleep:
+    """Wait ``seconds`` before the flow goes on (the client sends ``None`` back)."""
+
+    seconds: float
+
+
+Instruction: TypeAlias = Request | Sleep
+Flow: TypeAlias = Generator[Instruction, Response | None, T]
+
+
+def send(request: Request) -> Flow[Response]:
+    """Yield ``request`` and return its response: ``response = yield from send(request)``.
+
+    The client throws a :class:`TransportError` in here when the request got no response.
+    """
+    response = yield request
+    if response is None:  # pragma: no cover - a client bug
+        raise RuntimeError("a Request must be answered with a Response")
+    return response
 
 
 def normalize_base_url(base_url: str | httpx.URL) -> str:
@@ -66,6 +98,59 @@ def normalize_base_url(base_url: str | httpx.URL) -> str:
     if url.query or url.fragment:
         raise ValueError(f"base_url must not have a query or fragment, got {str(base_url)!r}")
     return str(url).rstrip("/")
+
+
+# -- retries ---------------------------------------------------------------------------------
+
+DEFAULT_MAX_RETRIES = 5
+DEFAULT_SYNC_WAIT = 300.0
+BACKOFF_BASE = 0.05
+BACKOFF_CAP = 2.0
+
+
+def check_retry_settings(max_retries: int, sync_wait: float) -> None:
+    """``TypeError``/``ValueError`` unless ``max_retries`` is an int >= 0 and ``sync_wait`` a number >= 0."""
+    if isinstance(max_retries, bool) or not isinstance(max_retries, int):
+        raise TypeError(f"max_retries must be an int, got {max_retries!r}")
+    if max_retries < 0:
+        raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+    if isinstance(sync_wait, bool) or not isinstance(sync_wait, (int, float)):
+        raise TypeError(f"sync_wait must be a number of seconds, got {sync_wait!r}")
+    if not sync_wait >= 0:  # also refuses NaN
+        raise ValueError(f"sync_wait must be >= 0 seconds, got {sync_wait}")
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How a step flow retries.
+
+    A transient failure (no response, 503, 409 ``idempotency-in-flight``) is retried up to
+    ``max_retries`` times in a row, after ``Retry-After`` if the answer has one, else a full-jitter
+    exponential backoff ``random() * min(max_delay, base_delay * 2**n)`` for the n-th retry in a
+    row (n from 0); a delay never exceeds ``max_delay``. A sync step's 202 re-sends the push until
+    ``sync_wait`` seconds of ``clock`` have passed since the first attempt. ``random`` returns
+    floats in [0, 1).
+    """
+
+    max_retries: int
+    sync_wait: float
+    random: Callable[[], float]
+    clock: Callable[[], float]
+    base_delay: float = BACKOFF_BASE
+    max_delay: float = BACKOFF_CAP
+
+    def delay(self, retry: int, retry_after: float | None) -> float:
+        """Seconds to wait before the ``retry``-th retry in a row (from 0)."""
+        if retry_after is not None:
+            return min(retry_after, self.max_delay)
+        return self.random() * min(self.max_delay, self.base_delay * 2.0 ** min(retry, 64))
+
+
+def is_transient(response: Response) -> bool:
+    """Whether re-sending the same request (with the same ``Idempotency-Key``) may succeed."""
+    if response.status in (502, 503, 504):  # unavailable, or a proxy lost the upstream's answer
+        return True
+    return response.status == 409 and error_from_response(response).code == "idempotency-in-flight"
 
 
 # -- responses -------------------------------------------------------------------------------
@@ -117,6 +202,10 @@ def _int(value: Any) -> int:
     return value
 
 
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else _int(value)
+
+
 def _float(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"expected a number, got {value!r}")
@@ -156,7 +245,15 @@ def parse_model(body: Any) -> ModelInfo:
     )
     params = {_str(name): _param_info(p) for name, p in _object(body["params"]).items()}
     schedule = _object(body.get("schedule", {"type": "constant"}))
-    return ModelInfo(name=_str(body["name"]), optimizer=optimizer, params=params, schedule=schedule)
+    return ModelInfo(
+        name=_str(body["name"]),
+        optimizer=optimizer,
+        params=params,
+        schedule=schedule,
+        mode=_str(body.get("mode", "async")),
+        workers=_optional_int(body.get("workers")),
+        max_staleness=_optional_int(body.get("max_staleness")),
+    )
 
 
 def _param_info(value: Any) -> ParamInfo:
@@ -226,46 +323,77 @@ def _schedule_json(schedule: Mapping[str, Any] | None) -> dict[str, Any]:
     return dict(schedule)
 
 
-def create_model(model: str, config: OptimizerConfig, schedule: Mapping[str, Any] | None) -> Flow[ModelInfo]:
-    """PUT the model (create, or replace its config)."""
+def _mode_json(mode: str | None, workers: int | None, max_staleness: int | None) -> dict[str, Any]:
+    """The given mode fields (``None`` ones left out); ``TypeError`` for values of the wrong type."""
+    out: dict[str, Any] = {}
+    if mode is not None:
+        if not isinstance(mode, str):
+            raise TypeError(f"mode must be a str ('async', 'sync' or 'bounded'), got {mode!r}")
+        out["mode"] = mode
+    if workers is not None:
+        out["workers"] = _index(workers, "workers")
+    if max_staleness is not None:
+        out["max_staleness"] = _index(max_staleness, "max_staleness")
+    return out
+
+
+def create_model(
+    model: str,
+    config: OptimizerConfig,
+    schedule: Mapping[str, Any] | None,
+    mode: str = "async",
+    workers: int | None = None,
+    max_staleness: int | None = None,
+) -> Flow[ModelInfo]:
+    """PUT the model (create, or replace its config); ``mode`` is sent unless it is the default, async."""
     fields = {k: v for k, v in asdict(config).items() if k not in _NEUTRAL or v != _NEUTRAL[k]}
     body: dict[str, Any] = {"optimizer": _optimizer_json(fields)}
     if schedule is not None:
         body["schedule"] = _schedule_json(schedule)
-    response = yield _json("PUT", _model_path(model), body)
+    if not isinstance(mode, str):
+        raise TypeError(f"mode must be a str ('async', 'sync' or 'bounded'), got {mode!r}")
+    body.update(_mode_json(None if mode == "async" else mode, workers, max_staleness))
+    response = yield from send(_json("PUT", _model_path(model), body))
     return parse(response, parse_model)
 
 
 def update_model(
-    model: str, hyperparameters: Mapping[str, object], schedule: Mapping[str, Any] | None = None
+    model: str,
+    hyperparameters: Mapping[str, object],
+    schedule: Mapping[str, Any] | None = None,
+    mode: str | None = None,
+    workers: int | None = None,
+    max_staleness: int | None = None,
 ) -> Flow[ModelInfo]:
-    """PATCH some hyperparameters and/or the schedule; unknown names raise ``TypeError`` before sending."""
+    """PATCH some hyperparameters, the schedule and/or mode fields; unknown names raise ``TypeError`` before sending."""
     unknown = [key for key in hyperparameters if key not in HYPERPARAMETERS]
     if unknown:
         raise TypeError(
             f"update_model() got unknown hyperparameter(s) {', '.join(map(repr, unknown))}; "
             f"valid names are {', '.join(HYPERPARAMETERS)}"
         )
-    if not hyperparameters and schedule is None:
-        raise TypeError("update_model() needs at least one hyperparameter or a schedule")
+    mode_fields = _mode_json(mode, workers, max_staleness)
+    if not hyperparameters and schedule is None and not mode_fields:
+        raise TypeError("update_model() needs at least one hyperparameter, a schedule, mode, workers or max_staleness")
     body: dict[str, Any] = {}
     if hyperparameters:
         body["optimizer"] = _optimizer_json(hyperparameters)
     if schedule is not None:
         body["schedule"] = _schedule_json(schedule)
-    response = yield _json("PATCH", _model_path(model), body)
+    body.update(mode_fields)
+    response = yield from send(_json("PATCH", _model_path(model), body))
     return parse(response, parse_model)
 
 
 def get_model(model: str) -> Flow[ModelInfo]:
     """GET the model representation."""
-    response = yield Request("GET", _model_path(model))
+    response = yield from send(Request("GET", _model_path(model)))
     return parse(response, parse_model)
 
 
 def delete_model(model: str) -> Flow[None]:
     """DELETE the model and all its parameters."""
-    response = yield Request("DELETE", _model_path(model))
+    response = yield from send(Request("DELETE", _model_path(model)))
     raise_for_status(response)
 
 
@@ -282,7 +410,7 @@ def init_params(model: str, params: Mapping[str, npt.ArrayLike], exist_ok: bool)
     created: dict[str, bool] = {}
     while pending:
         headers = {"If-None-Match": "*"} if exist_ok else None
-        response = yield _json("PUT", path, {"params": pending}, headers)
+        response = yield from send(_json("PUT", path, {"params": pending}, headers))
         if exist_ok and response.status == 412:
             error = error_from_response(response)
             assert isinstance(error, PreconditionFailed)
@@ -316,14 +444,14 @@ def get_params(model: str, names: Iterable[str] | None) -> Flow[dict[str, Array]
         if not wanted:
             return {}
         query["names"] = ",".join(wanted)
-    response = yield Request("GET", _model_path(model) + "/params", params=query)
+    response = yield from send(Request("GET", _model_path(model) + "/params", params=query))
     return parse(response, lambda body: _tensors(body, "params"))
 
 
 def get_param_state(model: str, name: str) -> Flow[ParamState]:
     """GET one parameter with its momentum buffer."""
     path = f"{_model_path(model)}/params/{_segment(name, 'parameter')}"
-    response = yield Request("GET", path, params={"include": "velocity"})
+    response = yield from send(Request("GET", path, params={"include": "velocity"}))
 
     def parser(body: Any) -> ParamState:
         velocity = _object(body)["velocity"]
@@ -339,45 +467,172 @@ def get_param_state(model: str, name: str) -> Flow[ParamState]:
 
 def delete_param(model: str, name: str) -> Flow[None]:
     """DELETE one parameter."""
-    response = yield Request("DELETE", f"{_model_path(model)}/params/{_segment(name, 'parameter')}")
+    response = yield from send(Request("DELETE", f"{_model_path(model)}/params/{_segment(name, 'parameter')}"))
     raise_for_status(response)
 
 
-def _step_request(model: str, gradients: Mapping[str, npt.ArrayLike], return_params: bool) -> Request:
-    body = {"gradients": _encode_all(gradients, "gradient"), "return_params": return_params}
-    return _json("POST", _model_path(model) + "/step", body)
+@dataclass(frozen=True, slots=True)
+class StepOptions:
+    """The optional parts of a step request: body fields sent only when given, and the key."""
+
+    expected_steps: Mapping[str, int] | None = None
+    worker_id: int | None = None
+    base_step: int | None = None
+    idempotency_key: str | None = None
 
 
-def step(model: str, gradients: Mapping[str, npt.ArrayLike]) -> Flow[dict[str, Array]]:
+_KEY = re.compile(r"[\x21-\x7e]{1,255}")
+
+
+def _index(value: Any, what: str) -> int:
+    """``value`` as an int (numpy integers too); ``TypeError`` for anything else, bools included."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{what} must be an int, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{what} must be an int, got {value!r}") from None
+
+
+def idempotency_key(key: str | None) -> str:
+    """``key`` checked (1 to 255 visible ASCII characters, else ``ValueError``), or a fresh one."""
+    if key is None:
+        return uuid.uuid4().hex
+    if not isinstance(key, str):
+        raise TypeError(f"idempotency_key must be a str, got {type(key).__name__}")
+    if not _KEY.fullmatch(key):
+        raise ValueError(f"idempotency_key must be 1 to 255 visible ASCII characters, got {key!r}")
+    return key
+
+
+def _step_request(
+    model: str, gradients: Mapping[str, npt.ArrayLike], return_params: bool, options: StepOptions
+) -> Request:
+    body: dict[str, Any] = {"gradients": _encode_all(gradients, "gradient"), "return_params": return_params}
+    if options.expected_steps is not None:
+        if not isinstance(options.expected_steps, Mapping):
+            raise TypeError(f"expected_steps must be a mapping {{name: step}}, got {options.expected_steps!r}")
+        body["expected_steps"] = {
+            _str(name): _index(step, f"expected_steps[{name!r}]") for name, step in options.expected_steps.items()
+        }
+    if options.worker_id is not None:
+        body["worker_id"] = _index(options.worker_id, "worker_id")
+    if options.base_step is not None:
+        body["base_step"] = _index(options.base_step, "base_step")
+    headers = {"Idempotency-Key": idempotency_key(options.idempotency_key)}
+    return _json("POST", _model_path(model) + "/step", body, headers)
+
+
+def _pending(response: Response) -> tuple[int, int, dict[str, int]]:
+    """``(base_step, workers, contributions)`` of a 202 ``pending`` answer."""
+
+    def parser(body: Any) -> tuple[int, int, dict[str, int]]:
+        body = _object(body)
+        if body["status"] != "pending":
+            raise ValueError(f"a 202 answer's status is {body['status']!r}, not 'pending'")
+        counts = {_str(name): _int(n) for name, n in _object(body["contributions"]).items()}
+        return _int(body["base_step"]), _int(body["workers"]), counts
+
+    return parse(response, parser)
+
+
+def _post_step(request: Request, policy: RetryPolicy) -> Flow[Response]:
+    """Send a step until it has a final answer, re-sending the very same request (bytes and key).
+
+    Transient failures (see :func:`is_transient`) are retried up to ``policy.max_retries`` times in
+    a row, then the last one is raised. A 202 (sync mode, the step waits for other workers) is
+    re-sent, after its ``Retry-After``, until ``policy.sync_wait`` has passed since the first
+    attempt, then :class:`StepTimeout` is raised. A 202 ends a run of failures: the server is there.
+    """
+    start = policy.clock()
+    failures = 0
+    while True:
+        try:
+            response = yield from send(request)
+        except TransportError:
+            if failures >= policy.max_retries:
+                raise
+            yield Sleep(policy.delay(failures, None))
+            failures += 1
+            continue
+        if response.status == 202:
+            failures = 0
+            base_step, workers, contributions = _pending(response)
+            elapsed = policy.clock() - start
+            if elapsed >= policy.sync_wait:
+                done = ", ".join(f"{name}: {n}/{workers}" for name, n in contributions.items())
+                raise StepTimeout(
+                    f"the sync step from base_step {base_step} was not complete after {policy.sync_wait:g} s "
+                    f"(contributions {done}); {request.method} {response.url}",
+                    base_step=base_step,
+                    workers=workers,
+                    contributions=contributions,
+                    method=request.method,
+                    url=response.url,
+                )
+            retry_after = parse_retry_after(response.headers.get("retry-after"))
+            wait = min(policy.delay(0, retry_after), policy.sync_wait - elapsed)
+            if wait > 0:
+                yield Sleep(wait)
+            continue
+        if is_transient(response):
+            if failures >= policy.max_retries:
+                raise error_from_response(response)
+            yield Sleep(policy.delay(failures, parse_retry_after(response.headers.get("retry-after"))))
+            failures += 1
+            continue
+        return response
+
+
+def _replayed(response: Response) -> bool:
+    value: str = response.headers.get("idempotent-replayed", "")
+    return value.strip().lower() == "true"
+
+
+def step(
+    model: str, gradients: Mapping[str, npt.ArrayLike], options: StepOptions, policy: RetryPolicy
+) -> Flow[dict[str, Array]]:
     """POST one optimizer step; returns the updated values."""
-    response = yield _step_request(model, gradients, return_params=True)
+    response = yield from _post_step(_step_request(model, gradients, True, options), policy)
     return parse(response, lambda body: _tensors(body, "params"))
 
 
 def step_results(
-    model: str, gradients: Mapping[str, npt.ArrayLike], return_params: bool
+    model: str,
+    gradients: Mapping[str, npt.ArrayLike],
+    return_params: bool,
+    options: StepOptions,
+    policy: RetryPolicy,
 ) -> Flow[dict[str, StepResult]]:
     """POST one optimizer step; returns each parameter's value (if asked), step and lr."""
-    response = yield _step_request(model, gradients, return_params=return_params)
+    response = yield from _post_step(_step_request(model, gradients, return_params, options), policy)
+    replayed = _replayed(response)
 
     def parser(body: Any) -> dict[str, StepResult]:
         out = {}
         for name, p in _object(_object(body)["params"]).items():
             p = _object(p)
-            value = decode_tensor(p) if return_params else None
-            out[_str(name)] = StepResult(value=value, step=_int(p["step"]), lr=_float(p["lr"]))
+            out[_str(name)] = StepResult(
+                value=decode_tensor(p) if return_params else None,
+                step=_int(p["step"]),
+                lr=_float(p["lr"]),
+                current_step=_optional_int(p.get("current_step")),
+                replayed=replayed,
+            )
         return out
 
     return parse(response, parser)
 
 
-def push_gradients(model: str, gradients: Mapping[str, npt.ArrayLike]) -> Flow[dict[str, int]]:
+def push_gradients(
+    model: str, gradients: Mapping[str, npt.ArrayLike], options: StepOptions, policy: RetryPolicy
+) -> Flow[dict[str, int]]:
     """POST one optimizer step without downloading values; returns the new step counts."""
-    response = yield _step_request(model, gradients, return_params=False)
+    response = yield from _post_step(_step_request(model, gradients, False, options), policy)
     return parse(response, lambda body: {name: _int(_object(p)["step"]) for name, p in _object(body["params"]).items()})
 
 
 def probe(path: str) -> Flow[bool]:
     """GET a health endpoint: ``True`` on 200, ``False`` on any other status."""
-    response = yield Request("GET", path)
+    response = yield from send(Request("GET", path))
     return response.status == 200

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Mapping
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping
 from types import TracebackType
 from typing import Any, Self, TypeVar, Unpack
 
@@ -11,7 +13,7 @@ import httpx
 import numpy.typing as npt
 
 from . import _base
-from ._base import Flow, Request, Response
+from ._base import Flow, Request, Response, Sleep
 from ._exceptions import RequestTimeout, TransportError
 from ._models import ModelInfo, OptimizerConfig, OptimizerUpdate, ParamState, StepResult
 from ._tensors import Array
@@ -26,6 +28,16 @@ class Client:
     applies and :meth:`close` leaves it open. Otherwise the client creates a connection-pooling
     ``httpx.Client`` with ``timeout``, over ``transport`` or by default one that retries failed
     connection attempts twice. ``headers`` are added to every request either way.
+
+    Steps (:meth:`step`, :meth:`step_results`, :meth:`push_gradients`) are exactly-once: each call
+    sends an ``Idempotency-Key`` and, when the request got no response (:class:`TransportError`,
+    including timeouts), a 503 or a 409 ``idempotency-in-flight``, re-sends the same bytes with the
+    same key, so the server applies the step once however many attempts reach it. Up to
+    ``max_retries`` retries in a row (0 disables them), after the answer's ``Retry-After`` or else
+    a backoff with full jitter (random up to 0.05 s, doubling per retry, at most 2 s); then the last
+    error is raised. In ``sync`` mode a step that waits for other workers (202) is re-sent until it
+    is applied, for up to ``sync_wait`` seconds, then :class:`StepTimeout` is raised. Other calls
+    are not retried (beyond the default transport's connection retries).
     """
 
     def __init__(
@@ -36,11 +48,20 @@ class Client:
         transport: httpx.BaseTransport | None = None,
         client: httpx.Client | None = None,
         headers: Mapping[str, str] | None = None,
+        max_retries: int = _base.DEFAULT_MAX_RETRIES,
+        sync_wait: float = _base.DEFAULT_SYNC_WAIT,
     ) -> None:
         if client is not None and transport is not None:
             raise ValueError("pass either client or transport, not both")
+        _base.check_retry_settings(max_retries, sync_wait)
         self._base_url = _base.normalize_base_url(base_url)
         self._headers = {**_base.DEFAULT_HEADERS, **(headers or {})}
+        self._max_retries = max_retries
+        self._sync_wait = float(sync_wait)
+        # What the retries use to wait, jitter and measure sync_wait; tests replace them.
+        self._sleep: Callable[[float], None] = time.sleep
+        self._random = random.Random()
+        self._clock: Callable[[], float] = time.monotonic
         self._owns_http = client is None
         if client is None:
             client = httpx.Client(transport=transport or httpx.HTTPTransport(retries=2), timeout=timeout)
@@ -63,28 +84,39 @@ class Client:
         maximize: bool = False,
         rule: str = "pytorch",
         schedule: Mapping[str, Any] | None = None,
+        mode: str = "async",
+        workers: int | None = None,
+        max_staleness: int | None = None,
     ) -> ModelInfo:
         """Create the model, or replace its configuration if it exists (its rule cannot change).
 
         ``rule`` picks the momentum rule (``"pytorch"``, ``"keras"``, ``"tf1"``, ``"ema"``,
         ``"previous_delta"``); ``schedule`` the learning-rate schedule, in the API's form, e.g.
-        ``{"type": "cosine", "T_max": 1000}`` (default: constant).
+        ``{"type": "cosine", "T_max": 1000}`` (default: constant). ``mode`` says how the workers'
+        pushes combine: ``"async"`` (each applied on arrival), ``"sync"`` (each step waits for
+        ``workers`` pushes, which give ``worker_id`` and ``base_step``, and applies their mean) or
+        ``"bounded"`` (pushes give ``base_step`` and may be at most ``max_staleness`` steps stale).
         """
         config = OptimizerConfig(lr, momentum, dampening, nesterov, weight_decay, maximize, rule)
-        return self._run(_base.create_model(model, config, schedule))
+        return self._run(_base.create_model(model, config, schedule, mode, workers, max_staleness))
 
     def update_model(
         self,
         model: str,
         *,
         schedule: Mapping[str, Any] | None = None,
+        mode: str | None = None,
+        workers: int | None = None,
+        max_staleness: int | None = None,
         **hyperparameters: Unpack[OptimizerUpdate],
     ) -> ModelInfo:
-        """Change some hyperparameters and/or replace the schedule; they apply from the next step.
+        """Change some hyperparameters, replace the schedule and/or change the mode; they apply from the next step.
 
-        A new ``lr`` rescales the schedule. Unknown names raise ``TypeError`` listing the valid ones.
+        A new ``lr`` rescales the schedule. A new ``mode`` replaces the mode with its fields;
+        ``workers`` or ``max_staleness`` alone change the current mode's. Unknown names raise
+        ``TypeError`` listing the valid ones, as does giving nothing to change.
         """
-        return self._run(_base.update_model(model, hyperparameters, schedule))
+        return self._run(_base.update_model(model, hyperparameters, schedule, mode, workers, max_staleness))
 
     def get_model(self, model: str) -> ModelInfo:
         """The model's optimizer configuration and parameter metadata."""
@@ -117,20 +149,57 @@ class Client:
         """Delete one parameter."""
         self._run(_base.delete_param(model, name))
 
-    def step(self, model: str, gradients: Mapping[str, npt.ArrayLike]) -> dict[str, Array]:
-        """Apply one optimizer step with ``gradients``; returns the updated values."""
-        return self._run(_base.step(model, gradients))
+    def step(
+        self,
+        model: str,
+        gradients: Mapping[str, npt.ArrayLike],
+        *,
+        expected_steps: Mapping[str, int] | None = None,
+        worker_id: int | None = None,
+        base_step: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict[str, Array]:
+        """Apply one optimizer step with ``gradients``, exactly once; returns the updated values.
+
+        ``expected_steps`` (``{name: step}``): apply only if those parameters are at those steps,
+        else :class:`Conflict` ``step-mismatch`` with ``current_steps``. ``base_step``: the step the
+        gradients were computed from (required in ``bounded`` and ``sync`` mode); ``worker_id``: this
+        worker's id (``sync`` mode). ``idempotency_key``: the key to send (1 to 255 visible ASCII
+        characters), by default a fresh one per call; pass the same key to re-send a step whose
+        outcome you do not know (after an exception), with the same arguments.
+        """
+        options = _base.StepOptions(expected_steps, worker_id, base_step, idempotency_key)
+        return self._run(_base.step(model, gradients, options, self._retry_policy()))
 
     def step_results(
-        self, model: str, gradients: Mapping[str, npt.ArrayLike], *, return_params: bool = True
+        self,
+        model: str,
+        gradients: Mapping[str, npt.ArrayLike],
+        *,
+        return_params: bool = True,
+        expected_steps: Mapping[str, int] | None = None,
+        worker_id: int | None = None,
+        base_step: int | None = None,
+        idempotency_key: str | None = None,
     ) -> dict[str, StepResult]:
         """Apply one optimizer step like :meth:`step`; returns each parameter's new value
         (``None`` with ``return_params=False``), step count and the learning rate used."""
-        return self._run(_base.step_results(model, gradients, return_params))
+        options = _base.StepOptions(expected_steps, worker_id, base_step, idempotency_key)
+        return self._run(_base.step_results(model, gradients, return_params, options, self._retry_policy()))
 
-    def push_gradients(self, model: str, gradients: Mapping[str, npt.ArrayLike]) -> dict[str, int]:
+    def push_gradients(
+        self,
+        model: str,
+        gradients: Mapping[str, npt.ArrayLike],
+        *,
+        expected_steps: Mapping[str, int] | None = None,
+        worker_id: int | None = None,
+        base_step: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> dict[str, int]:
         """Apply one optimizer step like :meth:`step`, without downloading values; returns step counts."""
-        return self._run(_base.push_gradients(model, gradients))
+        options = _base.StepOptions(expected_steps, worker_id, base_step, idempotency_key)
+        return self._run(_base.push_gradients(model, gradients, options, self._retry_policy()))
 
     def health(self) -> bool:
         """Whether the server answers its liveness probe (``False`` also when unreachable)."""
@@ -162,16 +231,27 @@ class Client:
     ) -> None:
         self.close()
 
+    def _retry_policy(self) -> _base.RetryPolicy:
+        return _base.RetryPolicy(self._max_retries, self._sync_wait, self._random.random, self._clock)
+
     def _run(self, flow: Flow[T]) -> T:
         with contextlib.closing(flow):
-            response: Response | None = None
+            reply: Response | None = None
+            error: TransportError | None = None
             while True:
                 try:
-                    request = next(flow) if response is None else flow.send(response)
+                    instruction = flow.send(reply) if error is None else flow.throw(error)
                 except StopIteration as stop:
                     result: T = stop.value
                     return result
-                response = self._send(request)
+                reply, error = None, None
+                if isinstance(instruction, Sleep):
+                    self._sleep(instruction.seconds)
+                    continue
+                try:
+                    reply = self._send(instruction)
+                except TransportError as exc:
+                    error = exc  # thrown into the flow, which may retry
 
     def _send(self, request: Request) -> Response:
         url = self._base_url + request.path

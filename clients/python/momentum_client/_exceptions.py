@@ -3,20 +3,35 @@
     MomentumError                     base class; catch this to catch everything below
     ├── TransportError                no HTTP response: connection refused/reset, DNS, TLS, ...
     │   └── RequestTimeout            connect/read/write/pool timeout (also a builtin TimeoutError)
+    ├── StepTimeout                   a sync-mode step still waits for other workers after the
+    │                                 client's ``sync_wait`` (``base_step``, ``workers``,
+    │                                 ``contributions``; also a builtin TimeoutError)
     ├── UnexpectedResponse            a success response whose body the SDK cannot interpret
     └── APIError                      the server answered with an error status (4xx/5xx)
         ├── InvalidRequest            400, 422 (``errors``: the server's validation errors)
         ├── NotFound                  404 unknown model or parameter
-        ├── Conflict                  409 gradient shape/dtype does not match the parameter
+        ├── Conflict                  409 the request conflicts with current state (``current_steps``)
         │   └── PreconditionFailed    412 ``If-None-Match: *`` and it exists (``existing``)
         ├── PayloadTooLarge           413
         ├── UnsupportedMediaType      415
         └── ServerError               any other 5xx
-            └── ServiceUnavailable    503 the store is unavailable (``retry_after``)
+            └── ServiceUnavailable    503 the store is unavailable or contended (``retry_after``)
 
 An error status without a status-specific class (401, 405, 429, ...) raises :class:`APIError`
 itself. The class is chosen by status code alone, so error bodies that are not
-``application/problem+json`` map the same way.
+``application/problem+json`` map the same way. Every :class:`APIError` has ``code``, the
+problem type's slug (``"step-mismatch"`` for ``urn:momentum-service:problem:step-mismatch``),
+to tell apart the cases that share a status, and ``retry_after`` from the ``Retry-After`` header.
+The 409 slugs: ``tensor-mismatch`` (gradient shape/dtype), ``rule-change``, ``step-mismatch``
+(``expected_steps`` not met), ``stale-gradient`` (bounded mode, or a sync push for another
+step), ``step-already-applied`` (sync mode, applied without this worker) and
+``idempotency-in-flight``; the three step ones carry the parameters' ``current_steps``.
+
+``step``, ``step_results`` and ``push_gradients`` send an ``Idempotency-Key`` and retry by
+themselves (up to the client's ``max_retries``, with backoff) on :class:`TransportError`,
+:class:`ServiceUnavailable`, 502 and 504 from a proxy, and 409 ``idempotency-in-flight``; those exceptions reach the
+caller of a step only once the retries are used up, and the step was then applied at most once.
+Other calls are not retried.
 
 Invalid arguments (an unsupported dtype, NaN in a tensor, an unknown hyperparameter) are
 programming errors and raise the builtin :class:`TypeError` / :class:`ValueError` before any
@@ -38,6 +53,7 @@ __all__ = [
     "MomentumError",
     "TransportError",
     "RequestTimeout",
+    "StepTimeout",
     "UnexpectedResponse",
     "APIError",
     "InvalidRequest",
@@ -79,6 +95,33 @@ class RequestTimeout(TransportError, TimeoutError):
     """The request timed out (connect, read, write or connection-pool timeout)."""
 
 
+class StepTimeout(MomentumError, TimeoutError):
+    """A sync-mode step was not complete after the client's ``sync_wait``.
+
+    ``base_step`` is the step the push contributes to, ``workers`` the contributions the
+    step needs, ``contributions`` how many workers had contributed per parameter at the last
+    answer. The push stays recorded on the server: sending it again (same arguments, or the
+    same ``idempotency_key``) waits for the step again without counting it twice.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        base_step: int,
+        workers: int,
+        contributions: Mapping[str, int],
+        method: str = "",
+        url: str = "",
+    ) -> None:
+        super().__init__(message)
+        self.base_step = base_step
+        self.workers = workers
+        self.contributions: dict[str, int] = dict(contributions)
+        self.method = method
+        self.url = url
+
+
 class UnexpectedResponse(MomentumError):
     """A success response whose body is not what the API defines (wrong server or version?)."""
 
@@ -116,6 +159,18 @@ class APIError(MomentumError):
         self.url = url
         super().__init__(self._message())
 
+    @property
+    def code(self) -> str | None:
+        """The problem type's slug (``"step-mismatch"``); ``None`` when the type is not one of this API's."""
+        if self.type is not None and self.type.startswith(PROBLEM_TYPE_PREFIX):
+            return self.type[len(PROBLEM_TYPE_PREFIX) :]
+        return None
+
+    @property
+    def retry_after(self) -> float | None:
+        """Seconds to wait, from the ``Retry-After`` header (delay or HTTP date); ``None`` if absent."""
+        return parse_retry_after(self.headers.get("retry-after"))
+
     def _message(self) -> str:
         text = f"{self.status} {self.title or _phrase(self.status)}"
         if self.detail:
@@ -149,7 +204,15 @@ class NotFound(APIError):
 
 
 class Conflict(APIError):
-    """409: the request conflicts with current state (e.g. gradient shape/dtype mismatch)."""
+    """409: the request conflicts with current state (see ``code`` for which conflict)."""
+
+    @property
+    def current_steps(self) -> dict[str, int]:
+        """The ``current_steps`` extension member: ``{parameter: step}`` (``{}`` when absent)."""
+        steps = self.problem.get("current_steps")
+        if not isinstance(steps, dict):
+            return {}
+        return {n: s for n, s in steps.items() if isinstance(n, str) and isinstance(s, int) and not isinstance(s, bool)}
 
 
 class PreconditionFailed(Conflict):
@@ -175,13 +238,10 @@ class ServerError(APIError):
 
 
 class ServiceUnavailable(ServerError):
-    """503: the server cannot reach its store right now; retrying later may succeed."""
+    """503: the server cannot reach its store right now, or is contended; retrying later may succeed."""
 
-    @property
-    def retry_after(self) -> float | None:
-        """Seconds to wait, from the ``Retry-After`` header (delay or HTTP date); ``None`` if absent."""
-        return _parse_retry_after(self.headers.get("retry-after"))
 
+PROBLEM_TYPE_PREFIX = "urn:momentum-service:problem:"
 
 _BY_STATUS: dict[int, type[APIError]] = {
     400: InvalidRequest,
@@ -219,7 +279,8 @@ def _str_or_none(value: object) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _parse_retry_after(value: str | None) -> float | None:
+def parse_retry_after(value: str | None) -> float | None:
+    """A ``Retry-After`` header value in seconds (delay or HTTP date); ``None`` if absent or invalid."""
     if value is None:
         return None
     value = value.strip()

@@ -72,6 +72,13 @@ class ModelInfo:
     params: Mapping[str, ParamInfo] = field(default_factory=dict)
     schedule: Mapping[str, Any] = field(default_factory=lambda: {"type": "constant"})
     """The learning-rate schedule, as the API writes it (e.g. ``{"type": "cosine", "T_max": 100, "eta_min": 0.0}``)."""
+    mode: str = "async"
+    """How pushes combine: ``"async"`` (each applied on arrival), ``"sync"`` (``workers`` pushes per step,
+    their mean applied once) or ``"bounded"`` (pushes at most ``max_staleness`` steps stale)."""
+    workers: int | None = None
+    """Pushes per step in ``sync`` mode, else ``None``."""
+    max_staleness: int | None = None
+    """The largest accepted staleness in ``bounded`` mode, else ``None``."""
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -91,8 +98,15 @@ class ParamState:
 @dataclass(frozen=True, slots=True, eq=False)
 class StepResult:
     """One parameter after a step: its new value (``None`` with ``return_params=False``),
-    its step count, and the learning rate the update used (the schedule's value for it)."""
+    its step count, and the learning rate the update used (the schedule's value for it).
+
+    ``replayed`` is true when the server answered a retry with the result of an earlier attempt
+    (the step was applied once, by that attempt). If later steps have moved the parameter on since,
+    ``current_step`` is its step now and ``value`` its value now; otherwise ``current_step`` is ``None``.
+    """
 
     value: Array | None
     step: int
     lr: float
+    current_step: int | None = None
+    replayed: bool = False
