@@ -5,6 +5,12 @@ its parameter, computes the momentum update with the pure kernel and commits all
 new states at once, conditional on nothing having changed since the read. When another
 writer got there first (another request, another server process), it reads again and
 recomputes, so no update is ever lost, and none is applied twice.
+
+On top of that: an ``Idempotency-Key`` makes a step exactly-once across retries and
+replicas (the store writes the key's record in the same atomic commit); ``expected_steps``
+makes it conditional on the parameters' versions; and a model's mode decides how pushes
+become updates (``async``: on arrival; ``bounded``: unless too stale; ``sync``: the mean of
+the workers' contributions to a step, applied once).
 """
 
 from __future__ import annotations
