@@ -23,18 +23,19 @@ from .helpers import Api
 Connect = Callable[..., Api]
 
 
-@pytest.fixture(params=["sync", "async"])
+@pytest.fixture(params=["sync-safetensors", "async-safetensors", "sync-json", "async-json"])
 async def connect(request: pytest.FixtureRequest) -> AsyncIterator[Connect]:
-    """``connect(settings=None)``: a client of the parametrized kind on a fresh in-process server."""
+    """``connect(settings=None)``: a client of the parametrized kind and wire format on a fresh in-process server."""
+    kind, wire = request.param.split("-")
     async with AsyncExitStack() as stack:
 
         def make(settings: Settings | None = None) -> Api:
             app = create_app(settings or Settings(), store=MemoryStore())
-            if request.param == "sync":
+            if kind == "sync":
                 test_client = stack.enter_context(TestClient(app))
-                return Api(stack.enter_context(mc.Client("http://testserver", client=test_client)))
+                return Api(stack.enter_context(mc.Client("http://testserver", client=test_client, wire=wire)))
             transport = httpx.ASGITransport(app=app)
-            client = mc.AsyncClient("http://test", transport=transport)
+            client = mc.AsyncClient("http://test", transport=transport, wire=wire)
             stack.push_async_callback(client.close)
             return Api(client)
 

@@ -67,6 +67,7 @@ async def connect(request: pytest.FixtureRequest) -> AsyncIterator[Connect]:
     ) -> tuple[Api, Server, Clock]:
         server, clock = Server(*answers), Clock()
         transport = httpx.MockTransport(server)
+        kwargs.setdefault("wire", "json")  # the fake server answers in JSON
         client: mc.Client | mc.AsyncClient
         if request.param == "sync":
             client = mc.Client(BASE, transport=transport, **kwargs)
@@ -539,7 +540,7 @@ async def test_a_lone_sync_worker_times_out_and_can_wait_again(app_connect: AppC
 async def test_sync_workers_wait_for_each_other() -> None:
     app = create_app(Settings(sync_timeout_s=0.05), store=MemoryStore())
     transport = httpx.ASGITransport(app=app)
-    async with mc.AsyncClient("http://test", transport=transport, sync_wait=30) as client:
+    async with mc.AsyncClient("http://test", transport=transport, sync_wait=30, wire="json") as client:
         await client.create_model("m", lr=1.0, mode="sync", workers=2)
         await client.init_params("m", {"w": np.zeros(2, np.float32)})
         requests: list[httpx.Request] = []

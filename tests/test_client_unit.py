@@ -107,10 +107,11 @@ async def connect(request: pytest.FixtureRequest) -> AsyncIterator[Callable[...,
         server = Server(*answers)
         transport = httpx.MockTransport(server)
         client: mc.Client | mc.AsyncClient
+        # These tests read the JSON bodies; the binary wire format has its own tests (test_client_wire.py).
         if request.param == "sync":
-            client = mc.Client(base_url, transport=transport)
+            client = mc.Client(base_url, transport=transport, wire="json")
         else:
-            client = mc.AsyncClient(base_url, transport=transport)
+            client = mc.AsyncClient(base_url, transport=transport, wire="json")
         clients.append(client)
         return Api(client), server
 
@@ -143,7 +144,7 @@ def test_clients_expose_the_same_methods_and_signatures() -> None:
 def test_constructors_take_the_same_arguments() -> None:
     sync = inspect.signature(mc.Client.__init__).parameters
     aio = inspect.signature(mc.AsyncClient.__init__).parameters
-    expected = ["self", "base_url", "timeout", "transport", "client", "headers", "max_retries", "sync_wait"]
+    expected = ["self", "base_url", "timeout", "transport", "client", "headers", "max_retries", "sync_wait", "wire"]
     assert list(sync) == list(aio) == expected
     for name in sync:
         assert (sync[name].kind, sync[name].default) == (aio[name].kind, aio[name].default)

@@ -12,7 +12,7 @@ from .helpers import ROOT
 def test_base_dependencies_are_client_only() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     names = {dep.split(">")[0].split("=")[0].split("[")[0].strip().lower() for dep in project["dependencies"]}
-    assert names == {"numpy", "httpx"}
+    assert names == {"numpy", "httpx", "safetensors"}
     server = {dep.split(">")[0].split("[")[0].lower() for dep in project["optional-dependencies"]["server"]}
     assert {"fastapi", "uvicorn", "pydantic", "pydantic-settings", "redis"} <= server
     assert "torch==2.13.0" in project["optional-dependencies"]["dev"]

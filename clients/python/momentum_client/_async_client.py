@@ -43,10 +43,14 @@ class AsyncClient:
         headers: Mapping[str, str] | None = None,
         max_retries: int = _base.DEFAULT_MAX_RETRIES,
         sync_wait: float = _base.DEFAULT_SYNC_WAIT,
+        wire: _base.Wire = "safetensors",
     ) -> None:
         if client is not None and transport is not None:
             raise ValueError("pass either client or transport, not both")
         _base.check_retry_settings(max_retries, sync_wait)
+        if wire not in _base.WIRES:
+            raise ValueError(f"wire must be one of {', '.join(_base.WIRES)}, got {wire!r}")
+        self._wire: _base.Wire = wire
         self._base_url = _base.normalize_base_url(base_url)
         self._headers = {**_base.DEFAULT_HEADERS, **(headers or {})}
         self._max_retries = max_retries
@@ -128,15 +132,15 @@ class AsyncClient:
         ``exist_ok=True`` creates only the missing ones and leaves existing ones untouched, which
         is safe when several workers start at once.
         """
-        return await self._run(_base.init_params(model, params, exist_ok))
+        return await self._run(_base.init_params(model, params, exist_ok, self._wire))
 
     async def get_params(self, model: str, names: Iterable[str] | None = None) -> dict[str, Array]:
         """Current values of all parameters, or of ``names`` only."""
-        return await self._run(_base.get_params(model, names))
+        return await self._run(_base.get_params(model, names, self._wire))
 
     async def get_param_state(self, model: str, name: str) -> ParamState:
         """One parameter's value, momentum buffer and step count."""
-        return await self._run(_base.get_param_state(model, name))
+        return await self._run(_base.get_param_state(model, name, self._wire))
 
     async def delete_param(self, model: str, name: str) -> None:
         """Delete one parameter."""
@@ -162,7 +166,7 @@ class AsyncClient:
         outcome you do not know (after an exception), with the same arguments.
         """
         options = _base.StepOptions(expected_steps, worker_id, base_step, idempotency_key)
-        return await self._run(_base.step(model, gradients, options, self._retry_policy()))
+        return await self._run(_base.step(model, gradients, options, self._retry_policy(), self._wire))
 
     async def step_results(
         self,
@@ -178,7 +182,9 @@ class AsyncClient:
         """Apply one optimizer step like :meth:`step`; returns each parameter's new value
         (``None`` with ``return_params=False``), step count and the learning rate used."""
         options = _base.StepOptions(expected_steps, worker_id, base_step, idempotency_key)
-        return await self._run(_base.step_results(model, gradients, return_params, options, self._retry_policy()))
+        return await self._run(
+            _base.step_results(model, gradients, return_params, options, self._retry_policy(), self._wire)
+        )
 
     async def push_gradients(
         self,
@@ -192,7 +198,7 @@ class AsyncClient:
     ) -> dict[str, int]:
         """Apply one optimizer step like :meth:`step`, without downloading values; returns step counts."""
         options = _base.StepOptions(expected_steps, worker_id, base_step, idempotency_key)
-        return await self._run(_base.push_gradients(model, gradients, options, self._retry_policy()))
+        return await self._run(_base.push_gradients(model, gradients, options, self._retry_policy(), self._wire))
 
     async def health(self) -> bool:
         """Whether the server answers its liveness probe (``False`` also when unreachable)."""

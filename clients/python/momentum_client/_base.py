@@ -18,7 +18,7 @@ import re
 import uuid
 from collections.abc import Callable, Generator, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, TypeAlias, TypeVar
+from typing import Any, Literal, TypeAlias, TypeVar
 from urllib.parse import quote
 
 import httpx
@@ -35,10 +35,26 @@ from ._exceptions import (
     parse_retry_after,
 )
 from ._models import HYPERPARAMETERS, ModelInfo, OptimizerConfig, ParamInfo, ParamState, StepResult
-from ._tensors import DTYPES, Array, decode_tensor, dumps, encode_tensor, loads
+from ._tensors import (
+    DTYPES,
+    SAFETENSORS,
+    Array,
+    decode_safetensors,
+    decode_tensor,
+    dumps,
+    encode_safetensors,
+    encode_tensor,
+    loads,
+)
 from ._version import __version__
 
 T = TypeVar("T")
+
+Wire: TypeAlias = Literal["safetensors", "json"]
+"""How tensors travel: ``"safetensors"`` (binary, the default) or ``"json"``."""
+
+WIRES = ("safetensors", "json")
+_BINARY_ACCEPT = f"{SAFETENSORS}, application/json, application/problem+json"
 
 DEFAULT_HEADERS = {
     "Accept": "application/json, application/problem+json",
@@ -268,6 +284,67 @@ def _tensors(body: Any, key: str) -> dict[str, Array]:
     return {name: decode_tensor(t) for name, t in _object(_object(body)[key]).items()}
 
 
+def _is_binary(response: Response) -> bool:
+    media: str = response.headers.get("content-type", "")
+    return media.split(";", 1)[0].strip().lower() == SAFETENSORS
+
+
+Entries: TypeAlias = dict[str, tuple[Array | None, Array | None, dict[str, Any]]]
+
+
+def parse_entries(response: Response) -> Entries:
+    """``{name: (value, velocity, fields)}`` from a params or step answer, JSON or safetensors.
+
+    ``fields`` holds the per-parameter fields (``step``, ``lr``, ...); value and velocity are
+    ``None`` when the answer has none.
+    """
+
+    def from_json(body: Any) -> Entries:
+        out: Entries = {}
+        for name, p in _object(_object(body)["params"]).items():
+            p = _object(p)
+            velocity = p.get("velocity")
+            value = decode_tensor(p) if "data" in p else None
+            out[_str(name)] = (value, None if velocity is None else decode_tensor(velocity), p)
+        return out
+
+    if not _is_binary(response):
+        return parse(response, from_json)
+    raise_for_status(response)
+    try:
+        arrays, metadata = decode_safetensors(response.content)
+        fields = _object(metadata["params"])
+        return {
+            _str(name): (arrays.get(name), arrays.get(f"{name}@velocity"), _object(p)) for name, p in fields.items()
+        }
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _unexpected(response, f"{type(exc).__name__}: {exc}") from exc
+
+
+def _tensor_request(
+    method: str,
+    path: str,
+    tensors: Mapping[str, npt.ArrayLike],
+    fields: Mapping[str, Any],
+    what: str,
+    wire: Wire,
+    headers: Mapping[str, str] | None = None,
+) -> Request:
+    """A request carrying tensors: ``{key: {name: tensor}, **fields}`` in JSON, or a safetensors body."""
+    if wire == "json":
+        key = "gradients" if what == "gradient" else "params"
+        return _json(method, path, {key: _encode_all(tensors, what), **fields}, headers)
+    for name in tensors:
+        _segment(name, what)
+    content = encode_safetensors(tensors, fields, what, half=what == "gradient")
+    return Request(
+        method,
+        path,
+        headers={"Content-Type": SAFETENSORS, "Accept": _BINARY_ACCEPT, **(headers or {})},
+        content=content,
+    )
+
+
 # -- requests --------------------------------------------------------------------------------
 
 
@@ -397,7 +474,9 @@ def delete_model(model: str) -> Flow[None]:
     raise_for_status(response)
 
 
-def init_params(model: str, params: Mapping[str, npt.ArrayLike], exist_ok: bool) -> Flow[dict[str, bool]]:
+def init_params(
+    model: str, params: Mapping[str, npt.ArrayLike], exist_ok: bool, wire: Wire = "json"
+) -> Flow[dict[str, bool]]:
     """Bulk PUT parameters; returns ``{name: created}`` in the order given.
 
     With ``exist_ok`` each request carries ``If-None-Match: *`` (all-or-nothing on the server);
@@ -406,11 +485,11 @@ def init_params(model: str, params: Mapping[str, npt.ArrayLike], exist_ok: bool)
     initialize the same model concurrently.
     """
     path = _model_path(model) + "/params"
-    pending = _encode_all(params, "parameter")
+    pending = dict(params)
     created: dict[str, bool] = {}
     while pending:
         headers = {"If-None-Match": "*"} if exist_ok else None
-        response = yield from send(_json("PUT", path, {"params": pending}, headers))
+        response = yield from send(_tensor_request("PUT", path, pending, {}, "parameter", wire, headers))
         if exist_ok and response.status == 412:
             error = error_from_response(response)
             assert isinstance(error, PreconditionFailed)
@@ -430,7 +509,7 @@ def init_params(model: str, params: Mapping[str, npt.ArrayLike], exist_ok: bool)
     return {name: created[name] for name in params}
 
 
-def get_params(model: str, names: Iterable[str] | None) -> Flow[dict[str, Array]]:
+def get_params(model: str, names: Iterable[str] | None, wire: Wire = "json") -> Flow[dict[str, Array]]:
     """GET all parameters' values, or only ``names``."""
     query: dict[str, str] = {}
     if names is not None:
@@ -444,13 +523,32 @@ def get_params(model: str, names: Iterable[str] | None) -> Flow[dict[str, Array]
         if not wanted:
             return {}
         query["names"] = ",".join(wanted)
-    response = yield from send(Request("GET", _model_path(model) + "/params", params=query))
-    return parse(response, lambda body: _tensors(body, "params"))
+    headers = {"Accept": _BINARY_ACCEPT} if wire == "safetensors" else {}
+    response = yield from send(Request("GET", _model_path(model) + "/params", params=query, headers=headers))
+    return _values(response)
 
 
-def get_param_state(model: str, name: str) -> Flow[ParamState]:
+def _values(response: Response) -> dict[str, Array]:
+    out = {}
+    for name, (value, _, _) in parse_entries(response).items():
+        if value is None:
+            raise _unexpected(response, f"no value for parameter {name!r}")
+        out[name] = value
+    return out
+
+
+def get_param_state(model: str, name: str, wire: Wire = "json") -> Flow[ParamState]:
     """GET one parameter with its momentum buffer."""
     path = f"{_model_path(model)}/params/{_segment(name, 'parameter')}"
+    if wire == "safetensors":
+        headers = {"Accept": _BINARY_ACCEPT}
+        response = yield from send(Request("GET", path, params={"include": "velocity"}, headers=headers))
+        entries = parse_entries(response)
+        if name not in entries or entries[name][0] is None:
+            raise _unexpected(response, f"no value for parameter {name!r}")
+        value, velocity, fields = entries[name]
+        assert value is not None
+        return ParamState(name=name, value=value, velocity=velocity, step=_int(fields.get("step")))
     response = yield from send(Request("GET", path, params={"include": "velocity"}))
 
     def parser(body: Any) -> ParamState:
@@ -506,9 +604,9 @@ def idempotency_key(key: str | None) -> str:
 
 
 def _step_request(
-    model: str, gradients: Mapping[str, npt.ArrayLike], return_params: bool, options: StepOptions
+    model: str, gradients: Mapping[str, npt.ArrayLike], return_params: bool, options: StepOptions, wire: Wire
 ) -> Request:
-    body: dict[str, Any] = {"gradients": _encode_all(gradients, "gradient"), "return_params": return_params}
+    body: dict[str, Any] = {"return_params": return_params}
     if options.expected_steps is not None:
         if not isinstance(options.expected_steps, Mapping):
             raise TypeError(f"expected_steps must be a mapping {{name: step}}, got {options.expected_steps!r}")
@@ -520,7 +618,7 @@ def _step_request(
     if options.base_step is not None:
         body["base_step"] = _index(options.base_step, "base_step")
     headers = {"Idempotency-Key": idempotency_key(options.idempotency_key)}
-    return _json("POST", _model_path(model) + "/step", body, headers)
+    return _tensor_request("POST", _model_path(model) + "/step", gradients, body, "gradient", wire, headers)
 
 
 def _pending(response: Response) -> tuple[int, int, dict[str, int]]:
@@ -590,11 +688,11 @@ def _replayed(response: Response) -> bool:
 
 
 def step(
-    model: str, gradients: Mapping[str, npt.ArrayLike], options: StepOptions, policy: RetryPolicy
+    model: str, gradients: Mapping[str, npt.ArrayLike], options: StepOptions, policy: RetryPolicy, wire: Wire = "json"
 ) -> Flow[dict[str, Array]]:
     """POST one optimizer step; returns the updated values."""
-    response = yield from _post_step(_step_request(model, gradients, True, options), policy)
-    return parse(response, lambda body: _tensors(body, "params"))
+    response = yield from _post_step(_step_request(model, gradients, True, options, wire), policy)
+    return _values(response)
 
 
 def step_results(
@@ -603,33 +701,37 @@ def step_results(
     return_params: bool,
     options: StepOptions,
     policy: RetryPolicy,
+    wire: Wire = "json",
 ) -> Flow[dict[str, StepResult]]:
     """POST one optimizer step; returns each parameter's value (if asked), step and lr."""
-    response = yield from _post_step(_step_request(model, gradients, return_params, options), policy)
+    response = yield from _post_step(_step_request(model, gradients, return_params, options, wire), policy)
     replayed = _replayed(response)
-
-    def parser(body: Any) -> dict[str, StepResult]:
-        out = {}
-        for name, p in _object(_object(body)["params"]).items():
-            p = _object(p)
-            out[_str(name)] = StepResult(
-                value=decode_tensor(p) if return_params else None,
+    out = {}
+    for name, (value, _, p) in parse_entries(response).items():
+        try:
+            out[name] = StepResult(
+                value=value if return_params else None,
                 step=_int(p["step"]),
                 lr=_float(p["lr"]),
                 current_step=_optional_int(p.get("current_step")),
                 replayed=replayed,
             )
-        return out
-
-    return parse(response, parser)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise _unexpected(response, f"{type(exc).__name__}: {exc}") from exc
+        if return_params and value is None:
+            raise _unexpected(response, f"no value for parameter {name!r}")
+    return out
 
 
 def push_gradients(
-    model: str, gradients: Mapping[str, npt.ArrayLike], options: StepOptions, policy: RetryPolicy
+    model: str, gradients: Mapping[str, npt.ArrayLike], options: StepOptions, policy: RetryPolicy, wire: Wire = "json"
 ) -> Flow[dict[str, int]]:
     """POST one optimizer step without downloading values; returns the new step counts."""
-    response = yield from _post_step(_step_request(model, gradients, False, options), policy)
-    return parse(response, lambda body: {name: _int(_object(p)["step"]) for name, p in _object(body["params"]).items()})
+    response = yield from _post_step(_step_request(model, gradients, False, options, wire), policy)
+    try:
+        return {name: _int(p["step"]) for name, (_, _, p) in parse_entries(response).items()}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise _unexpected(response, f"{type(exc).__name__}: {exc}") from exc
 
 
 def probe(path: str) -> Flow[bool]:

@@ -38,6 +38,9 @@ class Client:
     error is raised. In ``sync`` mode a step that waits for other workers (202) is re-sent until it
     is applied, for up to ``sync_wait`` seconds, then :class:`StepTimeout` is raised. Other calls
     are not retried (beyond the default transport's connection retries).
+
+    Tensors travel in safetensors by default (``wire="safetensors"``): exact, and far cheaper than
+    JSON for large tensors; ``wire="json"`` sends and receives JSON tensors instead.
     """
 
     def __init__(
@@ -50,10 +53,14 @@ class Client:
         headers: Mapping[str, str] | None = None,
         max_retries: int = _base.DEFAULT_MAX_RETRIES,
         sync_wait: float = _base.DEFAULT_SYNC_WAIT,
+        wire: _base.Wire = "safetensors",
     ) -> None:
         if client is not None and transport is not None:
             raise ValueError("pass either client or transport, not both")
         _base.check_retry_settings(max_retries, sync_wait)
+        if wire not in _base.WIRES:
+            raise ValueError(f"wire must be one of {', '.join(_base.WIRES)}, got {wire!r}")
+        self._wire: _base.Wire = wire
         self._base_url = _base.normalize_base_url(base_url)
         self._headers = {**_base.DEFAULT_HEADERS, **(headers or {})}
         self._max_retries = max_retries
@@ -135,15 +142,15 @@ class Client:
         ``exist_ok=True`` creates only the missing ones and leaves existing ones untouched, which
         is safe when several workers start at once.
         """
-        return self._run(_base.init_params(model, params, exist_ok))
+        return self._run(_base.init_params(model, params, exist_ok, self._wire))
 
     def get_params(self, model: str, names: Iterable[str] | None = None) -> dict[str, Array]:
         """Current values of all parameters, or of ``names`` only."""
-        return self._run(_base.get_params(model, names))
+        return self._run(_base.get_params(model, names, self._wire))
 
     def get_param_state(self, model: str, name: str) -> ParamState:
         """One parameter's value, momentum buffer and step count."""
-        return self._run(_base.get_param_state(model, name))
+        return self._run(_base.get_param_state(model, name, self._wire))
 
     def delete_param(self, model: str, name: str) -> None:
         """Delete one parameter."""
@@ -169,7 +176,7 @@ class Client:
         outcome you do not know (after an exception), with the same arguments.
         """
         options = _base.StepOptions(expected_steps, worker_id, base_step, idempotency_key)
-        return self._run(_base.step(model, gradients, options, self._retry_policy()))
+        return self._run(_base.step(model, gradients, options, self._retry_policy(), self._wire))
 
     def step_results(
         self,
@@ -185,7 +192,7 @@ class Client:
         """Apply one optimizer step like :meth:`step`; returns each parameter's new value
         (``None`` with ``return_params=False``), step count and the learning rate used."""
         options = _base.StepOptions(expected_steps, worker_id, base_step, idempotency_key)
-        return self._run(_base.step_results(model, gradients, return_params, options, self._retry_policy()))
+        return self._run(_base.step_results(model, gradients, return_params, options, self._retry_policy(), self._wire))
 
     def push_gradients(
         self,
@@ -199,7 +206,7 @@ class Client:
     ) -> dict[str, int]:
         """Apply one optimizer step like :meth:`step`, without downloading values; returns step counts."""
         options = _base.StepOptions(expected_steps, worker_id, base_step, idempotency_key)
-        return self._run(_base.push_gradients(model, gradients, options, self._retry_policy()))
+        return self._run(_base.push_gradients(model, gradients, options, self._retry_policy(), self._wire))
 
     def health(self) -> bool:
         """Whether the server answers its liveness probe (``False`` also when unreachable)."""

@@ -1,4 +1,8 @@
-"""numpy arrays <-> the API's JSON tensors, and the JSON codec for request/response bodies.
+"""numpy arrays <-> the API's tensors, in JSON or in safetensors, and the JSON codec.
+
+The binary wire format (the default) is safetensors: tensors named after their parameters,
+other fields as JSON text in ``__metadata__``. It is written and read with the
+``safetensors`` library; the metadata is read from the header here, as the library drops it.
 
 A tensor in JSON is ``{"shape": [...], "dtype": "float32"|"float64", "data": [flat row-major]}``.
 Values travel as float64 decimals with round-trip precision: a float32 array is widened to
@@ -12,12 +16,28 @@ from __future__ import annotations
 import importlib
 import json
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import safetensors
+import safetensors.numpy
 
-__all__ = ["Array", "DTYPES", "as_float_array", "encode_tensor", "decode_tensor", "dumps", "loads"]
+__all__ = [
+    "Array",
+    "DTYPES",
+    "SAFETENSORS",
+    "as_float_array",
+    "decode_safetensors",
+    "decode_tensor",
+    "dumps",
+    "encode_safetensors",
+    "encode_tensor",
+    "loads",
+]
+
+SAFETENSORS = "application/x-safetensors"
 
 
 def _optional_orjson() -> Any:
@@ -35,15 +55,16 @@ Array = npt.NDArray[np.floating[Any]]
 DTYPES = ("float32", "float64")
 
 
-def as_float_array(value: npt.ArrayLike, what: str) -> Array:
-    """``value`` as a float32/float64 array.
+def as_float_array(value: npt.ArrayLike, what: str, *, half: bool = False) -> Array:
+    """``value`` as a float32/float64 array (or float16, with ``half``).
 
     Arrays (and anything ``np.asarray`` understands, e.g. torch CPU tensors) keep their
     float32/float64 dtype; Python ints, floats and (nested) lists of them become float64.
-    Any other dtype (float16, integer arrays, bool, complex, ...) raises :class:`TypeError`.
+    Any other dtype (float16 unless ``half``, integer arrays, bool, complex, ...) raises
+    :class:`TypeError`.
     """
     arr = np.asarray(value)
-    if arr.dtype.kind == "f" and arr.dtype.itemsize in (4, 8):
+    if arr.dtype.kind == "f" and (arr.dtype.itemsize in (4, 8) or (half and arr.dtype.itemsize == 2)):
         return arr
     if arr.dtype.kind in "iu" and _is_python_number_or_list(value):
         return arr.astype(np.float64)
@@ -111,3 +132,38 @@ def loads(content: bytes) -> Any:
     if _orjson is not None:
         return _orjson.loads(content)
     return json.loads(content)
+
+
+def encode_safetensors(
+    tensors: Mapping[str, npt.ArrayLike], metadata: Mapping[str, Any], what: str, *, half: bool = False
+) -> bytes:
+    """A safetensors body: the tensors, and each metadata value as JSON text.
+
+    ``half`` also accepts float16 arrays (gradients: the server widens them exactly to float32).
+    NaN and infinity are left for the server to refuse (it answers 422).
+    """
+    arrays = {
+        name: np.ascontiguousarray(as_float_array(v, f"{what} {name!r}", half=half)) for name, v in tensors.items()
+    }
+    text = {key: dumps(value).decode() for key, value in metadata.items()}
+    content: bytes = safetensors.numpy.save(arrays, metadata=text or None)
+    return content
+
+
+def decode_safetensors(content: bytes) -> tuple[dict[str, Array], dict[str, Any]]:
+    """The arrays and the metadata (each value decoded from JSON text) of a safetensors body.
+
+    Raises ``ValueError`` when the body is malformed.
+    """
+    if len(content) < 8:
+        raise ValueError(f"a safetensors body has at least 8 bytes, got {len(content)}")
+    n = int.from_bytes(content[:8], "little")
+    try:
+        header = loads(content[8 : 8 + n])
+        arrays: dict[str, Array] = safetensors.numpy.load(content)
+    except safetensors.SafetensorError as exc:
+        raise ValueError(f"malformed safetensors body: {exc}") from exc
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(metadata, dict):
+        metadata = {}
+    return arrays, {str(key): loads(value.encode()) for key, value in metadata.items()}

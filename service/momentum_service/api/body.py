@@ -8,7 +8,9 @@ numbers), and tensors become numpy arrays without per-element Python work.
 from __future__ import annotations
 
 import math
-from typing import Any, TypeVar
+import re
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import orjson
@@ -17,12 +19,14 @@ from pydantic import BaseModel, ValidationError
 
 from ..settings import Settings
 from ..store.base import Array
+from . import wire
 from .problems import Problem, validation_errors
-from .schemas import Tensor
+from .schemas import PARAM_NAME_PATTERN, Tensor
 
 M = TypeVar("M", bound=BaseModel)
 
 _DTYPES = {"float32": np.float32, "float64": np.float64}
+_PARAM_NAME = re.compile(PARAM_NAME_PATTERN)
 
 
 def _is_json(content_type: str) -> bool:
@@ -48,6 +52,75 @@ async def read_limited(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+@dataclass(frozen=True, slots=True)
+class TensorBody(Generic[M]):
+    """A body that carries tensors, as JSON (``parsed``) or as safetensors (``tensors`` and ``metadata``)."""
+
+    parsed: M | None
+    tensors: dict[str, Array]
+    metadata: dict[str, str]
+    raw: bytes
+
+
+async def parse_tensor_body(
+    request: Request, model: type[M], settings: Settings, *, dtypes: frozenset[str] = wire.STATE_DTYPES
+) -> TensorBody[M]:
+    """Either JSON validated by ``model`` or safetensors (tensors of ``dtypes``); 415 for anything else."""
+    content_type = request.headers.get("content-type", "")
+    if wire.is_safetensors(content_type):
+        raw = await read_limited(request, settings.max_body_bytes)
+        tensors, metadata = wire.parse(raw, settings, allowed=dtypes)
+        for name, a in tensors.items():
+            if not _PARAM_NAME.match(name):
+                raise Problem(
+                    422,
+                    "invalid-request",
+                    f"tensor name {name!r} is not a valid parameter name",
+                    errors=[{"loc": ["body", name], "msg": f"must match {PARAM_NAME_PATTERN}"}],
+                )
+            check_finite(a, [name])
+        return TensorBody(None, tensors, metadata, raw)
+    parsed, raw = await parse_json_raw(request, model, settings)
+    return TensorBody(parsed, {}, {}, raw)
+
+
+def metadata_fields(metadata: dict[str, str], names: tuple[str, ...]) -> dict[str, Any]:
+    """The given keys of safetensors metadata, each decoded from JSON text (other keys are ignored)."""
+    out = {}
+    for key in names:
+        if key in metadata:
+            try:
+                out[key] = orjson.loads(metadata[key])
+            except orjson.JSONDecodeError:
+                raise Problem(
+                    422,
+                    "invalid-request",
+                    f"metadata {key!r} must be JSON text, got {metadata[key][:100]!r}",
+                    errors=[{"loc": ["body", "__metadata__", key], "msg": "not JSON"}],
+                ) from None
+    return out
+
+
+def validate(model: type[M], obj: Any, loc: list[Any]) -> M:
+    try:
+        return model.model_validate(obj)
+    except ValidationError as exc:
+        errs = validation_errors(exc.errors(include_url=False, include_input=False))
+        for e in errs:
+            e["loc"] = [*loc, *e["loc"]]
+        raise Problem(422, "invalid-request", "the request body is not valid", errors=errs) from None
+
+
+def check_finite(a: Array, where: list[Any]) -> None:
+    if not np.isfinite(a).all():
+        raise Problem(
+            422,
+            "non-finite",
+            f"{_at(where)}: every number must be finite in {a.dtype.name}",
+            errors=_err(where, "non-finite number"),
+        )
+
+
 async def parse_json(request: Request, model: type[M], settings: Settings) -> M:
     parsed, _ = await parse_json_raw(request, model, settings)
     return parsed
@@ -60,8 +133,9 @@ async def parse_json_raw(request: Request, model: type[M], settings: Settings) -
         raise Problem(
             415,
             "unsupported-media-type",
-            f"send the body as Content-Type: application/json (got {content_type or 'none'!r})",
-            headers={"Accept-Post": "application/json"},
+            f"send the body as Content-Type: application/json or {wire.MEDIA_TYPE} where tensors are sent "
+            f"(got {content_type or 'none'!r})",
+            headers={"Accept-Post": f"application/json, {wire.MEDIA_TYPE}"},
         )
     raw = await read_limited(request, settings.max_body_bytes)
     try:
@@ -70,13 +144,7 @@ async def parse_json_raw(request: Request, model: type[M], settings: Settings) -
         raise Problem(
             422, "malformed-json", f"the body is not valid JSON: {exc}", errors=[{"loc": ["body"], "msg": str(exc)}]
         ) from None
-    try:
-        return model.model_validate(obj), raw
-    except ValidationError as exc:
-        errs = validation_errors(exc.errors(include_url=False, include_input=False))
-        for e in errs:
-            e["loc"] = ["body", *e["loc"]]
-        raise Problem(422, "invalid-request", "the request body is not valid", errors=errs) from None
+    return validate(model, obj, ["body"]), raw
 
 
 def to_array(t: Tensor, where: list[Any], settings: Settings) -> Array:
@@ -103,13 +171,7 @@ def to_array(t: Tensor, where: list[Any], settings: Settings) -> Array:
     wide = np.array(t.data, dtype=np.float64)
     with np.errstate(over="ignore"):  # out of float32's range becomes inf, refused just below
         arr: Array = wide.astype(_DTYPES[t.dtype], copy=False).reshape(t.shape)
-    if not np.isfinite(arr).all():
-        raise Problem(
-            422,
-            "non-finite",
-            f"{_at(where)}: every number must be finite in {t.dtype}",
-            errors=_err(where, "non-finite number"),
-        )
+    check_finite(arr, where)
     return arr
 
 

@@ -12,8 +12,17 @@ from pydantic import BaseModel
 from ..config import ModelConfig
 from ..engine import Idempotency, StepPending, StepResult
 from ..store import ModelRecord, ParamMeta, ParamRecord
-from . import schemas
-from .body import json_response_bytes, parse_json, parse_json_raw, tensor_json, to_array
+from . import schemas, wire
+from .body import (
+    TensorBody,
+    json_response_bytes,
+    metadata_fields,
+    parse_json,
+    parse_tensor_body,
+    tensor_json,
+    to_array,
+    validate,
+)
 from .deps import ModelName, ParamPath, ServerDep, SettingsDep
 from .problems import Problem
 from .schemas import problem_responses
@@ -24,14 +33,48 @@ _PARAM_NAME = re.compile(schemas.PARAM_NAME_PATTERN)
 _BODY_ERRORS = (413, 415, 422)
 
 
-def _body_doc(model: type[BaseModel]) -> dict[str, Any]:
-    """Document a request body that the handler parses itself (see ``body.parse_json``)."""
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}},
-        }
-    }
+def _body_doc(model: type[BaseModel], binary: str | None = None) -> dict[str, Any]:
+    """Document a request body that the handler parses itself (see ``body.parse_json``).
+
+    ``binary`` describes the safetensors form, for the endpoints that carry tensors.
+    """
+    content: dict[str, Any] = {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}
+    if binary is not None:
+        content[wire.MEDIA_TYPE] = {"schema": {"type": "string", "format": "binary", "description": binary}}
+    return {"requestBody": {"required": True, "content": content}}
+
+
+def _binary_response(description: str) -> dict[str, Any]:
+    """The safetensors alternative of a 200 response (asked for with ``Accept``)."""
+    return {wire.MEDIA_TYPE: {"schema": {"type": "string", "format": "binary", "description": description}}}
+
+
+_STEP_BINARY = (
+    "safetensors: one tensor per gradient, named after its parameter (F32, F64, F16 or BF16; F16/BF16 are "
+    'widened exactly to float32). `__metadata__` may hold, as JSON text: `return_params` (`"false"`), '
+    '`expected_steps` (`{"w": 3}`), `worker_id`, `base_step`.'
+)
+_STEP_BINARY_OUT = (
+    "With `Accept: application/x-safetensors`: the new values as tensors (none with return_params false), and "
+    '`__metadata__.params`, JSON text `{name: {"step", "lr", "current_step"?}}`.'
+)
+_PARAMS_BINARY = "safetensors: one tensor per parameter, named after it (F32 or F64)."
+_PARAMS_BINARY_OUT = (
+    "With `Accept: application/x-safetensors`: one tensor per parameter, plus `<name>@velocity` with "
+    '`?include=velocity` (when it exists), and `__metadata__.params`: JSON text `{name: {"step"}}`.'
+)
+
+
+def _safetensors(content: bytes, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(content, status, headers=headers, media_type=wire.MEDIA_TYPE)
+
+
+def _values(body: TensorBody[Any], tensors: dict[str, Any] | None, settings: Any) -> dict[str, Any]:
+    """Parameter values from either form of a PUT body."""
+    if body.parsed is None:
+        return body.tensors
+    assert tensors is not None
+    return {name: to_array(t, ["params", name], settings) for name, t in tensors.items()}
 
 
 BODY_MODELS: list[type[BaseModel]] = [
@@ -172,7 +215,7 @@ async def delete_model(model: ModelName, server: ServerDep) -> Response:
     status_code=201,
     response_model=schemas.ParamPutOut,
     responses={200: {"description": "Value replaced"}, **problem_responses(404, 412, *_BODY_ERRORS)},
-    openapi_extra=_body_doc(schemas.Tensor),
+    openapi_extra=_body_doc(schemas.Tensor, "safetensors: exactly one tensor, named after the parameter (F32 or F64)."),
     summary="Set a parameter's value; resets its velocity and step",
 )
 async def put_param(
@@ -184,12 +227,22 @@ async def put_param(
     if_none_match: IfNoneMatch = None,
 ) -> Response:
     only_create = _only_create(if_none_match)
-    tensor = await parse_json(request, schemas.Tensor, settings)
-    value = to_array(tensor, [], settings)
+    body = await parse_tensor_body(request, schemas.Tensor, settings)
+    if body.parsed is not None:
+        value = to_array(body.parsed, [], settings)
+    elif list(body.tensors) == [name]:
+        value = body.tensors[name]
+    else:
+        raise Problem(
+            422,
+            "invalid-request",
+            f"the safetensors body must hold exactly one tensor, named {name!r}; it holds {sorted(body.tensors)}",
+            errors=[{"loc": ["body"], "msg": f"one tensor named {name!r}"}],
+        )
     created = await server.put_params(model, {name: value}, only_create=only_create)
-    body = {"name": name, "shape": list(value.shape), "dtype": value.dtype.name, "step": 0}
+    out = {"name": name, "shape": list(value.shape), "dtype": value.dtype.name, "step": 0}
     headers = {"Location": f"/v1/models/{model}/params/{name}"} if created[name] else None
-    return _json(body, 201 if created[name] else 200, headers)
+    return _json(out, 201 if created[name] else 200, headers)
 
 
 @router.put(
@@ -197,15 +250,17 @@ async def put_param(
     status_code=201,
     response_model=schemas.ParamsPutOut,
     responses={200: {"description": "Some values replaced"}, **problem_responses(404, 412, *_BODY_ERRORS)},
-    openapi_extra=_body_doc(schemas.ParamsPut),
+    openapi_extra=_body_doc(schemas.ParamsPut, _PARAMS_BINARY),
     summary="Set many parameters at once (all or nothing)",
 )
 async def put_params(
     model: ModelName, request: Request, server: ServerDep, settings: SettingsDep, if_none_match: IfNoneMatch = None
 ) -> Response:
     only_create = _only_create(if_none_match)
-    body = await parse_json(request, schemas.ParamsPut, settings)
-    values = {name: to_array(t, ["params", name], settings) for name, t in body.params.items()}
+    body = await parse_tensor_body(request, schemas.ParamsPut, settings)
+    values = _values(body, body.parsed.params if body.parsed else None, settings)
+    if not values:
+        raise Problem(422, "invalid-request", "no parameters given", errors=[{"loc": ["body"], "msg": "empty"}])
     created = await server.put_params(model, values, only_create=only_create)
     out = {
         name: {"shape": list(v.shape), "dtype": v.dtype.name, "step": 0, "created": created[name]}
@@ -214,20 +269,39 @@ async def put_params(
     return _json({"params": out}, 201 if all(created.values()) else 200)
 
 
+def _params_safetensors(params: dict[str, ParamRecord], with_velocity: bool) -> Response:
+    tensors: dict[str, Any] = {}
+    for name, rec in params.items():
+        tensors[name] = rec.value
+        if with_velocity and rec.velocity is not None:
+            tensors[f"{name}@velocity"] = rec.velocity
+    meta = {"params": {name: {"step": rec.step} for name, rec in params.items()}}
+    return _safetensors(wire.encode(tensors, meta))
+
+
 @router.get(
     "/models/{model}/params/{name}",
     response_model=schemas.ParamOut,
-    responses=problem_responses(404, 422),
+    responses={200: {"content": _binary_response(_PARAMS_BINARY_OUT)}, **problem_responses(404, 422)},
 )
-async def get_param(model: ModelName, name: ParamPath, server: ServerDep, include: Include = None) -> Response:
+async def get_param(
+    model: ModelName, name: ParamPath, request: Request, server: ServerDep, include: Include = None
+) -> Response:
     with_velocity = _with_velocity(include)
     params = await server.get_params(model, [name], with_velocity=with_velocity)
+    if wire.wants_safetensors(request.headers.get("accept")):
+        return _params_safetensors(params, with_velocity)
     return _json(_param_json(params[name], with_velocity=with_velocity))
 
 
-@router.get("/models/{model}/params", response_model=schemas.ParamsOut, responses=problem_responses(404, 422))
+@router.get(
+    "/models/{model}/params",
+    response_model=schemas.ParamsOut,
+    responses={200: {"content": _binary_response(_PARAMS_BINARY_OUT)}, **problem_responses(404, 422)},
+)
 async def get_params(
     model: ModelName,
+    request: Request,
     server: ServerDep,
     names: Annotated[str | None, Query(description="Comma-separated parameter names; all when absent.")] = None,
     include: Include = None,
@@ -245,6 +319,8 @@ async def get_params(
                 errors=[{"loc": ["query", "names"], "msg": "comma-separated parameter names"}],
             )
     params = await server.get_params(model, wanted, with_velocity=with_velocity)
+    if wire.wants_safetensors(request.headers.get("accept")):
+        return _params_safetensors(params, with_velocity)
     return _json({"params": {n: _param_json(p, with_velocity=with_velocity) for n, p in params.items()}})
 
 
@@ -253,6 +329,8 @@ async def delete_param(model: ModelName, name: ParamPath, server: ServerDep) -> 
     await server.delete_param(model, name)
     return Response(status_code=204)
 
+
+_STEP_OPTIONS = ("return_params", "expected_steps", "worker_id", "base_step")
 
 IdempotencyKey = Annotated[
     str | None,
@@ -302,10 +380,11 @@ def _step_json(r: StepResult, with_value: bool) -> dict[str, Any]:
     "/models/{model}/step",
     response_model=schemas.StepOut,
     responses={
+        200: {"content": _binary_response(_STEP_BINARY_OUT)},
         202: {"model": schemas.StepPendingOut, "description": "Sync mode: the step is not complete yet"},
         **problem_responses(404, 409, *_BODY_ERRORS, 503),
     },
-    openapi_extra=_body_doc(schemas.StepRequest),
+    openapi_extra=_body_doc(schemas.StepRequest, _STEP_BINARY),
     summary="Apply one momentum update per named parameter (all or none) and return the new values",
 )
 async def step(
@@ -315,9 +394,18 @@ async def step(
     settings: SettingsDep,
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
-    body, raw = await parse_json_raw(request, schemas.StepRequest, settings)
-    idempotency = _idempotency(idempotency_key, request, raw)
-    grads = {name: to_array(t, ["gradients", name], settings) for name, t in body.gradients.items()}
+    received = await parse_tensor_body(request, schemas.StepRequest, settings, dtypes=wire.GRADIENT_DTYPES)
+    idempotency = _idempotency(idempotency_key, request, received.raw)
+    body: schemas.StepOptions
+    if received.parsed is not None:
+        body = received.parsed
+        grads = {name: to_array(t, ["gradients", name], settings) for name, t in received.parsed.gradients.items()}
+    else:
+        fields = metadata_fields(received.metadata, _STEP_OPTIONS)
+        body = validate(schemas.StepOptions, fields, ["body", "__metadata__"])
+        grads = received.tensors
+        if not grads:
+            raise Problem(422, "invalid-request", "no gradients given", errors=[{"loc": ["body"], "msg": "empty"}])
     if body.expected_steps is not None:
         extra = sorted(set(body.expected_steps) - set(grads))
         if extra:
@@ -346,9 +434,14 @@ async def step(
         }
         location = f"/v1/models/{model}/params?names={','.join(grads)}"
         return _json(pending, 202, headers={"Location": location, "Retry-After": "0"})
-    out = {n: _step_json(r, body.return_params) for n, r in results.items()}
     replayed = any(r.replayed for r in results.values())
-    return _json({"params": out}, headers={"Idempotent-Replayed": "true"} if replayed else None)
+    headers = {"Idempotent-Replayed": "true"} if replayed else None
+    if wire.wants_safetensors(request.headers.get("accept")):
+        tensors = {n: r.value for n, r in results.items() if body.return_params and r.value is not None}
+        meta = {"params": {n: _step_json(r, False) for n, r in results.items()}}
+        return _safetensors(wire.encode(tensors, meta), headers=headers)
+    out = {n: _step_json(r, body.return_params) for n, r in results.items()}
+    return _json({"params": out}, headers=headers)
 
 
 health = APIRouter()

@@ -261,8 +261,9 @@ class ParamsPut(_Strict):
     params: dict[ParamName, Tensor] = Field(min_length=1)
 
 
-class StepRequest(_Strict):
-    gradients: dict[ParamName, Tensor] = Field(min_length=1)
+class StepOptions(_Strict):
+    """A step's options: the JSON body's fields besides ``gradients``, or the safetensors metadata."""
+
     return_params: bool = True
     expected_steps: dict[ParamName, Annotated[int, Field(ge=0)]] | None = Field(
         default=None,
@@ -277,6 +278,10 @@ class StepRequest(_Strict):
         ge=0,
         description="`sync` and `bounded` modes (required there): the step the gradients were computed from.",
     )
+
+
+class StepRequest(StepOptions):
+    gradients: dict[ParamName, Tensor] = Field(min_length=1)
 
 
 # Responses (documentation only: handlers encode them directly with orjson for speed).
