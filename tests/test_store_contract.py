@@ -11,8 +11,8 @@ from momentum_service.engine import ParameterServer
 from momentum_service.errors import ModelNotFound, ParamNotFound, ParamsExist
 from momentum_service.kernels import SGDConfig, sgd_update
 from momentum_service.kernels.schedules import ConstantSchedule
-from momentum_service.store import Claim, ClaimState, ParamUpdate, Store, new_token
-from momentum_service.store.redis import RedisStore
+from momentum_service.store import Claim, ClaimState, ParamRecord, ParamUpdate, Store, new_token
+from momentum_service.store.redis import RedisStore, StateCache
 
 CFG = {"optimizer": SGDConfig(lr=0.1, momentum=0.9).to_dict()}
 
@@ -257,3 +257,43 @@ async def test_redis_keys_stay_under_the_prefix(redis_proc, redis_prefix: str) -
         client.close()
     finally:
         await store.close()
+
+
+async def test_a_cached_state_is_never_served_stale(redis_proc, redis_prefix: str) -> None:  # type: ignore[no-untyped-def]
+    """Two stores on one Redis (two server processes): each sees the other's writes at once."""
+
+    a = RedisStore.from_url(redis_proc.url, prefix=redis_prefix)
+    b = RedisStore.from_url(redis_proc.url, prefix=redis_prefix)
+    try:
+        rec, _ = await a.put_model("m", CFG)
+        await a.put_params("m", {"w": f32(1)}, only_create=False)
+        for k in range(1, 4):
+            writer, reader = (a, b) if k % 2 else (b, a)
+            _, ps = await writer.read("m", ["w"], with_velocity=True)
+            update = ParamUpdate("w", ps["w"].etag, f32(10 * k), f32(k), k, new_token())
+            assert (await writer.commit_step("m", rec.rev, [update])).status == "applied"
+            _, seen = await reader.read("m", ["w"], with_velocity=True)
+            assert seen["w"].value.tolist() == [10.0 * k] and seen["w"].step == k
+            assert seen["w"].velocity is not None and seen["w"].velocity.tolist() == [float(k)]
+        # A value set by the other process replaces what this one cached.
+        await b.put_params("m", {"w": f32(-5)}, only_create=False)
+        _, seen = await a.read("m", ["w"], with_velocity=True)
+        assert seen["w"].value.tolist() == [-5.0] and seen["w"].velocity is None and seen["w"].step == 0
+        # Cached arrays are shared, so they are read-only.
+        assert not seen["w"].value.flags.writeable
+    finally:
+        await a.close()
+        await b.close()
+
+
+def test_the_state_cache_keeps_within_its_budget() -> None:
+
+    cache = StateCache(max_bytes=100)
+    for i in range(10):
+        cache.put("m", ParamRecord(f"p{i}", np.zeros(5, np.float32), np.zeros(5, np.float32), 0, f"e{i}"))
+    assert cache.bytes <= 100 and cache.get("m", "p9", "e9") is not None and cache.get("m", "p0", "e0") is None
+    assert cache.get("m", "p9", "other-etag") is None
+    cache.put("m", ParamRecord("huge", np.zeros(1000, np.float32), None, 0, "e"))  # bigger than the budget
+    assert cache.get("m", "huge", "e") is None
+    cache.drop("m")
+    assert cache.bytes == 0

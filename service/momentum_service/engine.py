@@ -53,8 +53,18 @@ from .store.base import Array
 _THREAD_THRESHOLD = 1 << 16
 
 
+_CONFIGS: dict[str, ModelConfig] = {}
+
+
 def config_of(record: ModelRecord) -> ModelConfig:
-    return ModelConfig.from_dict(record.config)
+    """The record's config, parsed once per revision (revisions are unique tokens)."""
+    config = _CONFIGS.get(record.rev)
+    if config is None:
+        config = ModelConfig.from_dict(record.config)
+        if len(_CONFIGS) >= 1024:
+            _CONFIGS.clear()
+        _CONFIGS[record.rev] = config
+    return config
 
 
 @dataclass(frozen=True, slots=True)

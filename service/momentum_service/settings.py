@@ -20,6 +20,12 @@ class Settings(BaseSettings):
     redis_timeout_s: float = Field(
         default=2.0, gt=0, description="Socket timeout of a Redis command; a request gets 503 within ~3x this."
     )
+    cache_bytes: int = Field(
+        default=512 << 20,
+        ge=0,
+        description="Parameter states kept in this process, validated by etag, so steps need not re-read "
+        "them from Redis (0 disables the cache).",
+    )
     max_body_bytes: int = Field(default=64 * 1024 * 1024, gt=0, description="Largest accepted request body (413).")
     max_tensor_elements: int = Field(default=1 << 25, gt=0, description="Largest tensor, in elements (413).")
     max_tensor_dims: int = Field(default=32, gt=0)

@@ -32,7 +32,12 @@ def make_store(settings: Settings) -> Store:
     if settings.redis_url:
         from ..store.redis import RedisStore
 
-        return RedisStore.from_url(settings.redis_url, prefix=settings.redis_prefix, timeout=settings.redis_timeout_s)
+        return RedisStore.from_url(
+            settings.redis_url,
+            prefix=settings.redis_prefix,
+            timeout=settings.redis_timeout_s,
+            cache_bytes=settings.cache_bytes,
+        )
     return MemoryStore()
 
 

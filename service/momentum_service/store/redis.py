@@ -9,6 +9,7 @@ reading its index). Reads are pipelined into one round trip. Any Redis failure b
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -38,6 +39,7 @@ from .keys import Keys
 # Stored little-endian whatever the host; decoded to native order (a no-op on x86 and ARM).
 _DTYPES: dict[str, np.dtype[Any]] = {"float32": np.dtype("<f4"), "float64": np.dtype("<f8")}
 _PARAM_FIELDS = ("shape", "dtype", "step", "etag", "value")
+_META_FIELDS = ("shape", "dtype", "step", "etag")
 
 
 @asynccontextmanager
@@ -61,11 +63,57 @@ def _decode(raw: bytes, dtype: str, shape: tuple[int, ...]) -> Array:
     return a.astype(a.dtype.newbyteorder("="), copy=False)  # read-only when no copy was needed
 
 
+class StateCache:
+    """Parameter states this process holds, least recently used first out, within a byte budget.
+
+    An entry is only ever used when its etag is the one Redis has, so a stale entry is never
+    served: it is replaced at the next read.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._entries: OrderedDict[tuple[str, str], ParamRecord] = OrderedDict()
+
+    @staticmethod
+    def _size(rec: ParamRecord) -> int:
+        return rec.value.nbytes + (0 if rec.velocity is None else rec.velocity.nbytes)
+
+    def get(self, model: str, name: str, etag: str) -> ParamRecord | None:
+        rec = self._entries.get((model, name))
+        if rec is None or rec.etag != etag:
+            return None
+        self._entries.move_to_end((model, name))
+        return rec
+
+    def put(self, model: str, rec: ParamRecord) -> None:
+        self.drop(model, rec.name)
+        size = self._size(rec)
+        if size > self.max_bytes:
+            return
+        for a in (rec.value, rec.velocity):
+            if a is not None and a.flags.writeable:
+                a.flags.writeable = False  # shared with callers: nobody may change it in place
+        self._entries[(model, rec.name)] = rec
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, old = self._entries.popitem(last=False)
+            self.bytes -= self._size(old)
+
+    def drop(self, model: str, name: str | None = None) -> None:
+        keys = [(model, name)] if name is not None else [k for k in self._entries if k[0] == model]
+        for key in keys:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self.bytes -= self._size(old)
+
+
 class RedisStore:
     kind = "redis"
 
-    def __init__(self, client: aioredis.Redis, prefix: str = "momentum") -> None:
+    def __init__(self, client: aioredis.Redis, prefix: str = "momentum", *, cache_bytes: int = 512 << 20) -> None:
         self._redis = client
+        self._cache = StateCache(cache_bytes)
         self.keys = Keys(prefix)
         self._put_model = client.register_script(scripts.PUT_MODEL)
         self._replace_config = client.register_script(scripts.REPLACE_CONFIG)
@@ -77,7 +125,9 @@ class RedisStore:
         self._contribute = client.register_script(scripts.CONTRIBUTE)
 
     @classmethod
-    def from_url(cls, url: str, *, prefix: str = "momentum", timeout: float = 2.0) -> RedisStore:
+    def from_url(
+        cls, url: str, *, prefix: str = "momentum", timeout: float = 2.0, cache_bytes: int = 512 << 20
+    ) -> RedisStore:
         """A store on a new connection pool.
 
         redis-py's default policy retries a failed command 10 times with growing pauses, which
@@ -92,7 +142,7 @@ class RedisStore:
             health_check_interval=30,
             retry=Retry(ExponentialBackoff(cap=0.1, base=0.025), retries=2),
         )
-        return cls(client, prefix)
+        return cls(client, prefix, cache_bytes=cache_bytes)
 
     async def ping(self) -> None:
         async with _guard():
@@ -133,6 +183,7 @@ class RedisStore:
                     pipe.multi()  # type: ignore[no-untyped-call]
                     pipe.delete(model_key, index_key, *(self.keys.param(model, _text(n)) for n in names))
                     await pipe.execute()
+                    self._cache.drop(model)
                     return existed
                 except WatchError:
                     continue
@@ -162,48 +213,76 @@ class RedisStore:
     async def read(
         self, model: str, names: list[str] | None, *, with_velocity: bool
     ) -> tuple[ModelRecord, dict[str, ParamRecord]]:
-        fields = [*_PARAM_FIELDS, "velocity"] if with_velocity else list(_PARAM_FIELDS)
+        """One round trip for the metadata and etags; a second only for what the cache lacks.
+
+        The cache holds the states this process last wrote or read, keyed by etag: a fresh
+        token per write, so a cached state whose etag is still in Redis is the current one.
+        """
         async with _guard():
             wanted = await self._names(model) if names is None else names
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.hmget(self.keys.model(model), ["config", "rev"])
                 for name in wanted:
-                    pipe.hmget(self.keys.param(model, name), fields)
+                    pipe.hmget(self.keys.param(model, name), _META_FIELDS)
                 model_row, *rows = await pipe.execute()
-        record = _model_record(model, model_row)
-        if record is None:
-            raise ModelNotFound(model)
-        missing = [n for n, row in zip(wanted, rows, strict=True) if row[0] is None]
-        if missing:
-            raise ParamNotFound(model, missing)
-        params = {}
-        for name, row in zip(wanted, rows, strict=True):
-            shape, dtype = tuple(json.loads(row[0])), row[1].decode()
-            velocity = None
-            if with_velocity and row[5] is not None:
-                velocity = _decode(row[5], dtype, shape)
-            params[name] = ParamRecord(name, _decode(row[4], dtype, shape), velocity, int(row[2]), row[3].decode())
-        return record, params
+            record = _model_record(model, model_row)
+            if record is None:
+                raise ModelNotFound(model)
+            missing = [n for n, row in zip(wanted, rows, strict=True) if row[0] is None]
+            if missing:
+                raise ParamNotFound(model, missing)
+            params: dict[str, ParamRecord] = {}
+            stale = []
+            for name, (_, _, _, etag) in zip(wanted, rows, strict=True):
+                cached = self._cache.get(model, name, etag.decode())
+                if cached is not None:
+                    params[name] = cached
+                else:
+                    stale.append(name)
+            if stale:
+                fields = [*_PARAM_FIELDS, "velocity"]
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for name in stale:
+                        pipe.hmget(self.keys.param(model, name), fields)
+                    full_rows = await pipe.execute()
+                gone = [n for n, row in zip(stale, full_rows, strict=True) if row[0] is None]
+                if gone:
+                    raise ParamNotFound(model, gone)
+                for name, row in zip(stale, full_rows, strict=True):
+                    shape, dtype = tuple(json.loads(row[0])), row[1].decode()
+                    velocity = None if row[5] is None else _decode(row[5], dtype, shape)
+                    rec = ParamRecord(name, _decode(row[4], dtype, shape), velocity, int(row[2]), row[3].decode())
+                    self._cache.put(model, rec)
+                    params[name] = rec
+        if with_velocity:
+            return record, {name: params[name] for name in wanted}
+        return record, {
+            name: ParamRecord(name, params[name].value, None, params[name].step, params[name].etag) for name in wanted
+        }
 
     async def put_params(self, model: str, values: dict[str, Array], *, only_create: bool) -> dict[str, bool]:
         names = list(values)
         keys = [self.keys.model(model), self.keys.param_index(model), *(self.keys.param(model, n) for n in names)]
         args: list[Any] = ["1" if only_create else "0"]
-        for name in names:
+        etags = [new_token() for _ in names]
+        for name, etag in zip(names, etags, strict=True):
             v = values[name]
-            args += [name, json.dumps(list(v.shape)), v.dtype.name, new_token(), _encode(v)]
+            args += [name, json.dumps(list(v.shape)), v.dtype.name, etag, _encode(v)]
         async with _guard():
             res = await self._put_params(keys=keys, args=args)
         if res[0] == -1:
             raise ModelNotFound(model)
         if res[0] == -2:
             raise ParamsExist(model, [n.decode() for n in res[1:]])
+        for name, etag in zip(names, etags, strict=True):
+            self._cache.put(model, ParamRecord(name, np.array(values[name]), None, 0, etag))
         return {name: bool(flag) for name, flag in zip(names, res[1:], strict=True)}
 
     async def delete_param(self, model: str, name: str) -> bool:
         keys = [self.keys.model(model), self.keys.param_index(model), self.keys.param(model, name)]
         async with _guard():
             res = await self._delete_param(keys=keys, args=[name])
+        self._cache.drop(model, name)
         if res == -1:
             raise ModelNotFound(model)
         return bool(res)
@@ -232,6 +311,9 @@ class RedisStore:
         code = int(res[0])
         if code == -1:
             raise ModelNotFound(model)
+        if code == 1:
+            for u in updates:
+                self._cache.put(model, ParamRecord(u.name, u.value, u.velocity, u.step, u.etag))
         if code == 2:
             return CommitOutcome("done", _text(res[1]), _text(res[2]))
         return CommitOutcome({1: "applied", 0: "conflict", -2: "mismatch", -3: "in_flight"}[code])  # type: ignore[arg-type]
