@@ -13,6 +13,15 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1
 
+# A C compiler for the native SGD kernel (service/momentum_service/kernels/_sgd.c), in this
+# stage only: the runtime stage copies the built venv, never the toolchain. Not version-pinned
+# on purpose: these are bookworm's own toolchain packages, and a pinned Debian revision
+# disappears from the mirror at the next point release; nothing of them reaches the image.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+
 WORKDIR /src
 
 # Only what the wheel build reads (.dockerignore keeps everything else out of the context).
@@ -21,12 +30,15 @@ COPY service/ service/
 COPY clients/ clients/
 
 # A real (non-editable) wheel, then the wheel plus its `server` extra into /opt/venv, which
-# is the only thing the runtime stage takes from here.
+# is the only thing the runtime stage takes from here. The extension is optional to pip (a
+# client install without a compiler falls back to numpy); the image must have it, so the
+# build fails here if it did not compile.
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /tmp/dist . \
     && python -m venv /opt/venv \
     && set -- /tmp/dist/momentum_service-*.whl \
     && /opt/venv/bin/pip install --no-cache-dir "$1[server]" \
-    && /opt/venv/bin/pip check
+    && /opt/venv/bin/pip check \
+    && /opt/venv/bin/python -c "from momentum_service.kernels import sgd; assert sgd.BACKEND == 'native', sgd.NATIVE_IMPORT_ERROR"
 
 # ---- runtime ----
 FROM python:3.11-slim-bookworm AS runtime

@@ -2,7 +2,14 @@
 
 Run: .venv/bin/python bench/kernel.py [--size 1000000] [--repeat 7]
 Prints the median time per step (ms) of one full momentum update with weight decay and
-nesterov, for float32 and float64, measured in one run, interleaved.
+nesterov, for float32 and float64, measured in one run, interleaved:
+
+  ours-native   sgd_update's native path (the C extension kernels/_sgd.c), what the server runs
+  ours-numpy    sgd_update's numpy path (the emulated fma; the reference and the fallback)
+  numpy naive   the unfused numpy expression (not bitwise equal to torch; the speed floor of numpy)
+  torch         torch.optim.SGD.step on one thread
+
+Every variant allocates fresh outputs, as sgd_update does; torch updates in place.
 """
 
 from __future__ import annotations
@@ -11,10 +18,11 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 import torch
-from momentum_service.kernels import SGDConfig, sgd_update
+from momentum_service.kernels import SGDConfig, sgd
 
 CFG = SGDConfig(lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-4)
 
@@ -41,8 +49,16 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
+    kernels = sgd._NATIVE_KERNELS
+    if kernels:
+        from momentum_service.kernels import _sgd
+
+        fma_note = "hardware FMA" if _sgd.hardware_fma() else "libm fma (no hardware FMA on this CPU)"
+        print(f"native kernel: {_sgd.__file__} ({fma_note})")
+    else:
+        print(f"native kernel: not available ({sgd.NATIVE_IMPORT_ERROR})")
     print(f"one momentum step (nesterov, weight decay) on {args.size:,} elements; median of {args.repeat}, ms")
-    print(f"{'dtype':8} {'exact (ours)':>13} {'plain numpy':>12} {'torch.optim.SGD':>16}")
+    print(f"{'dtype':8} {'ours-native':>12} {'ours-numpy':>11} {'numpy naive':>12} {'torch':>8}")
     for dtype in (np.float32, np.float64):
         value = rng.standard_normal(args.size).astype(dtype)
         velocity = rng.standard_normal(args.size).astype(dtype)
@@ -51,15 +67,22 @@ def main() -> None:
         opt = torch.optim.SGD([tp], lr=CFG.lr, momentum=CFG.momentum, nesterov=True, weight_decay=CFG.weight_decay)
         tp.grad = torch.from_numpy(grad.copy())
         opt.step()
-        runs: dict[str, list[float]] = {"ours": [], "naive": [], "torch": []}
+        kernel = kernels.get(np.dtype(dtype))
+        fns: dict[str, Callable[[], object]] = {
+            "numpy": partial(sgd._update_numpy, CFG, CFG.lr, value, velocity, grad),
+            "naive": partial(naive, value, velocity, grad),
+            "torch": opt.step,
+        }
+        if kernel is not None:
+            fns = {"native": partial(sgd._update_native, kernel, CFG, CFG.lr, value, velocity, grad), **fns}
+        runs: dict[str, list[float]] = {k: [] for k in fns}
         inner = max(1, 20_000_000 // args.size)
         for _ in range(args.repeat):
-            inputs = (value, velocity, grad)
-            runs["ours"].append(timed(lambda a=inputs: sgd_update(CFG, *a), inner))  # type: ignore[misc]
-            runs["naive"].append(timed(lambda a=inputs: naive(*a), inner))  # type: ignore[misc]
-            runs["torch"].append(timed(opt.step, inner))
+            for name, fn in fns.items():
+                runs[name].append(timed(fn, inner))
         med = {k: statistics.median(v) for k, v in runs.items()}
-        print(f"{np.dtype(dtype).name:8} {med['ours']:13.2f} {med['naive']:12.2f} {med['torch']:16.2f}")
+        native = f"{med['native']:12.2f}" if "native" in med else f"{'n/a':>12}"
+        print(f"{np.dtype(dtype).name:8} {native} {med['numpy']:11.2f} {med['naive']:12.2f} {med['torch']:8.2f}")
 
 
 if __name__ == "__main__":
