@@ -45,7 +45,7 @@ from .errors import (
 )
 from .kernels import Rule
 from .kernels.schedules import LRTable
-from .store import Claim, ModelRecord, ParamMeta, ParamRecord, ParamUpdate, Store, new_token
+from .store import Claim, ClaimState, ModelRecord, ParamMeta, ParamRecord, ParamUpdate, Store, new_token
 from .store.base import Array
 
 # Updates bigger than this many elements are computed in a worker thread (numpy releases
@@ -240,29 +240,37 @@ class ParameterServer:
         ``worker_id``'s contribution to ``base_step`` (see :meth:`_sync`).
         """
         push = _Push(expected_steps, worker_id, base_step)
-        claim = None
+        claim, claiming = None, None
         if idempotency is not None:
+            # The key is claimed while the first attempt reads and computes; its commit waits for the claim.
             claim = Claim(idempotency.key, idempotency.fingerprint, new_token(), self.lease_ms, self.ttl_ms)
-            state = await self.store.claim(model, claim)
-            if state.status != "owned":
-                return await self._settle(model, claim, state.status, state.summary)
+            claiming = asyncio.ensure_future(self.store.claim(model, claim))
         try:
-            return await self._step(model, grads, push, claim)
+            return await self._step(model, grads, push, claim, claiming)
         except BaseException:
-            if claim is not None:
+            if claim is not None and claiming is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(claiming)  # release only after the claim has landed
                 await _quietly(self.store.release(model, claim))
             raise
 
     async def _step(
-        self, model: str, grads: Mapping[str, Array], push: _Push, claim: Claim | None
+        self,
+        model: str,
+        grads: Mapping[str, Array],
+        push: _Push,
+        claim: Claim | None,
+        claiming: asyncio.Future[ClaimState] | None,
     ) -> dict[str, StepResult] | StepPending:
         deadline = time.monotonic() + self.contention_timeout_s
         attempt = 0
         while True:
             async with self._lock(model):
-                result = await self._attempt(model, grads, push, claim)
+                result = await self._attempt(model, grads, push, claim, claiming)
             if isinstance(result, _Sync):
-                if claim is not None:  # (worker_id, base_step) makes a contribution idempotent already
+                if claim is not None and claiming is not None:  # (worker_id, base_step) is a key already
+                    with contextlib.suppress(Exception):
+                        await claiming
                     await _quietly(self.store.release(model, claim))
                 return await self._sync(model, grads, push, result.workers)
             if result is not None:
@@ -274,7 +282,12 @@ class ParameterServer:
                     return await self._settle(model, claim, state.status, state.summary)
 
     async def _attempt(
-        self, model: str, grads: Mapping[str, Array], push: _Push, claim: Claim | None
+        self,
+        model: str,
+        grads: Mapping[str, Array],
+        push: _Push,
+        claim: Claim | None,
+        claiming: asyncio.Future[ClaimState] | None,
     ) -> dict[str, StepResult] | _Sync | None:
         """Read, compute and commit once: the results, ``None`` after losing a race, or ``_Sync``."""
         names = list(grads)
@@ -293,6 +306,10 @@ class ParameterServer:
             updates = await asyncio.to_thread(_compute, config.rule, lrs, params, grads)
         else:
             updates = _compute(config.rule, lrs, params, grads)
+        if claim is not None and claiming is not None:
+            state = await claiming
+            if state.status != "owned":
+                return await self._settle(model, claim, state.status, state.summary)
         try:
             outcome = await self.store.commit_step(model, record.rev, updates, claim, _summary(updates, lrs))
         except StoreUnavailable as exc:
