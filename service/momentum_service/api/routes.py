@@ -362,7 +362,7 @@ def _idempotency(key: str | None, request: Request, raw: bytes) -> Idempotency |
     digest = hashlib.sha256()
     for part in (request.method, request.url.path, request.headers.get("content-type", "")):
         digest.update(part.encode() + b"\n")
-    digest.update(raw)
+    digest.update(raw)  # hashlib releases the GIL for large inputs
     return Idempotency(key, digest.hexdigest())
 
 

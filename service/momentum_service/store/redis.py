@@ -54,8 +54,10 @@ async def _guard() -> AsyncIterator[None]:
         raise StoreUnavailable(f"redis: {exc}") from exc
 
 
-def _encode(a: Array) -> bytes:
-    return np.ascontiguousarray(a, dtype=_DTYPES[a.dtype.name]).tobytes()
+def _encode(a: Array) -> memoryview:
+    """The array's little-endian bytes, without a copy when it already is contiguous little-endian."""
+    contiguous: Any = np.ascontiguousarray(a, dtype=_DTYPES[a.dtype.name])
+    return memoryview(contiguous).cast("B")
 
 
 def _decode(raw: bytes, dtype: str, shape: tuple[int, ...]) -> Array:
