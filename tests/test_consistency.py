@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import numpy as np
 import pytest
+from momentum_service.api.routes import fingerprint
 from momentum_service.engine import mean_gradient
 from momentum_service.kernels import SGDConfig, sgd_update
 from momentum_service.store import Claim, Store, new_token
@@ -100,12 +100,9 @@ async def test_a_retry_while_the_first_attempt_is_in_flight_is_a_409(api: httpx.
     await make_model(api)
     # Another attempt holds the key: claim it the way the engine does, with the request's fingerprint.
     body = httpx.Request("POST", "http://test/v1/models/m/step", json=push(3.0)).content
-    digest = hashlib.sha256()
-    for part in ("POST", "/v1/models/m/step", "application/json"):
-        digest.update(part.encode() + b"\n")
-    digest.update(body)
-    fingerprint = digest.hexdigest()
-    holder = Claim("busy", fingerprint, new_token(), 60_000, 60_000)
+    holder = Claim(
+        "busy", fingerprint("POST", "/v1/models/m/step", "application/json", body), new_token(), 60_000, 60_000
+    )
     assert (await store.claim("m", holder)).status == "owned"
     r = await api.post(
         "/v1/models/m/step", content=body, headers={"Idempotency-Key": "busy", "content-type": "application/json"}
@@ -254,3 +251,17 @@ async def test_mode_config_validation(api: httpx.AsyncClient) -> None:
     assert_problem(await api.patch("/v1/models/m", json={"workers": 2}), 422, "invalid-config")
     r = await api.patch("/v1/models/m", json={"mode": "async"})
     assert r.json()["mode"] == "async" and "max_staleness" not in r.json()
+
+
+def test_fingerprints_tell_bodies_apart() -> None:
+    small, big = b"x" * 100, bytes(range(256)) * 8192  # 2 MiB: the large-body path
+    seen = {fingerprint("POST", "/p", "t", small), fingerprint("POST", "/p", "t", big)}
+    for base in (small, big):
+        for i in (0, len(base) // 2, len(base) - 1):  # any changed byte: the head, the middle, the tail
+            changed = bytearray(base)
+            changed[i] ^= 1
+            seen.add(fingerprint("POST", "/p", "t", bytes(changed)))
+        seen.add(fingerprint("POST", "/p", "t", base + b"!"))
+        seen.add(fingerprint("POST", "/other", "t", base))
+        seen.add(fingerprint("POST", "/p", "application/x-safetensors", base))
+    assert len(seen) == 2 + 2 * 6

@@ -46,3 +46,7 @@ class Settings(BaseSettings):
         default=3600.0, gt=0, description="How long an unfinished sync step's gradients are kept."
     )
     log_level: str = "info"
+    access_log: bool = Field(
+        default=False,
+        description="Log every request (uvicorn's access log); off by default, as it costs time per step.",
+    )

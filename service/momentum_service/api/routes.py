@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import zlib
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response
@@ -359,11 +360,29 @@ def _idempotency(key: str | None, request: Request, raw: bytes) -> Idempotency |
             "Idempotency-Key must be 1 to 255 visible ASCII characters",
             errors=[{"loc": ["header", "Idempotency-Key"], "msg": "1 to 255 visible ASCII characters"}],
         )
-    digest = hashlib.sha256()
-    for part in (request.method, request.url.path, request.headers.get("content-type", "")):
-        digest.update(part.encode() + b"\n")
-    digest.update(raw)  # hashlib releases the GIL for large inputs
-    return Idempotency(key, digest.hexdigest())
+    return Idempotency(key, fingerprint(request.method, request.url.path, request.headers.get("content-type", ""), raw))
+
+
+def fingerprint(method: str, path: str, content_type: str, raw: bytes) -> str:
+    """What identifies a request under its Idempotency-Key: method, path, media type and body.
+
+    Small bodies are hashed whole with SHA-256. A large body (a gradient of megabytes, where
+    SHA-256 costs 0.6 ms per MB) is identified by its length, its CRC-32 (3x faster) and its
+    first and last 64 KiB: a retry that sends other bytes under the same key is still caught,
+    short of a CRC-32 collision at the same length and ends (a 1 in 2^32 chance). The key is
+    the client's own, so this only guards the client against its own mistakes.
+    """
+    digest = hashlib.sha256(f"{method}\n{path}\n{content_type}\n{len(raw)}\n".encode())
+    if len(raw) <= _WHOLE_HASH_LIMIT:
+        digest.update(raw)
+    else:
+        digest.update(zlib.crc32(raw).to_bytes(4, "little"))
+        digest.update(raw[: 1 << 16])
+        digest.update(raw[-(1 << 16) :])
+    return digest.hexdigest()
+
+
+_WHOLE_HASH_LIMIT = 1 << 20
 
 
 def _step_json(r: StepResult, with_value: bool) -> dict[str, Any]:
