@@ -144,7 +144,18 @@ def test_clients_expose_the_same_methods_and_signatures() -> None:
 def test_constructors_take_the_same_arguments() -> None:
     sync = inspect.signature(mc.Client.__init__).parameters
     aio = inspect.signature(mc.AsyncClient.__init__).parameters
-    expected = ["self", "base_url", "timeout", "transport", "client", "headers", "max_retries", "sync_wait", "wire"]
+    expected = [
+        "self",
+        "base_url",
+        "timeout",
+        "transport",
+        "client",
+        "headers",
+        "max_retries",
+        "sync_wait",
+        "wire",
+        "api_key",
+    ]
     assert list(sync) == list(aio) == expected
     for name in sync:
         assert (sync[name].kind, sync[name].default) == (aio[name].kind, aio[name].default)

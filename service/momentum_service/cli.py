@@ -1,4 +1,4 @@
-"""Command line: ``momentum-service serve``."""
+"""Command line: ``momentum-service serve`` and ``momentum-service keys create``."""
 
 from __future__ import annotations
 
@@ -19,10 +19,55 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--port", type=int, help="port (env MOMENTUM_PORT, default 8000)")
     serve.add_argument("--redis-url", help="Redis URL (env MOMENTUM_REDIS_URL); unset: the embedded store")
     serve.add_argument("--log-level", help="debug, info, warning, error (env MOMENTUM_LOG_LEVEL)")
+    serve.add_argument("--keys-file", help="file of API keys, from `keys create` (env MOMENTUM_KEYS_FILE)")
+    serve.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="serve without API keys on a non-loopback address (refused otherwise)",
+    )
+    keys = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="keys_command", required=True)
+    create = keys.add_parser(
+        "create",
+        help="print a new random key (first line) and its line for the keys file (second line)",
+    )
+    create.add_argument(
+        "--scope",
+        action="append",
+        required=True,
+        help="read:PATTERN, write:PATTERN or admin:PATTERN (a glob over model names); repeatable",
+    )
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "keys":
+        return _keys_create(args.scope)
     return 2  # pragma: no cover - argparse enforces the subcommand
+
+
+def _keys_create(scopes: list[str]) -> int:
+    from .auth import ApiKey, Scope, hash_key, new_key
+
+    try:
+        parsed = tuple(Scope.parse(s) for s in scopes)
+    except ValueError as exc:
+        print(f"momentum-service: {exc}", file=sys.stderr)
+        return 2
+    key = new_key()
+    print(key)
+    print(ApiKey(hash_key(key), parsed, "new").line())
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -39,6 +84,8 @@ def _serve(args: argparse.Namespace) -> int:
             "port": args.port,
             "redis_url": args.redis_url,
             "log_level": args.log_level,
+            "keys_file": args.keys_file,
+            "insecure": args.insecure,
         }.items()
         if v is not None
     }
@@ -47,11 +94,34 @@ def _serve(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"momentum-service: invalid setting:\n{exc}", file=sys.stderr)
         return 2
+    from .auth import KeyRing
+
+    try:
+        ring = KeyRing.load(settings.keys_file, settings.api_keys)
+    except (OSError, ValueError) as exc:
+        print(f"momentum-service: cannot load the API keys: {exc}", file=sys.stderr)
+        return 2
+    if not ring and not _is_loopback(settings.host) and not settings.insecure:
+        print(
+            f"momentum-service: refusing to serve on {settings.host} without API keys: anyone who can reach it "
+            "could read and overwrite every model. Configure keys (--keys-file, see `momentum-service keys "
+            "create`), bind a loopback address, or pass --insecure.",
+            file=sys.stderr,
+        )
+        return 2
     level = settings.log_level.upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("momentum_service")
     store = "redis at " + _redact(settings.redis_url) if settings.redis_url else "the embedded in-memory store"
     log.info("momentum-service %s on http://%s:%d using %s", __version__, settings.host, settings.port, store)
+    if ring:
+        log.info("API keys required: %d configured", len(ring.keys))
+    elif settings.insecure and not _is_loopback(settings.host):
+        log.warning(
+            "--insecure: serving WITHOUT API keys on %s; anyone who can reach it has full access", settings.host
+        )
+    else:
+        log.warning("no API keys configured: open to anyone on this machine (bound to %s only)", settings.host)
     uvicorn.run(
         create_app(settings),
         host=settings.host,

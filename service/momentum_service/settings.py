@@ -45,6 +45,19 @@ class Settings(BaseSettings):
     sync_ttl_s: float = Field(
         default=3600.0, gt=0, description="How long an unfinished sync step's gradients are kept."
     )
+    keys_file: str | None = Field(
+        default=None, description="File of API keys (SHA-256 hashes and scopes, one per line); see auth.py."
+    )
+    api_keys: str | None = Field(default=None, description="Key lines inline, separated by newlines or ';'.")
+    insecure: bool = Field(
+        default=False, description="Run without API keys on a non-loopback address (refused otherwise)."
+    )
+    public_docs: bool = Field(default=False, description="Serve /docs and /openapi.json without a key.")
+    max_concurrent_requests: int = Field(
+        default=256, gt=0, description="Requests handled at once; beyond it, 503 with Retry-After."
+    )
+    max_params_per_request: int = Field(default=10_000, gt=0, description="Tensors in one request (413).")
+    max_json_depth: int = Field(default=32, gt=0, description="Nesting depth of a JSON body (422).")
     log_level: str = "info"
     access_log: bool = Field(
         default=False,

@@ -44,6 +44,7 @@ class AsyncClient:
         max_retries: int = _base.DEFAULT_MAX_RETRIES,
         sync_wait: float = _base.DEFAULT_SYNC_WAIT,
         wire: _base.Wire = "safetensors",
+        api_key: str | None = None,
     ) -> None:
         if client is not None and transport is not None:
             raise ValueError("pass either client or transport, not both")
@@ -52,7 +53,7 @@ class AsyncClient:
             raise ValueError(f"wire must be one of {', '.join(_base.WIRES)}, got {wire!r}")
         self._wire: _base.Wire = wire
         self._base_url = _base.normalize_base_url(base_url)
-        self._headers = {**_base.DEFAULT_HEADERS, **(headers or {})}
+        self._headers = {**_base.DEFAULT_HEADERS, **_base.auth_headers(api_key), **(headers or {})}
         self._max_retries = max_retries
         self._sync_wait = float(sync_wait)
         # What the retries use to wait, jitter and measure sync_wait; tests replace them.

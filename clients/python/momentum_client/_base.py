@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
+import os
 import re
 import uuid
 from collections.abc import Callable, Generator, Iterable, Mapping
@@ -104,6 +105,19 @@ def send(request: Request) -> Flow[Response]:
     if response is None:  # pragma: no cover - a client bug
         raise RuntimeError("a Request must be answered with a Response")
     return response
+
+
+def auth_headers(api_key: str | None) -> dict[str, str]:
+    """``Authorization: Bearer`` for ``api_key``, else for ``$MOMENTUM_API_KEY``, else nothing."""
+    key = api_key if api_key is not None else os.environ.get("MOMENTUM_API_KEY")
+    if key is None or key == "":
+        return {}
+    if not isinstance(key, str) or not _KEY_TEXT.fullmatch(key):
+        raise ValueError("api_key must be printable ASCII without spaces")
+    return {"Authorization": f"Bearer {key}"}
+
+
+_KEY_TEXT = re.compile(r"[\x21-\x7e]{1,1024}")
 
 
 def normalize_base_url(base_url: str | httpx.URL) -> str:

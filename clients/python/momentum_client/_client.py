@@ -39,6 +39,9 @@ class Client:
     is applied, for up to ``sync_wait`` seconds, then :class:`StepTimeout` is raised. Other calls
     are not retried (beyond the default transport's connection retries).
 
+    ``api_key`` (default: the ``MOMENTUM_API_KEY`` environment variable) is sent as
+    ``Authorization: Bearer <key>`` with every request.
+
     Tensors travel in safetensors by default (``wire="safetensors"``): exact, and far cheaper than
     JSON for large tensors; ``wire="json"`` sends and receives JSON tensors instead.
     """
@@ -54,6 +57,7 @@ class Client:
         max_retries: int = _base.DEFAULT_MAX_RETRIES,
         sync_wait: float = _base.DEFAULT_SYNC_WAIT,
         wire: _base.Wire = "safetensors",
+        api_key: str | None = None,
     ) -> None:
         if client is not None and transport is not None:
             raise ValueError("pass either client or transport, not both")
@@ -62,7 +66,7 @@ class Client:
             raise ValueError(f"wire must be one of {', '.join(_base.WIRES)}, got {wire!r}")
         self._wire: _base.Wire = wire
         self._base_url = _base.normalize_base_url(base_url)
-        self._headers = {**_base.DEFAULT_HEADERS, **(headers or {})}
+        self._headers = {**_base.DEFAULT_HEADERS, **_base.auth_headers(api_key), **(headers or {})}
         self._max_retries = max_retries
         self._sync_wait = float(sync_wait)
         # What the retries use to wait, jitter and measure sync_wait; tests replace them.

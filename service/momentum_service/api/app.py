@@ -11,11 +11,13 @@ from fastapi import FastAPI
 from pydantic.json_schema import models_json_schema
 
 from .. import __version__
+from ..auth import KeyRing
 from ..engine import ParameterServer
 from ..settings import Settings
 from ..store import MemoryStore, Store
 from . import problems
 from .routes import BODY_MODELS, health, router
+from .security import Guard
 
 log = logging.getLogger("momentum_service")
 
@@ -58,6 +60,12 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None) 
             await store.close()
 
     app = FastAPI(title="momentum-service", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app.state.keys = keys = KeyRing.load(settings.keys_file, settings.api_keys)
+    if not keys:
+        log.warning("no API keys configured: the API is open to anyone who can reach %s", settings.host)
+    app.add_middleware(
+        Guard, ring=keys, max_concurrent=settings.max_concurrent_requests, public_docs=settings.public_docs
+    )
     app.state.settings = settings
     app.state.server = ParameterServer(
         store,

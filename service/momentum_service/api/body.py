@@ -70,6 +70,7 @@ async def parse_tensor_body(
     if wire.is_safetensors(content_type):
         raw = await read_limited(request, settings.max_body_bytes)
         tensors, metadata = wire.parse(raw, settings, allowed=dtypes)
+        check_count(len(tensors), settings)
         for name, a in tensors.items():
             if not _PARAM_NAME.match(name):
                 raise Problem(
@@ -144,7 +145,43 @@ async def parse_json_raw(request: Request, model: type[M], settings: Settings) -
         raise Problem(
             422, "malformed-json", f"the body is not valid JSON: {exc}", errors=[{"loc": ["body"], "msg": str(exc)}]
         ) from None
+    _check_shape(obj, settings)
     return validate(model, obj, ["body"]), raw
+
+
+def _check_shape(obj: Any, settings: Settings) -> None:
+    """422 for a body nested deeper than ``max_json_depth``; 413 for more tensors than allowed."""
+    depth, stack = 0, [(obj, 1)]
+    while stack:
+        node, level = stack.pop()
+        depth = max(depth, level)
+        if depth > settings.max_json_depth:
+            raise Problem(
+                422,
+                "too-deep",
+                f"the JSON body is nested deeper than {settings.max_json_depth} levels",
+                errors=[{"loc": ["body"], "msg": "too deeply nested"}],
+            )
+        if isinstance(node, dict):
+            stack.extend((v, level + 1) for v in node.values() if isinstance(v, (dict, list)))
+        elif isinstance(node, list) and node and isinstance(node[0], (dict, list)):
+            # A list of numbers (a tensor's data) is a leaf: it is not walked element by element.
+            stack.extend((v, level + 1) for v in node if isinstance(v, (dict, list)))
+    if isinstance(obj, dict):
+        for key in ("gradients", "params"):
+            tensors = obj.get(key)
+            if isinstance(tensors, dict):
+                check_count(len(tensors), settings)
+
+
+def check_count(n: int, settings: Settings) -> None:
+    if n > settings.max_params_per_request:
+        raise Problem(
+            413,
+            "too-many-params",
+            f"the request names {n} parameters; the limit is {settings.max_params_per_request} per request",
+            limit=settings.max_params_per_request,
+        )
 
 
 def to_array(t: Tensor, where: list[Any], settings: Settings) -> Array:

@@ -27,8 +27,10 @@ from .body import (
 from .deps import ModelName, ParamPath, ServerDep, SettingsDep
 from .problems import Problem
 from .schemas import problem_responses
+from .security import ADMIN, READ, WRITE
 
-router = APIRouter(prefix="/v1")
+# Every v1 route may answer 401/403 (API keys) and 503 (store unavailable, or the concurrency cap).
+router = APIRouter(prefix="/v1", responses=problem_responses(401, 403, 503))
 
 _PARAM_NAME = re.compile(schemas.PARAM_NAME_PATTERN)
 _BODY_ERRORS = (413, 415, 422)
@@ -140,6 +142,7 @@ Include = Annotated[str | None, Query(description="`velocity` adds each paramete
 
 @router.put(
     "/models/{model}",
+    dependencies=[ADMIN],
     status_code=201,
     response_model=schemas.ModelOut,
     responses={200: {"model": schemas.ModelOut, "description": "Config replaced"}, **problem_responses(*_BODY_ERRORS)},
@@ -159,7 +162,7 @@ async def put_model(model: ModelName, request: Request, server: ServerDep, setti
     return _json(_model_json(record, params), 201 if created else 200, headers)
 
 
-@router.get("/models/{model}", response_model=schemas.ModelOut, responses=problem_responses(404))
+@router.get("/models/{model}", dependencies=[READ], response_model=schemas.ModelOut, responses=problem_responses(404))
 async def get_model(model: ModelName, server: ServerDep) -> Response:
     record, params = await server.get_model(model)
     return _json(_model_json(record, params))
@@ -167,6 +170,7 @@ async def get_model(model: ModelName, server: ServerDep) -> Response:
 
 @router.patch(
     "/models/{model}",
+    dependencies=[ADMIN],
     response_model=schemas.ModelOut,
     responses=problem_responses(404, 409, *_BODY_ERRORS),
     openapi_extra=_body_doc(schemas.ModelPatch),
@@ -205,7 +209,7 @@ async def patch_model(model: ModelName, request: Request, server: ServerDep, set
     return _json(_model_json(record, params))
 
 
-@router.delete("/models/{model}", status_code=204, responses=problem_responses(404))
+@router.delete("/models/{model}", dependencies=[ADMIN], status_code=204, responses=problem_responses(404))
 async def delete_model(model: ModelName, server: ServerDep) -> Response:
     await server.delete_model(model)
     return Response(status_code=204)
@@ -213,6 +217,7 @@ async def delete_model(model: ModelName, server: ServerDep) -> Response:
 
 @router.put(
     "/models/{model}/params/{name}",
+    dependencies=[WRITE],
     status_code=201,
     response_model=schemas.ParamPutOut,
     responses={200: {"description": "Value replaced"}, **problem_responses(404, 412, *_BODY_ERRORS)},
@@ -248,6 +253,7 @@ async def put_param(
 
 @router.put(
     "/models/{model}/params",
+    dependencies=[WRITE],
     status_code=201,
     response_model=schemas.ParamsPutOut,
     responses={200: {"description": "Some values replaced"}, **problem_responses(404, 412, *_BODY_ERRORS)},
@@ -282,6 +288,7 @@ def _params_safetensors(params: dict[str, ParamRecord], with_velocity: bool) -> 
 
 @router.get(
     "/models/{model}/params/{name}",
+    dependencies=[READ],
     response_model=schemas.ParamOut,
     responses={200: {"content": _binary_response(_PARAMS_BINARY_OUT)}, **problem_responses(404, 422)},
 )
@@ -297,6 +304,7 @@ async def get_param(
 
 @router.get(
     "/models/{model}/params",
+    dependencies=[READ],
     response_model=schemas.ParamsOut,
     responses={200: {"content": _binary_response(_PARAMS_BINARY_OUT)}, **problem_responses(404, 422)},
 )
@@ -325,7 +333,7 @@ async def get_params(
     return _json({"params": {n: _param_json(p, with_velocity=with_velocity) for n, p in params.items()}})
 
 
-@router.delete("/models/{model}/params/{name}", status_code=204, responses=problem_responses(404))
+@router.delete("/models/{model}/params/{name}", dependencies=[ADMIN], status_code=204, responses=problem_responses(404))
 async def delete_param(model: ModelName, name: ParamPath, server: ServerDep) -> Response:
     await server.delete_param(model, name)
     return Response(status_code=204)
@@ -397,6 +405,7 @@ def _step_json(r: StepResult, with_value: bool) -> dict[str, Any]:
 
 @router.post(
     "/models/{model}/step",
+    dependencies=[WRITE],
     response_model=schemas.StepOut,
     responses={
         200: {"content": _binary_response(_STEP_BINARY_OUT)},
