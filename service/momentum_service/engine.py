@@ -453,13 +453,14 @@ def _compute(
     rule: Rule, lrs: Mapping[str, float], params: Mapping[str, ParamRecord], grads: Mapping[str, Array]
 ) -> list[ParamUpdate]:
     updates = []
-    for name, grad in grads.items():
+    commit = new_token()  # one random token per commit; a parameter's new etag is <token>.<index>
+    for index, (name, grad) in enumerate(grads.items()):
         rec = params[name]
         with np.errstate(over="ignore", invalid="ignore"):  # a non-finite result is rejected just below
             value, velocity = rule.update(rec.value, rec.velocity, grad, lrs[name])
         if not np.isfinite(value).all() or (velocity is not None and not np.isfinite(velocity).all()):
             raise NonFiniteResult(f"the update of {name!r} overflows to a non-finite value; nothing was applied")
-        updates.append(ParamUpdate(name, rec.etag, value, velocity, rec.step + 1, new_token()))
+        updates.append(ParamUpdate(name, rec.etag, value, velocity, rec.step + 1, f"{commit}.{index}"))
     return updates
 
 

@@ -39,7 +39,6 @@ from .keys import Keys
 # Stored little-endian whatever the host; decoded to native order (a no-op on x86 and ARM).
 _DTYPES: dict[str, np.dtype[Any]] = {"float32": np.dtype("<f4"), "float64": np.dtype("<f8")}
 _PARAM_FIELDS = ("shape", "dtype", "step", "etag", "value")
-_META_FIELDS = ("shape", "dtype", "step", "etag")
 
 
 @asynccontextmanager
@@ -56,8 +55,16 @@ async def _guard() -> AsyncIterator[None]:
 
 def _encode(a: Array) -> memoryview:
     """The array's little-endian bytes, without a copy when it already is contiguous little-endian."""
-    contiguous: Any = np.ascontiguousarray(a, dtype=_DTYPES[a.dtype.name])
+    contiguous: Any = a if a.flags.c_contiguous and a.dtype.byteorder in _LITTLE else _little(a)
     return memoryview(contiguous).cast("B")
+
+
+_LITTLE = ("<", "=", "|") if np.little_endian else ("<", "|")
+
+
+def _little(a: Array) -> Array:
+    out: Array = np.ascontiguousarray(a, dtype=_DTYPES[a.dtype.name])
+    return out
 
 
 def _decode(raw: bytes, dtype: str, shape: tuple[int, ...]) -> Array:
@@ -125,6 +132,7 @@ class RedisStore:
         self._claim = client.register_script(scripts.CLAIM)
         self._release = client.register_script(scripts.RELEASE)
         self._contribute = client.register_script(scripts.CONTRIBUTE)
+        self._read_meta = client.register_script(scripts.READ_META)
 
     @classmethod
     def from_url(
@@ -136,12 +144,15 @@ class RedisStore:
         turns an unresponsive Redis into a request that hangs for a minute. Here a command is
         tried at most 3 times, 25-100 ms apart: a request gets its 503 within about
         ``3 * timeout + 0.2`` seconds. Re-sent writes are harmless (see :mod:`.scripts`).
+        No periodic health check: its PING runs under the same retry policy *inside* each
+        attempt, so on a new or idle connection a frozen Redis took up to 9 timeouts; a stale
+        connection fails its command instead, which is retried on a fresh one.
         """
         client = aioredis.Redis.from_url(
             url,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
-            health_check_interval=30,
+            health_check_interval=0,
             retry=Retry(ExponentialBackoff(cap=0.1, base=0.025), retries=2),
         )
         return cls(client, prefix, cache_bytes=cache_bytes)
@@ -222,15 +233,13 @@ class RedisStore:
         """
         async with _guard():
             wanted = await self._names(model) if names is None else names
-            async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.hmget(self.keys.model(model), ["config", "rev"])
-                for name in wanted:
-                    pipe.hmget(self.keys.param(model, name), _META_FIELDS)
-                model_row, *rows = await pipe.execute()
+            flat = await self._read_meta(keys=[self.keys.model(model), *(self.keys.param(model, n) for n in wanted)])
+            model_row = flat[:2]
+            rows = [flat[i : i + 4] for i in range(2, len(flat), 4)]
             record = _model_record(model, model_row)
             if record is None:
                 raise ModelNotFound(model)
-            missing = [n for n, row in zip(wanted, rows, strict=True) if row[0] is None]
+            missing = [n for n, row in zip(wanted, rows, strict=True) if not row[0]]
             if missing:
                 raise ParamNotFound(model, missing)
             params: dict[str, ParamRecord] = {}
@@ -305,9 +314,10 @@ class RedisStore:
         else:
             args += ["1", claim.fingerprint, claim.owner, claim.ttl_ms, summary]
         for u in updates:
-            has_velocity = u.velocity is not None
-            velocity = _encode(u.velocity) if u.velocity is not None else b""
-            args += [u.expected_etag, u.etag, u.step, _encode(u.value), "1" if has_velocity else "0", velocity]
+            if u.velocity is None:
+                args += [f"{u.expected_etag}|{u.etag}|0", _encode(u.value), b""]
+            else:
+                args += [f"{u.expected_etag}|{u.etag}|1", _encode(u.value), _encode(u.velocity)]
         async with _guard():
             res = await self._commit_step(keys=keys, args=args)
         code = int(res[0])

@@ -62,8 +62,9 @@ return created
 COMMIT_STEP = """
 -- KEYS[1] model hash, KEYS[2] idempotency hash (unused without a claim), KEYS[3..] parameter hashes.
 -- ARGV[1] expected model rev; ARGV[2] '1' with a claim, else '0'; ARGV[3] fingerprint,
--- ARGV[4] owner, ARGV[5] TTL in ms, ARGV[6] summary; then 6 per parameter: expected etag,
--- new etag, step, value, has velocity ('1'/'0'), velocity.
+-- ARGV[4] owner, ARGV[5] TTL in ms, ARGV[6] summary; then 3 per parameter:
+-- 'expected etag|new etag|has velocity (1/0)', value, velocity (empty without one).
+-- The step count is incremented here: the etag check guarantees it is the one read.
 -- Returns {-1} without the model; {0} on a conflict (the rev or an etag differs from what the
 -- update was computed from); {1} applied; with a claim, {-2} if the key was used with another
 -- request, {-3} if another attempt holds it, {2, owner, summary} if it was applied already.
@@ -72,6 +73,15 @@ COMMIT_STEP = """
 local rev = redis.call('HGET', KEYS[1], 'rev')
 if not rev then return {-1} end
 local n = #KEYS - 2
+local expected, fresh, velocity = {}, {}, {}
+for i = 1, n do
+  local meta = ARGV[7 + (i - 1) * 3]
+  local a = string.find(meta, '|', 1, true)
+  local b = string.find(meta, '|', a + 1, true)
+  expected[i] = string.sub(meta, 1, a - 1)
+  fresh[i] = string.sub(meta, a + 1, b - 1)
+  velocity[i] = string.sub(meta, b + 1) == '1'
+end
 if ARGV[2] == '1' then
   local st = redis.call('HMGET', KEYS[2], 'state', 'fp', 'owner', 'summary')
   if st[1] then
@@ -79,19 +89,20 @@ if ARGV[2] == '1' then
     if st[1] == 'done' then return {2, st[3], st[4]} end
     if st[3] ~= ARGV[4] then return {-3} end
   end
-elseif n > 0 and redis.call('HGET', KEYS[3], 'etag') == ARGV[8] then
+elseif n > 0 and redis.call('HGET', KEYS[3], 'etag') == fresh[1] then
   return {1}
 end
 if rev ~= ARGV[1] then return {0} end
 for i = 1, n do
-  if redis.call('HGET', KEYS[i + 2], 'etag') ~= ARGV[7 + (i - 1) * 6] then return {0} end
+  if redis.call('HGET', KEYS[i + 2], 'etag') ~= expected[i] then return {0} end
 end
 for i = 1, n do
-  local b = 7 + (i - 1) * 6
+  local b = 7 + (i - 1) * 3
   local key = KEYS[i + 2]
-  redis.call('HSET', key, 'etag', ARGV[b + 1], 'step', ARGV[b + 2], 'value', ARGV[b + 3])
-  if ARGV[b + 4] == '1' then
-    redis.call('HSET', key, 'velocity', ARGV[b + 5])
+  redis.call('HSET', key, 'etag', fresh[i], 'value', ARGV[b + 1])
+  redis.call('HINCRBY', key, 'step', 1)
+  if velocity[i] then
+    redis.call('HSET', key, 'velocity', ARGV[b + 2])
   else
     redis.call('HDEL', key, 'velocity')
   end
@@ -101,6 +112,18 @@ if ARGV[2] == '1' then
   redis.call('PEXPIRE', KEYS[2], ARGV[5])
 end
 return {1}
+"""
+
+READ_META = """
+-- KEYS[1] model hash, KEYS[2..] parameter hashes.
+-- Returns {config, rev, then shape, dtype, step, etag per parameter} (false where missing):
+-- one command, where a pipeline of one HMGET per parameter costs the client per command.
+local out = redis.call('HMGET', KEYS[1], 'config', 'rev')
+for i = 2, #KEYS do
+  local row = redis.call('HMGET', KEYS[i], 'shape', 'dtype', 'step', 'etag')
+  for j = 1, 4 do table.insert(out, row[j]) end
+end
+return out
 """
 
 CLAIM = """
