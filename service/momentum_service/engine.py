@@ -150,6 +150,7 @@ class ParameterServer:
         # Steps on one model queue up in this process instead of racing each other: only
         # steps from other processes can then invalidate a commit.
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        self._store_failed: dict[str, float] = {}  # model -> when a step on it last met an unavailable store
 
     def _lock(self, model: str) -> asyncio.Lock:
         lock = self._locks.get(model)
@@ -265,8 +266,17 @@ class ParameterServer:
         deadline = time.monotonic() + self.contention_timeout_s
         attempt = 0
         while True:
+            waiting_since = time.monotonic()
             async with self._lock(model):
-                result = await self._attempt(model, grads, push, claim, claiming)
+                if self._store_failed.get(model, 0.0) > waiting_since:
+                    # The store failed while this step queued behind another: answer now rather than
+                    # spend another full timeout on it (n queued steps would otherwise take n timeouts).
+                    raise StoreUnavailable("the store failed while this step waited; nothing was applied")
+                try:
+                    result = await self._attempt(model, grads, push, claim, claiming)
+                except StoreUnavailable:
+                    self._store_failed[model] = time.monotonic()
+                    raise
             if isinstance(result, _Sync):
                 if claim is not None and claiming is not None:  # (worker_id, base_step) is a key already
                     with contextlib.suppress(Exception):

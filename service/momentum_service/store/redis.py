@@ -315,9 +315,9 @@ class RedisStore:
             args += ["1", claim.fingerprint, claim.owner, claim.ttl_ms, summary]
         for u in updates:
             if u.velocity is None:
-                args += [f"{u.expected_etag}|{u.etag}|0", _encode(u.value), b""]
+                args += [f"{u.expected_etag}|{u.etag}|0|{u.step}", _encode(u.value), b""]
             else:
-                args += [f"{u.expected_etag}|{u.etag}|1", _encode(u.value), _encode(u.velocity)]
+                args += [f"{u.expected_etag}|{u.etag}|1|{u.step}", _encode(u.value), _encode(u.velocity)]
         async with _guard():
             res = await self._commit_step(keys=keys, args=args)
         code = int(res[0])

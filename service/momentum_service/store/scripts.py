@@ -63,8 +63,7 @@ COMMIT_STEP = """
 -- KEYS[1] model hash, KEYS[2] idempotency hash (unused without a claim), KEYS[3..] parameter hashes.
 -- ARGV[1] expected model rev; ARGV[2] '1' with a claim, else '0'; ARGV[3] fingerprint,
 -- ARGV[4] owner, ARGV[5] TTL in ms, ARGV[6] summary; then 3 per parameter:
--- 'expected etag|new etag|has velocity (1/0)', value, velocity (empty without one).
--- The step count is incremented here: the etag check guarantees it is the one read.
+-- 'expected etag|new etag|has velocity (1/0)|new step', value, velocity (empty without one).
 -- Returns {-1} without the model; {0} on a conflict (the rev or an etag differs from what the
 -- update was computed from); {1} applied; with a claim, {-2} if the key was used with another
 -- request, {-3} if another attempt holds it, {2, owner, summary} if it was applied already.
@@ -73,14 +72,16 @@ COMMIT_STEP = """
 local rev = redis.call('HGET', KEYS[1], 'rev')
 if not rev then return {-1} end
 local n = #KEYS - 2
-local expected, fresh, velocity = {}, {}, {}
+local expected, fresh, velocity, step = {}, {}, {}, {}
 for i = 1, n do
   local meta = ARGV[7 + (i - 1) * 3]
   local a = string.find(meta, '|', 1, true)
   local b = string.find(meta, '|', a + 1, true)
+  local c = string.find(meta, '|', b + 1, true)
   expected[i] = string.sub(meta, 1, a - 1)
   fresh[i] = string.sub(meta, a + 1, b - 1)
-  velocity[i] = string.sub(meta, b + 1) == '1'
+  velocity[i] = string.sub(meta, b + 1, c - 1) == '1'
+  step[i] = string.sub(meta, c + 1)
 end
 if ARGV[2] == '1' then
   local st = redis.call('HMGET', KEYS[2], 'state', 'fp', 'owner', 'summary')
@@ -99,8 +100,7 @@ end
 for i = 1, n do
   local b = 7 + (i - 1) * 3
   local key = KEYS[i + 2]
-  redis.call('HSET', key, 'etag', fresh[i], 'value', ARGV[b + 1])
-  redis.call('HINCRBY', key, 'step', 1)
+  redis.call('HSET', key, 'etag', fresh[i], 'step', step[i], 'value', ARGV[b + 1])
   if velocity[i] then
     redis.call('HSET', key, 'velocity', ARGV[b + 2])
   else
