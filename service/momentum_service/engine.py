@@ -307,10 +307,19 @@ class ParameterServer:
         if config.mode.kind == "sync":
             return _Sync(config.mode.workers or 1)
         current = {n: params[n].step for n in names}
-        if push.expected_steps is not None and any(current[n] != k for n, k in push.expected_steps.items()):
-            raise StepMismatch(model, current, push.expected_steps)
-        if config.mode.kind == "bounded":
-            _check_staleness(model, current, push.base_step, config.mode.max_staleness or 0)
+        try:
+            if push.expected_steps is not None and any(current[n] != k for n, k in push.expected_steps.items()):
+                raise StepMismatch(model, current, push.expected_steps)
+            if config.mode.kind == "bounded":
+                _check_staleness(model, current, push.base_step, config.mode.max_staleness or 0)
+        except (StepMismatch, StaleGradient):
+            # A retry of a step that was applied finds the versions moved on by itself: answer with
+            # the first result, not "nothing was applied".
+            if claim is not None and claiming is not None:
+                state = await claiming
+                if state.status != "owned":
+                    return await self._settle(model, claim, state.status, state.summary)
+            raise
         lrs = {n: self.lr_table.lr(config.schedule, config.rule.lr, params[n].step) for n in names}
         if sum(g.size for g in grads.values()) > _THREAD_THRESHOLD:
             updates = await asyncio.to_thread(_compute, config.rule, lrs, params, grads)

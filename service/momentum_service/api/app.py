@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from .. import __version__
@@ -17,6 +18,7 @@ from ..settings import Settings
 from ..store import MemoryStore, Store
 from . import problems
 from .routes import BODY_MODELS, health, router
+from .schemas import ProblemDetails
 from .security import Guard
 
 log = logging.getLogger("momentum_service")
@@ -82,16 +84,15 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None) 
 
 
 def _document_bodies(app: FastAPI) -> None:
-    """Add the schemas of the bodies that handlers parse themselves to the OpenAPI document."""
+    """Add the schemas of the bodies that handlers parse themselves, and of problem details, to the document."""
     base = app.openapi
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema:
             return app.openapi_schema
         schema = base()
-        _, defs = models_json_schema(
-            [(m, "validation") for m in BODY_MODELS], ref_template="#/components/schemas/{model}"
-        )
+        models: list[type[BaseModel]] = [*BODY_MODELS, ProblemDetails]
+        _, defs = models_json_schema([(m, "validation") for m in models], ref_template="#/components/schemas/{model}")
         schema.setdefault("components", {}).setdefault("schemas", {}).update(defs.get("$defs", {}))
         app.openapi_schema = schema
         return schema

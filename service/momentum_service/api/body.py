@@ -16,6 +16,7 @@ import numpy as np
 import orjson
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect
 
 from ..settings import Settings
 from ..store.base import Array
@@ -44,11 +45,16 @@ async def read_limited(request: Request, limit: int) -> bytes:
         if size > limit:
             raise Problem(413, "body-too-large", f"the body is {size} bytes; the limit is {limit}", limit=limit)
     chunks, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise Problem(413, "body-too-large", f"the body exceeds the limit of {limit} bytes", limit=limit)
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > limit:
+                raise Problem(413, "body-too-large", f"the body exceeds the limit of {limit} bytes", limit=limit)
+            chunks.append(chunk)
+    except ClientDisconnect:
+        # The client left mid-body (a timeout, a lying Content-Length): nobody will read an answer,
+        # but this is the client's doing, not an unexpected server error to log with a traceback.
+        raise Problem(400, "incomplete-body", f"the client disconnected after {total} bytes of the body") from None
     return b"".join(chunks)
 
 
@@ -69,10 +75,14 @@ async def parse_tensor_body(
     content_type = request.headers.get("content-type", "")
     if wire.is_safetensors(content_type):
         raw = await read_limited(request, settings.max_body_bytes)
-        tensors, metadata = wire.parse(raw, settings, allowed=dtypes)
+        try:
+            tensors, metadata = wire.parse(raw, settings, allowed=dtypes)
+        except ValueError as exc:  # numpy refuses a shape like [0, 2**62]: no elements, but too big
+            detail = f"a tensor's shape is not valid: {exc}"
+            raise Problem(422, "malformed-safetensors", detail, errors=[{"loc": ["body"], "msg": detail}]) from None
         check_count(len(tensors), settings)
         for name, a in tensors.items():
-            if not _PARAM_NAME.match(name):
+            if not _PARAM_NAME.fullmatch(name):  # match() would let "w\n" through ($ matches before a last \n)
                 raise Problem(
                     422,
                     "invalid-request",
@@ -191,11 +201,13 @@ def to_array(t: Tensor, where: list[Any], settings: Settings) -> Array:
             422, "invalid-tensor", f"{_at(where)}: at most {settings.max_tensor_dims} dimensions", errors=_err(where)
         )
     size = math.prod(t.shape)
-    if size > settings.max_tensor_elements:
+    counted = math.prod(d for d in t.shape if d)  # numpy refuses [0, 2**62] too: no elements, but too big
+    if counted > settings.max_tensor_elements:
+        aside = " (zero dimensions aside)" if counted != size else ""
         raise Problem(
             413,
             "tensor-too-large",
-            f"{_at(where)}: shape {t.shape} has {size} elements; the limit is {settings.max_tensor_elements}",
+            f"{_at(where)}: shape {t.shape} has {counted} elements{aside}; the limit is {settings.max_tensor_elements}",
             limit=settings.max_tensor_elements,
         )
     if len(t.data) != size:

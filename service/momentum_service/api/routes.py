@@ -8,7 +8,8 @@ import zlib
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response
-from pydantic import BaseModel
+from pydantic import BaseModel, StringConstraints
+from pydantic.json_schema import SkipJsonSchema
 
 from ..config import ModelConfig
 from ..engine import Idempotency, StepPending, StepResult
@@ -30,7 +31,8 @@ from .schemas import problem_responses
 from .security import ADMIN, READ, WRITE
 
 # Every v1 route may answer 401/403 (API keys) and 503 (store unavailable, or the concurrency cap).
-router = APIRouter(prefix="/v1", responses=problem_responses(401, 403, 503))
+# It may answer 422 too (a path parameter that does not match its pattern).
+router = APIRouter(prefix="/v1", responses=problem_responses(401, 403, 422, 503))
 
 _PARAM_NAME = re.compile(schemas.PARAM_NAME_PATTERN)
 _BODY_ERRORS = (413, 415, 422)
@@ -134,10 +136,16 @@ def _with_velocity(include: str | None) -> bool:
     return "velocity" in parts
 
 
+# Optional headers and query parameters are ``X | SkipJsonSchema[None]``: absent is not ``null``. A
+# pattern goes on the string type itself: FastAPI leaves out of the document one given to Query().
 IfNoneMatch = Annotated[
-    str | None, Header(description="`*` creates only: 412 if the parameter exists, and nothing is written.")
+    Annotated[str, StringConstraints(pattern=r"^\*$")] | SkipJsonSchema[None],
+    Header(description="`*` creates only: 412 if the parameter exists, and nothing is written."),
 ]
-Include = Annotated[str | None, Query(description="`velocity` adds each parameter's momentum buffer.")]
+Include = Annotated[
+    Annotated[str, StringConstraints(pattern=schemas.INCLUDE_PATTERN)] | SkipJsonSchema[None],
+    Query(description="`velocity` adds each parameter's momentum buffer."),
+]
 
 
 @router.put(
@@ -145,7 +153,10 @@ Include = Annotated[str | None, Query(description="`velocity` adds each paramete
     dependencies=[ADMIN],
     status_code=201,
     response_model=schemas.ModelOut,
-    responses={200: {"model": schemas.ModelOut, "description": "Config replaced"}, **problem_responses(*_BODY_ERRORS)},
+    responses={
+        200: {"model": schemas.ModelOut, "description": "Config replaced"},
+        **problem_responses(409, *_BODY_ERRORS),
+    },
     openapi_extra=_body_doc(schemas.ModelPut),
     summary="Create a model or replace its config (parameters are kept; the rule cannot change: 409)",
 )
@@ -178,6 +189,14 @@ async def get_model(model: ModelName, server: ServerDep) -> Response:
 )
 async def patch_model(model: ModelName, request: Request, server: ServerDep, settings: SettingsDep) -> Response:
     body = await parse_json(request, schemas.ModelPatch, settings)
+    nulls = sorted(k for k in body.model_fields_set if getattr(body, k) is None)
+    if nulls:
+        raise Problem(
+            422,
+            "invalid-request",
+            f"{', '.join(nulls)} cannot be null (leave a field out to keep its value)",
+            errors=[{"loc": ["body", k], "msg": "null is not a value"} for k in nulls],
+        )
     mode = body.model_dump(include={"mode", "workers", "max_staleness"}, exclude_unset=True)
     if body.optimizer is None and body.schedule is None and not mode:
         raise Problem(
@@ -196,14 +215,6 @@ async def patch_model(model: ModelName, request: Request, server: ServerDep, set
             errors=[{"loc": ["body", "optimizer", k], "msg": "null is not a value"} for k in nulls],
         )
     schedule = body.schedule.model_dump() if body.schedule else None
-    nulls = sorted(k for k, v in mode.items() if v is None)
-    if nulls:
-        raise Problem(
-            422,
-            "invalid-request",
-            f"{', '.join(nulls)} cannot be null (leave a field out to keep its value)",
-            errors=[{"loc": ["body", k], "msg": "null is not a value"} for k in nulls],
-        )
     record = await server.patch_model(model, changes, schedule, mode)
     params = await server.list_params(model)
     return _json(_model_json(record, params))
@@ -312,7 +323,10 @@ async def get_params(
     model: ModelName,
     request: Request,
     server: ServerDep,
-    names: Annotated[str | None, Query(description="Comma-separated parameter names; all when absent.")] = None,
+    names: Annotated[
+        Annotated[str, StringConstraints(pattern=schemas.NAMES_PATTERN)] | SkipJsonSchema[None],
+        Query(description="Comma-separated parameter names; all when absent."),
+    ] = None,
     include: Include = None,
 ) -> Response:
     with_velocity = _with_velocity(include)
@@ -342,7 +356,7 @@ async def delete_param(model: ModelName, name: ParamPath, server: ServerDep) -> 
 _STEP_OPTIONS = ("return_params", "expected_steps", "worker_id", "base_step")
 
 IdempotencyKey = Annotated[
-    str | None,
+    str | SkipJsonSchema[None],
     Header(
         alias="Idempotency-Key",
         description="Makes the step exactly-once: a retry with the same key and body returns the first result "

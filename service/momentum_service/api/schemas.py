@@ -2,15 +2,39 @@
 
 from __future__ import annotations
 
+from http import HTTPStatus
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, StringConstraints, Tag
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, StringConstraints, Tag
+from pydantic.json_schema import SkipJsonSchema
 
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 PARAM_NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9._:-]{0,255}$"
 
 ParamName = Annotated[str, StringConstraints(pattern=PARAM_NAME_PATTERN)]
+_NAME = PARAM_NAME_PATTERN[1:-1]
+# ``?names=``: at least one parameter name, comma-separated (spaces and empty items are ignored).
+NAMES_PATTERN = rf"^[ ,]*{_NAME} *(, *({_NAME} *)?)*$"
+INCLUDE_PATTERN = r"^ *(velocity *)?(, *(velocity *)?)*$"
 DType = Literal["float32", "float64"]
+
+
+def _integral(value: Any) -> Any:
+    """A number like ``2.0`` as the integer it is: JSON Schema's ``integer`` includes it (JSON has one
+    number type, and some encoders write every number with a fraction)."""
+    if type(value) is float and value.is_integer():
+        return int(value)
+    return value
+
+
+# The integers of request bodies: strict (no strings, no booleans), but 2.0 is 2; at most 2**63 - 1
+# (1e300 is an integer too, and one past 64 bits could not be written back in a response). The
+# constraints come before the validator, so that the JSON Schema keeps them as minimum and maximum.
+_INTEGRAL = BeforeValidator(_integral)
+Int0 = Annotated[int, Field(ge=0, le=2**63 - 1), _INTEGRAL]
+Int1 = Annotated[int, Field(ge=1, le=2**63 - 1), _INTEGRAL]
+WorkerCount = Annotated[int, Field(ge=1, le=1024), _INTEGRAL]
+Int31 = Annotated[int, Field(ge=0, le=2**31 - 1), _INTEGRAL]
 
 
 class _Strict(BaseModel):
@@ -20,7 +44,7 @@ class _Strict(BaseModel):
 class Tensor(_Strict):
     """A tensor: ``data`` holds ``prod(shape)`` numbers in row-major order (``shape: []`` is a scalar)."""
 
-    shape: list[Annotated[int, Field(ge=0)]] = Field(examples=[[2, 2]])
+    shape: list[Int0] = Field(examples=[[2, 2]])
     dtype: DType = Field(examples=["float32"])
     data: list[float] = Field(examples=[[0.1, 0.2, 0.3, 0.4]])
 
@@ -138,19 +162,35 @@ Optimizer = Annotated[
 ]
 
 
+def _drop_default(schema: dict[str, Any]) -> None:
+    schema.pop("default", None)
+
+
+# A PATCH field that may be left out (to keep the current value) but is never null: null passes
+# validation so that the handler can answer 422 "null is not a value", and is not documented.
+_Absent = SkipJsonSchema[None]
+
+
+def _keep() -> Any:
+    return Field(default=None, json_schema_extra=_drop_default)
+
+
+_NonNegative = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
 class OptimizerPatch(_Strict):
     """Any subset of the model's rule's hyperparameters; the result is validated as a whole.
 
     `rule` may be given only with the model's current rule (a rule cannot be changed: 409).
     """
 
-    rule: str | None = None
-    lr: float | None = Field(default=None, ge=0, allow_inf_nan=False)
-    momentum: float | None = Field(default=None, ge=0, allow_inf_nan=False)
-    dampening: float | None = Field(default=None, ge=0, allow_inf_nan=False)
-    nesterov: bool | None = None
-    weight_decay: float | None = Field(default=None, ge=0, allow_inf_nan=False)
-    maximize: bool | None = None
+    rule: str | _Absent = _keep()
+    lr: _NonNegative | _Absent = _keep()
+    momentum: _NonNegative | _Absent = _keep()
+    dampening: _NonNegative | _Absent = _keep()
+    nesterov: bool | _Absent = _keep()
+    weight_decay: _NonNegative | _Absent = _keep()
+    maximize: bool | _Absent = _keep()
 
 
 # Schedules: torch.optim.lr_scheduler's names and numbers (bitwise torch 2.13's lr).
@@ -166,7 +206,7 @@ class StepLR(_Strict):
     """`lr * gamma ** (k // step_size)` (torch's `StepLR`)."""
 
     type: Literal["step"]
-    step_size: int = Field(ge=1)
+    step_size: Int1
     gamma: float = Field(default=0.1, ge=0, allow_inf_nan=False)
 
 
@@ -174,7 +214,7 @@ class MultiStepLR(_Strict):
     """`lr * gamma ** (number of milestones <= k)` (torch's `MultiStepLR`)."""
 
     type: Literal["multistep"]
-    milestones: list[Annotated[int, Field(ge=1)]] = Field(max_length=1024)
+    milestones: list[Int1] = Field(max_length=1024)
     gamma: float = Field(default=0.1, ge=0, allow_inf_nan=False)
 
 
@@ -190,7 +230,7 @@ class CosineAnnealingLR(_Strict):
     like torch, it rises again after `T_max`)."""
 
     type: Literal["cosine"]
-    T_max: int = Field(ge=1)
+    T_max: Int1
     eta_min: float = Field(default=0.0, ge=0, allow_inf_nan=False)
 
 
@@ -201,7 +241,7 @@ class LinearLR(_Strict):
     type: Literal["linear"]
     start_factor: float = Field(default=1.0 / 3, gt=0, le=1, allow_inf_nan=False)
     end_factor: float = Field(default=1.0, ge=0, le=1, allow_inf_nan=False)
-    total_iters: int = Field(default=5, ge=1)
+    total_iters: Int1 = 5
 
 
 BasicSchedule = Annotated[
@@ -216,7 +256,7 @@ class SequentialLR(_Strict):
 
     type: Literal["sequential"]
     schedulers: list[BasicSchedule] = Field(min_length=1, max_length=16)
-    milestones: list[Annotated[int, Field(ge=1)]] = Field(max_length=15)
+    milestones: list[Int1] = Field(max_length=15)
 
 
 Schedule = Annotated[BasicSchedule | SequentialLR, Field(discriminator="type")]
@@ -237,9 +277,9 @@ class ModelPut(_Strict):
     optimizer: Optimizer
     schedule: Schedule | None = Field(default=None, description="Default: constant.")
     mode: ModeName = Field(default="async", description=_MODE_DOC)
-    workers: int | None = Field(default=None, ge=1, le=1024, description="Workers per step (`sync` only).")
-    max_staleness: int | None = Field(
-        default=None, ge=0, le=2**31 - 1, description="Largest accepted staleness, in steps (`bounded` only)."
+    workers: WorkerCount | None = Field(default=None, description="Workers per step (`sync` only).")
+    max_staleness: Int31 | None = Field(
+        default=None, description="Largest accepted staleness, in steps (`bounded` only)."
     )
 
 
@@ -247,41 +287,51 @@ class ModelPatch(_Strict):
     """Change some hyperparameters (`lr` rescales the schedule), the schedule and/or the mode.
 
     A new `mode` replaces the mode with its fields; without `mode`, `workers` or `max_staleness`
-    change the current mode's.
+    change the current mode's. Leave a field out to keep it (null is refused).
     """
 
-    optimizer: OptimizerPatch | None = None
-    schedule: Schedule | None = None
-    mode: ModeName | None = None
-    workers: int | None = Field(default=None, ge=1, le=1024)
-    max_staleness: int | None = Field(default=None, ge=0, le=2**31 - 1)
+    model_config = ConfigDict(json_schema_extra={"minProperties": 1})
+
+    optimizer: OptimizerPatch | _Absent = _keep()
+    schedule: Schedule | _Absent = _keep()
+    mode: ModeName | _Absent = _keep()
+    workers: WorkerCount | _Absent = _keep()
+    max_staleness: Int31 | _Absent = _keep()
+
+
+def _by_name(schema: dict[str, Any]) -> None:
+    """pydantic writes ``dict[ParamName, X]`` with ``patternProperties``, which leaves a key that does not
+    match unconstrained; the server refuses such a key, so say that with ``propertyNames``."""
+    for s in [schema, *schema.get("anyOf", [])]:
+        if "patternProperties" in s:
+            ((pattern, value),) = s.pop("patternProperties").items()
+            s["propertyNames"] = {"pattern": pattern}
+            s["additionalProperties"] = value
 
 
 class ParamsPut(_Strict):
-    params: dict[ParamName, Tensor] = Field(min_length=1)
+    params: dict[ParamName, Tensor] = Field(min_length=1, json_schema_extra=_by_name)
 
 
 class StepOptions(_Strict):
     """A step's options: the JSON body's fields besides ``gradients``, or the safetensors metadata."""
 
     return_params: bool = True
-    expected_steps: dict[ParamName, Annotated[int, Field(ge=0)]] | None = Field(
+    expected_steps: dict[ParamName, Int0] | None = Field(
         default=None,
         description="Apply only if these parameters are at these steps (their versions); else 409 "
         "`step-mismatch` with `current_steps`, and nothing is applied.",
+        json_schema_extra=_by_name,
     )
-    worker_id: int | None = Field(
-        default=None, ge=0, le=2**31 - 1, description="`sync` mode: this worker's id (required there)."
-    )
-    base_step: int | None = Field(
+    worker_id: Int31 | None = Field(default=None, description="`sync` mode: this worker's id (required there).")
+    base_step: Int0 | None = Field(
         default=None,
-        ge=0,
         description="`sync` and `bounded` modes (required there): the step the gradients were computed from.",
     )
 
 
 class StepRequest(StepOptions):
-    gradients: dict[ParamName, Tensor] = Field(min_length=1)
+    gradients: dict[ParamName, Tensor] = Field(min_length=1, json_schema_extra=_by_name)
 
 
 # Responses (documentation only: handlers encode them directly with orjson for speed).
@@ -368,4 +418,8 @@ class ProblemDetails(BaseModel):
 
 def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` entries for the given error statuses."""
-    return {s: {"model": ProblemDetails, "content": {"application/problem+json": {}}} for s in statuses}
+    content = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/ProblemDetails"}}}
+    return {s: {"description": _PHRASES.get(s, "Error"), "content": content} for s in statuses}
+
+
+_PHRASES = {s.value: s.phrase for s in HTTPStatus}

@@ -142,6 +142,6 @@ def _native(flat: np.ndarray[Any, Any], wire: str) -> Array:
 def encode(tensors: dict[str, Array], metadata: dict[str, Any]) -> bytes:
     """A safetensors body; each metadata value is written as JSON text."""
     text = {key: orjson.dumps(value).decode() for key, value in metadata.items()}
-    arrays = {name: np.ascontiguousarray(a) for name, a in tensors.items()}
+    arrays = {name: np.ascontiguousarray(a).reshape(a.shape) for name, a in tensors.items()}  # 0-d stays 0-d
     out: bytes = safetensors.numpy.save(arrays, metadata=text)
     return out
