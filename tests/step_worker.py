@@ -18,6 +18,7 @@ import uuid
 
 import httpx
 import numpy as np
+import numpy.random  # eagerly: numpy's lazy submodule import is not safe from many threads at once
 
 
 def gradient(worker: int, j: int, size: int) -> np.ndarray:
