@@ -63,8 +63,6 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None) 
 
     app = FastAPI(title="momentum-service", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.keys = keys = KeyRing.load(settings.keys_file, settings.api_keys)
-    if not keys:
-        log.warning("no API keys configured: the API is open to anyone who can reach %s", settings.host)
     app.add_middleware(
         Guard, ring=keys, max_concurrent=settings.max_concurrent_requests, public_docs=settings.public_docs
     )
