@@ -19,6 +19,8 @@ from typing import Any
 import httpx
 import redis
 
+from tests.helpers import terminate
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -42,18 +44,6 @@ def wait_until(
             pass
         time.sleep(0.05)
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def terminate(proc: subprocess.Popen[bytes] | None) -> None:
-    """SIGTERM, then SIGKILL if the process has not exited within 10 s."""
-    if proc is None or proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
 
 
 TICK = os.sysconf("SC_CLK_TCK")

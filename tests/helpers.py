@@ -52,7 +52,7 @@ def wait_until(predicate, timeout: float = 15.0, what: str = "condition") -> Non
 
 def terminate(proc: subprocess.Popen[bytes] | None) -> None:
     """SIGTERM, then SIGKILL if the process has not exited within 10 s."""
-    if proc is None:
+    if proc is None or proc.poll() is not None:
         return
     proc.terminate()
     try:

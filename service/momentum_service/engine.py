@@ -249,11 +249,16 @@ class ParameterServer:
         try:
             return await self._step(model, grads, push, claim, claiming)
         except BaseException:
-            if claim is not None and claiming is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.shield(claiming)  # release only after the claim has landed
-                await _quietly(self.store.release(model, claim))
+            await self._release(model, claim, claiming)
             raise
+
+    async def _release(self, model: str, claim: Claim | None, claiming: asyncio.Future[ClaimState] | None) -> None:
+        """Give the key back, once the claim has landed (so the release cannot overtake it)."""
+        if claim is None or claiming is None:
+            return
+        with contextlib.suppress(Exception):
+            await asyncio.shield(claiming)
+        await _quietly(self.store.release(model, claim))
 
     async def _step(
         self,
@@ -278,10 +283,7 @@ class ParameterServer:
                     self._store_failed[model] = time.monotonic()
                     raise
             if isinstance(result, _Sync):
-                if claim is not None and claiming is not None:  # (worker_id, base_step) is a key already
-                    with contextlib.suppress(Exception):
-                        await claiming
-                    await _quietly(self.store.release(model, claim))
+                await self._release(model, claim, claiming)  # (worker_id, base_step) is a key already
                 return await self._sync(model, grads, push, result.workers)
             if result is not None:
                 return result

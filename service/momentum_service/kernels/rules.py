@@ -33,7 +33,6 @@ rule               reference                                rounding
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields, replace
 from typing import Any, ClassVar, Protocol, Self
 
@@ -41,6 +40,8 @@ import numpy as np
 import numpy.typing as npt
 
 from .sgd import SGDConfig
+from .sgd import check_bool as _check_bool
+from .sgd import check_number as _check_number
 
 __all__ = [
     "EMAMomentum",
@@ -77,23 +78,6 @@ class Rule(Protocol):
     def update(self, value: Array, velocity: Array | None, grad: Array, lr: float) -> tuple[Array, Array | None]:
         """One step with learning rate ``lr``: ``(new_value, new_velocity)``."""
         ...
-
-
-def _check_number(name: str, value: Any, *, upper: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    if value < 0.0:
-        raise ValueError(f"{name} must be >= 0, got {value!r}")
-    if upper is not None and value > upper:
-        raise ValueError(f"{name} must be between 0 and {upper:g}, got {value!r}")
-    return float(value)
-
-
-def _check_bool(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be a boolean, got {value!r}")
 
 
 def _via_float32(x: float, dtype: np.dtype[Any]) -> np.floating[Any]:

@@ -46,6 +46,24 @@ __all__ = ["SGDConfig", "sgd_update"]
 Array = npt.NDArray[np.floating]
 
 
+def check_number(name: str, value: Any, *, upper: float | None = None) -> float:
+    """A hyperparameter as a float; ``ValueError`` says what is wrong (type, finiteness, range)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if value < 0.0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+    if upper is not None and value > upper:
+        raise ValueError(f"{name} must be between 0 and {upper:g}, got {value!r}")
+    return float(value)
+
+
+def check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be a boolean, got {value!r}")
+
+
 @dataclass(frozen=True, slots=True)
 class SGDConfig:
     """Hyperparameters of the ``pytorch`` rule, validated like ``torch.optim.SGD``'s constructor."""
@@ -60,17 +78,9 @@ class SGDConfig:
 
     def __post_init__(self) -> None:
         for name in ("lr", "momentum", "dampening", "weight_decay"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"{name} must be a number, got {value!r}")
-            if not math.isfinite(value):
-                raise ValueError(f"{name} must be finite, got {value!r}")
-            if value < 0.0:
-                raise ValueError(f"{name} must be >= 0, got {value!r}")
-            object.__setattr__(self, name, float(value))
+            object.__setattr__(self, name, check_number(name, getattr(self, name)))
         for name in ("nesterov", "maximize"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be a boolean, got {getattr(self, name)!r}")
+            check_bool(name, getattr(self, name))
         if self.nesterov and (self.momentum <= 0.0 or self.dampening != 0.0):
             raise ValueError(
                 "nesterov momentum requires momentum > 0 and dampening = 0, "
