@@ -87,6 +87,23 @@ async def test_put_model_creates_then_replaces(api: httpx.AsyncClient, model: st
     assert set(r.json()["params"]) == {"b", "w"}  # parameters kept
 
 
+async def test_put_model_if_none_match_only_creates(api: httpx.AsyncClient, model: str) -> None:
+    """A restarted worker's create must never undo a trained model's config (412, nothing changed)."""
+    grad = {"gradients": {"w": tensor([[1, 1], [1, 1]])}}
+    for _ in range(3):
+        assert (await api.post(f"/v1/models/{model}/step", json=grad)).status_code == 200
+    before = await snapshot(api, model)
+    r = await api.put(f"/v1/models/{model}", json={"optimizer": {"lr": 0.5}}, headers={"if-none-match": "*"})
+    body = assert_problem(r, 412, "model-exists")
+    assert body["existing"] == {"optimizer": OPT_OUT, "schedule": CONSTANT, "mode": "async"}
+    assert "PATCH" in body["detail"]
+    assert await snapshot(api, model) == before  # momentum still 0.9, every step and velocity kept
+    r = await api.put("/v1/models/fresh", json={"optimizer": {"lr": 0.5}}, headers={"if-none-match": "*"})
+    assert r.status_code == 201 and r.json()["optimizer"]["lr"] == 0.5
+    r = await api.put("/v1/models/fresh", json={"optimizer": {"lr": 0.5}}, headers={"if-none-match": '"x"'})
+    assert_problem(r, 422)
+
+
 async def test_get_model(api: httpx.AsyncClient, model: str) -> None:
     r = await api.get(f"/v1/models/{model}")
     assert r.status_code == 200

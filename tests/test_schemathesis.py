@@ -51,9 +51,9 @@ FIXTURE = {"w": ([2, 2], "float32"), "b": ([2], "float64")}
 #   that overflows to a non-finite value, an Idempotency-Key reused with another body, and a
 #   safetensors body that is not valid safetensors (the schema can only say "binary").
 # - 413: a shape with more elements than the server's limit (a setting, not part of the schema).
-# - 412: If-None-Match: * on a parameter that exists (the state, not the request).
+# - 412: If-None-Match: * on a model or parameter that exists (the state, not the request).
 DOMAIN_STATUSES = {
-    "PUT /v1/models/{model}": ["422"],
+    "PUT /v1/models/{model}": ["412", "422"],
     "PATCH /v1/models/{model}": ["422"],
     "PUT /v1/models/{model}/params/{name}": ["412", "413", "422"],
     "PUT /v1/models/{model}/params": ["412", "413", "422"],
@@ -368,7 +368,7 @@ async def test_found_integers_written_as_floats_are_integers() -> None:
             r = await api.put(
                 "/v1/models/m", json={**body, "schedule": {"type": "step", "step_size": bad}}, headers=AUTH
             )
-            assert_problem(r, 422, "invalid-request")
+            assert_problem(r, 422, "invalid-config")
 
 
 async def test_found_a_tensor_name_ending_in_a_newline_is_refused() -> None:

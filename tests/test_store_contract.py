@@ -246,11 +246,12 @@ async def test_redis_keys_stay_under_the_prefix(redis_proc, redis_prefix: str) -
         await store.put_params("m", {"a": f32(1), "b.c:d": f32(2)}, only_create=False)
         client = redis_proc.client()
         keys = sorted(k.decode() for k in client.scan_iter(match=f"{redis_prefix}:*"))
+        inc = client.hget(f"{redis_prefix}:{{m}}:model", "inc").decode()
         assert keys == [
+            f"{redis_prefix}:{{m}}:i:{inc}:p:a",
+            f"{redis_prefix}:{{m}}:i:{inc}:p:b.c:d",
+            f"{redis_prefix}:{{m}}:i:{inc}:params",
             f"{redis_prefix}:{{m}}:model",
-            f"{redis_prefix}:{{m}}:param:a",
-            f"{redis_prefix}:{{m}}:param:b.c:d",
-            f"{redis_prefix}:{{m}}:params",
         ]
         await store.delete_model("m")
         assert list(client.scan_iter(match=f"{redis_prefix}:*")) == []

@@ -8,13 +8,16 @@ constant schedule in async mode.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import InvalidConfig
 from .kernels import Rule, Schedule, rule_from_dict, schedule_from_dict
+from .kernels.errors import FieldError
 from .kernels.schedules import ConstantSchedule
+from .kernels.sgd import check_bool, check_number
 
 __all__ = ["MODE_FIELDS", "Mode", "ModelConfig"]
 
@@ -26,9 +29,9 @@ MODES = ("async", "sync", "bounded")
 
 def _count(name: str, value: Any, low: int, high: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
+        raise FieldError(f"{name} must be an integer, got {value!r}", name)
     if not low <= value <= high:
-        raise ValueError(f"{name} must be between {low} and {high}, got {value!r}")
+        raise FieldError(f"{name} must be between {low} and {high}, got {value!r}", name)
     return value
 
 
@@ -47,19 +50,19 @@ class Mode:
 
     def __post_init__(self) -> None:
         if self.kind not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.kind!r}")
+            raise FieldError(f"mode must be one of {', '.join(MODES)}, got {self.kind!r}", "mode")
         if self.kind == "sync":
             if self.workers is None:
-                raise ValueError("mode 'sync' requires workers (the number of workers per step)")
+                raise FieldError("mode 'sync' requires workers (the number of workers per step)", "workers")
             _count("workers", self.workers, 1, MAX_WORKERS)
         elif self.workers is not None:
-            raise ValueError(f"workers applies only to mode 'sync', not {self.kind!r}")
+            raise FieldError(f"workers applies only to mode 'sync', not {self.kind!r}", "workers")
         if self.kind == "bounded":
             if self.max_staleness is None:
-                raise ValueError("mode 'bounded' requires max_staleness (in steps)")
+                raise FieldError("mode 'bounded' requires max_staleness (in steps)", "max_staleness")
             _count("max_staleness", self.max_staleness, 0, MAX_STALENESS)
         elif self.max_staleness is not None:
-            raise ValueError(f"max_staleness applies only to mode 'bounded', not {self.kind!r}")
+            raise FieldError(f"max_staleness applies only to mode 'bounded', not {self.kind!r}", "max_staleness")
 
     @classmethod
     def from_fields(cls, fields: Mapping[str, Any]) -> Mode:
@@ -100,11 +103,11 @@ class ModelConfig:
         try:
             rule = rule_from_dict(dict(optimizer))
         except (TypeError, ValueError) as exc:
-            raise InvalidConfig(str(exc), "optimizer") from None
+            raise _invalid(exc, "optimizer") from None
         try:
             sched = ConstantSchedule() if schedule is None else schedule_from_dict(dict(schedule))
         except (TypeError, ValueError) as exc:
-            raise InvalidConfig(str(exc), "schedule") from None
+            raise _invalid(exc, "schedule") from None
         return cls(rule, sched, _mode(lambda: Mode.from_fields(mode or {})))
 
     @classmethod
@@ -124,7 +127,7 @@ class ModelConfig:
         except TypeError:
             return ModelConfig.build({**self.rule.to_dict(), **changes})  # names the unknown field
         except ValueError as exc:
-            raise InvalidConfig(str(exc), "optimizer") from None
+            raise _invalid(exc, "optimizer") from None
         new_schedule = self.schedule if schedule is None else ModelConfig.build(rule.to_dict(), schedule).schedule
         new_mode = self.mode if not mode else _mode(lambda: self.mode.patched(mode))
         return ModelConfig(rule, new_schedule, new_mode)
@@ -134,4 +137,80 @@ def _mode(make: Callable[[], Mode]) -> Mode:
     try:
         return make()
     except (TypeError, ValueError) as exc:
-        raise InvalidConfig(str(exc), "mode") from None
+        raise _invalid(exc, None) from None
+
+
+def _invalid(exc: Exception, part: str | None) -> InvalidConfig:
+    """The config error for a validation error of ``part`` (``None``: the mode fields, top level)."""
+    field = exc.field if isinstance(exc, FieldError) else ()
+    return InvalidConfig(str(exc), part or (str(field[0]) if field else "mode"), (*field[1:],) if not part else field)
+
+
+def _integral(value: Any) -> Any:
+    return int(value) if type(value) is float and value.is_integer() else value
+
+
+def explain_put(body: Any) -> None:
+    """Raise the domain's :class:`InvalidConfig` for a model config body it rejects (else nothing).
+
+    Called when the body failed the API's schema, so that the error says what the rule, the
+    schedule or the mode itself says (``lr must be >= 0, got -0.1``), at the field's place.
+    """
+    if not isinstance(body, dict) or not isinstance(body.get("optimizer"), dict):
+        return
+    schedule = body.get("schedule")
+    mode = {k: _integral(body[k]) for k in MODE_FIELDS if k in body and body[k] is not None}
+    with contextlib.suppress(TypeError):
+        ModelConfig.build(body["optimizer"], schedule if isinstance(schedule, dict) else None, mode)
+
+
+_PATCHABLE = {
+    "lr": "number",
+    "momentum": "number",
+    "dampening": "number",
+    "weight_decay": "number",
+    "nesterov": "bool",
+    "maximize": "bool",
+    "rule": "str",
+}
+
+
+def explain_patch(body: Any) -> None:
+    """Like :func:`explain_put`, for a PATCH body (whose rule is the stored model's)."""
+    if not isinstance(body, dict):
+        return
+    optimizer = body.get("optimizer")
+    if isinstance(optimizer, dict):
+        for name, value in optimizer.items():
+            kind = _PATCHABLE.get(name)
+            if kind is None:
+                raise InvalidConfig(
+                    f"optimizer has no hyperparameter {name!r}; the hyperparameters are: {', '.join(_PATCHABLE)} "
+                    "(each rule has some of them)",
+                    "optimizer",
+                    (name,),
+                )
+            try:
+                if kind == "number" and value is not None:
+                    check_number(name, value)
+                elif kind == "bool" and value is not None:
+                    check_bool(name, value)
+                elif kind == "str" and value is not None and not isinstance(value, str):
+                    raise FieldError(f"rule must be a string, got {value!r}", "rule")
+            except FieldError as exc:
+                raise _invalid(exc, "optimizer") from None
+    schedule = body.get("schedule")
+    if isinstance(schedule, dict):
+        try:
+            schedule_from_dict(schedule)
+        except (TypeError, ValueError) as exc:
+            raise _invalid(exc, "schedule") from None
+    fields = {k: _integral(body[k]) for k in MODE_FIELDS if body.get(k) is not None}
+    if "mode" in fields and fields["mode"] not in MODES:
+        raise InvalidConfig(f"mode must be one of {', '.join(MODES)}, got {fields['mode']!r}", "mode")
+    for name, low, high in (("workers", 1, MAX_WORKERS), ("max_staleness", 0, MAX_STALENESS)):
+        if name in fields:
+            try:
+                _count(name, fields[name], low, high)
+            except FieldError as exc:
+                raise _invalid(exc, None) from None

@@ -33,6 +33,7 @@ from .errors import (
     IdempotencyInFlight,
     IdempotencyKeyReused,
     ModeFieldRequired,
+    ModelExists,
     ModelNotFound,
     NonFiniteResult,
     ParamNotFound,
@@ -158,14 +159,22 @@ class ParameterServer:
             lock = self._locks[model] = asyncio.Lock()
         return lock
 
-    async def put_model(self, model: str, config: ModelConfig) -> tuple[ModelRecord, bool]:
-        """Create the model, or replace its config (same rule only; see :class:`RuleChange`)."""
+    async def put_model(
+        self, model: str, config: ModelConfig, *, only_create: bool = False
+    ) -> tuple[ModelRecord, bool]:
+        """Create the model, or replace its config (same rule only; see :class:`RuleChange`).
+
+        With ``only_create`` an existing model is never changed: :class:`ModelExists`."""
+        if only_create:
+            return await self.store.put_model(model, config.to_dict(), only_create=True)
         deadline = time.monotonic() + self.contention_timeout_s
         attempt = 0
         while True:
             record = await self.store.get_model(model)
             if record is None:
-                return await self.store.put_model(model, config.to_dict())
+                with contextlib.suppress(ModelExists):  # created meanwhile: replace its config, same rule only
+                    return await self.store.put_model(model, config.to_dict(), only_create=True)
+                continue
             _check_same_rule(model, config_of(record), config.rule.name)
             updated = await self.store.replace_config(model, record.rev, config.to_dict())
             if updated is not None:

@@ -19,6 +19,18 @@ class ModelNotFound(ServiceError):
         self.model = model
 
 
+class ModelExists(ServiceError):
+    """A create-only ``PUT`` (``If-None-Match: *``) found the model; nothing was written."""
+
+    def __init__(self, model: str, config: Mapping[str, Any]) -> None:
+        super().__init__(
+            f"model {model!r} already exists; nothing was changed (its config is in 'existing'; "
+            "PATCH it to change some hyperparameters, or PUT without If-None-Match to replace its config)"
+        )
+        self.model = model
+        self.config = dict(config)
+
+
 class ParamNotFound(ServiceError):
     def __init__(self, model: str, names: Iterable[str]) -> None:
         self.model = model
@@ -50,11 +62,16 @@ class TensorMismatch(ServiceError):
 
 
 class InvalidConfig(ServiceError):
-    """A model config that the rule or the schedule rejects; ``field`` is the part at fault."""
+    """A model config that the rule, the schedule or the mode rejects.
 
-    def __init__(self, message: str, field: str = "optimizer") -> None:
+    ``field`` is the part at fault (``optimizer``, ``schedule``, or a mode field such as
+    ``workers``) and ``path`` where within it (``("lr",)``, ``("schedulers", 1, "step_size")``).
+    """
+
+    def __init__(self, message: str, field: str = "optimizer", path: tuple[str | int, ...] = ()) -> None:
         super().__init__(message)
         self.field = field
+        self.path = path
 
 
 class RuleChange(ServiceError):
@@ -76,6 +93,22 @@ class StoreUnavailable(ServiceError):
     """The store cannot be reached, or timed out.
 
     Nothing changed, except possibly for a step whose commit was under way (its message says so).
+    """
+
+
+class StoreFull(ServiceError):
+    """The store refused a write because it is at its memory limit (Redis ``maxmemory``).
+
+    Nothing was changed: the store refuses the whole operation before it starts. Deleting
+    models or parameters always works, and frees memory.
+    """
+
+
+class StoreError(ServiceError):
+    """The store answered with an error that is neither unavailability nor a full store.
+
+    A bug, or a store set up wrongly (an ACL that lacks a command, say): retrying will not help.
+    Nothing was changed (every store operation checks before it writes).
     """
 
 

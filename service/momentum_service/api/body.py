@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -20,8 +21,8 @@ from starlette.requests import ClientDisconnect
 
 from ..settings import Settings
 from ..store.base import Array
-from . import wire
-from .problems import Problem, validation_errors
+from . import messages, wire
+from .problems import Problem
 from .schemas import PARAM_NAME_PATTERN, Tensor
 
 M = TypeVar("M", bound=BaseModel)
@@ -112,14 +113,30 @@ def metadata_fields(metadata: dict[str, str], names: tuple[str, ...]) -> dict[st
     return out
 
 
-def validate(model: type[M], obj: Any, loc: list[Any]) -> M:
+def validate(model: type[M], obj: Any, loc: list[Any], *, explain: Callable[[Any], None] | None = None) -> M:
+    """``obj`` validated by ``model``; else a 422 whose errors say in plain words what is wrong.
+
+    ``explain`` is called with ``obj`` first when validation fails: a domain check that may raise
+    a more telling error (a config's own validation names the field and the allowed values).
+    """
     try:
         return model.model_validate(obj)
     except ValidationError as exc:
-        errs = validation_errors(exc.errors(include_url=False, include_input=False))
-        for e in errs:
-            e["loc"] = [*loc, *e["loc"]]
-        raise Problem(422, "invalid-request", "the request body is not valid", errors=errs) from None
+        if explain is not None:
+            explain(obj)
+        raise invalid_request(messages.explain(exc.errors(include_url=False), obj, loc, model)) from None
+
+
+def invalid_request(errors: list[dict[str, Any]]) -> Problem:
+    """A 422 listing the first ``MAX_ERRORS`` errors (and how many there are in all)."""
+    shown = errors[:MAX_ERRORS]
+    extra: dict[str, Any] = {"error_count": len(errors)} if len(errors) > MAX_ERRORS else {}
+    return Problem(422, "invalid-request", messages.summary(errors), errors=shown, **extra)
+
+
+# An error lists at most this many problems: a request naming a million bad parameters must not
+# get a response bigger than itself.
+MAX_ERRORS = 20
 
 
 def check_finite(a: Array, where: list[Any]) -> None:
@@ -132,13 +149,17 @@ def check_finite(a: Array, where: list[Any]) -> None:
         )
 
 
-async def parse_json(request: Request, model: type[M], settings: Settings) -> M:
-    parsed, _ = await parse_json_raw(request, model, settings)
+async def parse_json(
+    request: Request, model: type[M], settings: Settings, *, explain: Callable[[Any], None] | None = None
+) -> M:
+    parsed, _ = await parse_json_raw(request, model, settings, explain=explain)
     return parsed
 
 
-async def parse_json_raw(request: Request, model: type[M], settings: Settings) -> tuple[M, bytes]:
-    """The validated body, and its bytes (for an idempotency fingerprint)."""
+async def parse_json_raw(
+    request: Request, model: type[M], settings: Settings, *, explain: Callable[[Any], None] | None = None
+) -> tuple[M, bytes]:
+    """The validated body, and its bytes (for an idempotency fingerprint); see :func:`validate`."""
     content_type = request.headers.get("content-type", "")
     if not _is_json(content_type):
         raise Problem(
@@ -156,7 +177,7 @@ async def parse_json_raw(request: Request, model: type[M], settings: Settings) -
             422, "malformed-json", f"the body is not valid JSON: {exc}", errors=[{"loc": ["body"], "msg": str(exc)}]
         ) from None
     _check_shape(obj, settings)
-    return validate(model, obj, ["body"]), raw
+    return validate(model, obj, ["body"], explain=explain), raw
 
 
 def _check_shape(obj: Any, settings: Settings) -> None:

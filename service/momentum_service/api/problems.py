@@ -18,6 +18,7 @@ from starlette.responses import Response
 from starlette.routing import Match
 
 from .. import errors
+from . import messages
 
 log = logging.getLogger("momentum_service")
 
@@ -69,15 +70,12 @@ def problem_response(request: Request, problem: Problem) -> Response:
     return Response(orjson.dumps(body), problem.status, headers=problem.headers, media_type=PROBLEM_JSON)
 
 
-def validation_errors(errs: Any) -> list[dict[str, Any]]:
-    """Pydantic/FastAPI errors without the (possibly huge) offending input."""
-    return [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in errs]
-
-
 def from_domain(exc: errors.ServiceError) -> Problem:
     match exc:
         case errors.ModelNotFound():
             return Problem(404, "model-not-found", str(exc), model=exc.model)
+        case errors.ModelExists():
+            return Problem(412, "model-exists", str(exc), model=exc.model, existing=exc.config)
         case errors.ParamNotFound():
             return Problem(404, "param-not-found", str(exc), model=exc.model, missing=exc.names)
         case errors.ParamsExist():
@@ -85,7 +83,8 @@ def from_domain(exc: errors.ServiceError) -> Problem:
         case errors.TensorMismatch():
             return Problem(409, "tensor-mismatch", str(exc), mismatches=exc.mismatches)
         case errors.InvalidConfig():
-            return Problem(422, "invalid-config", str(exc), errors=[{"loc": ["body", exc.field], "msg": str(exc)}])
+            loc = ["body", exc.field, *exc.path]
+            return Problem(422, "invalid-config", str(exc), errors=[{"loc": loc, "msg": str(exc)}])
         case errors.RuleChange():
             return Problem(409, "rule-change", str(exc), current=exc.current, requested=exc.requested)
         case errors.StepMismatch():
@@ -111,6 +110,10 @@ def from_domain(exc: errors.ServiceError) -> Problem:
             return Problem(503, "contention", str(exc), headers={"Retry-After": "1"})
         case errors.StoreUnavailable():
             return Problem(503, "store-unavailable", str(exc), headers={"Retry-After": "1"})
+        case errors.StoreFull():
+            return Problem(503, "store-full", str(exc), headers={"Retry-After": "5"})
+        case errors.StoreError():
+            return Problem(500, "store-error", str(exc))
     return Problem(500, "internal", "unexpected error")
 
 
@@ -133,14 +136,22 @@ def install(app: FastAPI) -> None:
 
     async def on_domain(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, errors.ServiceError)
-        if isinstance(exc, errors.StoreUnavailable):
+        if isinstance(exc, errors.StoreUnavailable | errors.StoreFull):
             log.warning("store unavailable: %s", exc)
+        elif isinstance(exc, errors.StoreError):
+            log.error("store error on %s %s: %s", request.method, request.url.path, exc)
         return problem_response(request, from_domain(exc))
 
     async def on_validation(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
-        errs = validation_errors(exc.errors())
-        return problem_response(request, Problem(422, "invalid-request", "the request is not valid", errors=errs))
+        errs: list[dict[str, Any]] = []
+        for e in exc.errors():
+            loc = list(e.get("loc", ()))[:2]  # (path|query|header, name); the rest names union members
+            msg = messages.message(e, loc, None)
+            if not any(x["loc"] == loc and x["msg"] == msg for x in errs):
+                errs.append({"loc": loc, "msg": msg, "type": e.get("type", "")})
+        errs = [e for e in errs if e["type"] != "none_required"] or errs
+        return problem_response(request, Problem(422, "invalid-request", messages.summary(errs), errors=errs[:20]))
 
     async def on_http(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from pydantic import BaseModel, StringConstraints
 from pydantic.json_schema import SkipJsonSchema
 
+from .. import config as config_module
 from ..config import ModelConfig
 from ..engine import Idempotency, StepPending, StepResult
 from ..store import ModelRecord, ParamMeta, ParamRecord
@@ -142,6 +143,13 @@ IfNoneMatch = Annotated[
     Annotated[str, StringConstraints(pattern=r"^\*$")] | SkipJsonSchema[None],
     Header(description="`*` creates only: 412 if the parameter exists, and nothing is written."),
 ]
+IfNoneMatchModel = Annotated[
+    Annotated[str, StringConstraints(pattern=r"^\*$")] | SkipJsonSchema[None],
+    Header(
+        description="`*` creates only: if the model exists, 412 `model-exists` with its config in `existing`, "
+        "and nothing is changed (safe for every worker to send at start-up)."
+    ),
+]
 Include = Annotated[
     Annotated[str, StringConstraints(pattern=schemas.INCLUDE_PATTERN)] | SkipJsonSchema[None],
     Query(description="`velocity` adds each parameter's momentum buffer."),
@@ -155,19 +163,27 @@ Include = Annotated[
     response_model=schemas.ModelOut,
     responses={
         200: {"model": schemas.ModelOut, "description": "Config replaced"},
-        **problem_responses(409, *_BODY_ERRORS),
+        **problem_responses(409, 412, *_BODY_ERRORS),
     },
     openapi_extra=_body_doc(schemas.ModelPut),
-    summary="Create a model or replace its config (parameters are kept; the rule cannot change: 409)",
+    summary="Create a model or replace its config (parameters are kept; the rule cannot change: 409); "
+    "with If-None-Match: * only create (412 with the existing config if it exists)",
 )
-async def put_model(model: ModelName, request: Request, server: ServerDep, settings: SettingsDep) -> Response:
-    body = await parse_json(request, schemas.ModelPut, settings)
+async def put_model(
+    model: ModelName,
+    request: Request,
+    server: ServerDep,
+    settings: SettingsDep,
+    if_none_match: IfNoneMatchModel = None,
+) -> Response:
+    only_create = _only_create(if_none_match)
+    body = await parse_json(request, schemas.ModelPut, settings, explain=config_module.explain_put)
     config = ModelConfig.build(
         body.optimizer.model_dump(),
         body.schedule.model_dump() if body.schedule else None,
         body.model_dump(include={"mode", "workers", "max_staleness"}, exclude_none=True),
     )
-    record, created = await server.put_model(model, config)
+    record, created = await server.put_model(model, config, only_create=only_create)
     params = await server.list_params(model)
     headers = {"Location": f"/v1/models/{model}"} if created else None
     return _json(_model_json(record, params), 201 if created else 200, headers)
@@ -188,7 +204,7 @@ async def get_model(model: ModelName, server: ServerDep) -> Response:
     summary="Change some hyperparameters and/or the schedule; they apply from the next step",
 )
 async def patch_model(model: ModelName, request: Request, server: ServerDep, settings: SettingsDep) -> Response:
-    body = await parse_json(request, schemas.ModelPatch, settings)
+    body = await parse_json(request, schemas.ModelPatch, settings, explain=config_module.explain_patch)
     nulls = sorted(k for k in body.model_fields_set if getattr(body, k) is None)
     if nulls:
         raise Problem(

@@ -39,6 +39,7 @@ from typing import Any, ClassVar, Protocol, Self
 import numpy as np
 import numpy.typing as npt
 
+from .errors import FieldError
 from .sgd import SGDConfig
 from .sgd import check_bool as _check_bool
 from .sgd import check_number as _check_number
@@ -259,14 +260,15 @@ def rule_from_dict(data: dict[str, Any]) -> Rule:
     name = data.pop("rule", "pytorch")
     cls = RULES.get(name) if isinstance(name, str) else None
     if cls is None:
-        raise ValueError(f"unknown rule {name!r}; the rules are: {', '.join(RULES)}")
+        raise FieldError(f"unknown rule {name!r}; the rules are: {', '.join(RULES)}", "rule")
     names = [f.name for f in fields(cls)]
     unknown = sorted(set(data) - set(names))
     if unknown:
-        raise ValueError(
-            f"rule {name!r} has no hyperparameter {', '.join(unknown)}; its hyperparameters are: {', '.join(names)}"
+        raise FieldError(
+            f"rule {name!r} has no hyperparameter {', '.join(unknown)}; its hyperparameters are: {', '.join(names)}",
+            unknown[0],
         )
     if "lr" not in data:
-        raise ValueError("lr is required")
+        raise FieldError("lr is required", "lr")
     rule: Rule = cls(**data)
     return rule

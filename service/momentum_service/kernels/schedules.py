@@ -30,6 +30,8 @@ from dataclasses import dataclass, field, fields
 from itertools import pairwise
 from typing import Any, ClassVar, Protocol
 
+from .errors import FieldError
+
 __all__ = [
     "SCHEDULES",
     "ConstantSchedule",
@@ -61,37 +63,38 @@ class Schedule(Protocol):
 # --- validation -------------------------------------------------------------------------
 
 
-def _int(name: str, value: Any, *, minimum: int) -> int:
+def _int(name: str, value: Any, *, minimum: int, field: tuple[str | int, ...] = ()) -> int:
+    where = field or (name,)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
+        raise FieldError(f"{name} must be an integer, got {value!r}", *where)
     if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+        raise FieldError(f"{name} must be >= {minimum}, got {value!r}", *where)
     return value
 
 
 def _float(name: str, value: Any, *, low: float = 0.0, high: float | None = None, low_open: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
+        raise FieldError(f"{name} must be a number, got {value!r}", name)
     number = float(value)
     if not math.isfinite(number):
-        raise ValueError(f"{name} must be finite, got {value!r}")
+        raise FieldError(f"{name} must be finite, got {value!r}", name)
     if number < low or (low_open and number == low) or (high is not None and number > high):
         lo = f"({low:g}" if low_open else f"[{low:g}"
         hi = f"{high:g}]" if high is not None else "inf)"
-        raise ValueError(f"{name} must be in {lo}, {hi}, got {value!r}")
+        raise FieldError(f"{name} must be in {lo}, {hi}, got {value!r}", name)
     return number
 
 
 def _milestones(name: str, value: Any, *, strictly: bool) -> tuple[int, ...]:
     if not isinstance(value, (list, tuple)):
-        raise ValueError(f"{name} must be a list of integers, got {value!r}")
+        raise FieldError(f"{name} must be a list of integers, got {value!r}", name)
     if len(value) > _MAX_MILESTONES:
-        raise ValueError(f"{name} may hold at most {_MAX_MILESTONES} entries, got {len(value)}")
-    out = tuple(_int(f"{name}[{i}]", v, minimum=1) for i, v in enumerate(value))
+        raise FieldError(f"{name} may hold at most {_MAX_MILESTONES} entries, got {len(value)}", name)
+    out = tuple(_int(f"{name}[{i}]", v, minimum=1, field=(name, i)) for i, v in enumerate(value))
     for a, b in pairwise(out):
         if b < a or (strictly and b == a):
             order = "increasing" if strictly else "non-decreasing"
-            raise ValueError(f"{name} must be {order}, got {list(out)}")
+            raise FieldError(f"{name} must be {order}, got {list(out)}", name)
     return out
 
 
@@ -378,22 +381,27 @@ class SequentialSchedule(_SpecBase):
 
     def __post_init__(self) -> None:
         if not isinstance(self.schedulers, (list, tuple)) or not self.schedulers:
-            raise ValueError("schedulers must be a non-empty list of schedules")
+            raise FieldError("schedulers must be a non-empty list of schedules", "schedulers")
         if len(self.schedulers) > _MAX_SEQUENCE:
-            raise ValueError(f"schedulers may hold at most {_MAX_SEQUENCE} schedules, got {len(self.schedulers)}")
+            raise FieldError(
+                f"schedulers may hold at most {_MAX_SEQUENCE} schedules, got {len(self.schedulers)}", "schedulers"
+            )
         children = []
         for i, child in enumerate(self.schedulers):
             if isinstance(child, dict):
-                child = _from_dict(child, where=f"schedulers[{i}].")
+                child = _from_dict(child, where=("schedulers", i))
             if isinstance(child, SequentialSchedule):
-                raise ValueError(f"schedulers[{i}]: a sequential schedule cannot contain another one")
+                raise FieldError(
+                    f"schedulers[{i}]: a sequential schedule cannot contain another one", "schedulers", i, "type"
+                )
             children.append(child)
         object.__setattr__(self, "schedulers", tuple(children))
         object.__setattr__(self, "milestones", _milestones("milestones", self.milestones, strictly=True))
         if len(self.milestones) != len(self.schedulers) - 1:
-            raise ValueError(
+            raise FieldError(
                 f"milestones must hold one entry fewer than schedulers ({len(self.schedulers) - 1}), "
-                f"got {len(self.milestones)}"
+                f"got {len(self.milestones)}",
+                "milestones",
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -425,26 +433,33 @@ SCHEDULES: dict[str, type[Any]] = {
 }
 
 
-def _from_dict(data: Any, *, where: str = "") -> Any:
+def _from_dict(data: Any, *, where: tuple[str | int, ...] = ()) -> Any:
+    """The schedule of a dict; ``where`` is its place in a sequential schedule (``("schedulers", 1)``)."""
+    text = "".join(f"[{w}]" if isinstance(w, int) else f"{w}" for w in where) + ("." if where else "")
     if not isinstance(data, dict):
-        raise ValueError(f"{where or 'schedule'} must be an object, got {data!r}")
+        raise FieldError(f"{text[:-1] or 'schedule'} must be an object, got {data!r}", *where)
     data = dict(data)
     kind = data.pop("type", None)
     cls = SCHEDULES.get(kind) if isinstance(kind, str) else None
     if cls is None:
-        raise ValueError(f"{where}type must be one of {', '.join(SCHEDULES)}, got {kind!r}")
+        raise FieldError(f"{text}type must be one of {', '.join(SCHEDULES)}, got {kind!r}", *where, "type")
     names = [f.name for f in fields(cls)]
     unknown = sorted(set(data) - set(names))
     if unknown:
         has = ", ".join(names) if names else "no fields"
-        raise ValueError(f"{where}schedule {kind!r} has no field {', '.join(unknown)}; it has: {has}")
+        raise FieldError(
+            f"{text}schedule {kind!r} has no field {', '.join(unknown)}; it has: {has}", *where, unknown[0]
+        )
     try:
         return cls(**data)
     except TypeError as exc:  # a required field is missing
         required = [f.name for f in fields(cls) if f.default is f.default_factory]
-        raise ValueError(f"{where}schedule {kind!r} requires {', '.join(required)}") from exc
-    except ValueError as exc:
-        raise ValueError(f"{where}{exc}") from None
+        missing = [name for name in required if name not in data]
+        raise FieldError(
+            f"{text}schedule {kind!r} requires {', '.join(required)}", *where, *(missing[:1] or required[:1])
+        ) from exc
+    except FieldError as exc:
+        raise FieldError(f"{text}{exc}", *where, *exc.field) from None
 
 
 def schedule_from_dict(data: Any) -> Schedule:

@@ -39,6 +39,7 @@ from typing import Any, ClassVar
 import numpy as np
 import numpy.typing as npt
 
+from .errors import FieldError
 from .fma import fma
 
 __all__ = ["SGDConfig", "sgd_update"]
@@ -49,19 +50,19 @@ Array = npt.NDArray[np.floating]
 def check_number(name: str, value: Any, *, upper: float | None = None) -> float:
     """A hyperparameter as a float; ``ValueError`` says what is wrong (type, finiteness, range)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
+        raise FieldError(f"{name} must be a number, got {value!r}", name)
     if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}")
+        raise FieldError(f"{name} must be finite, got {value!r}", name)
     if value < 0.0:
-        raise ValueError(f"{name} must be >= 0, got {value!r}")
+        raise FieldError(f"{name} must be >= 0, got {value!r}", name)
     if upper is not None and value > upper:
-        raise ValueError(f"{name} must be between 0 and {upper:g}, got {value!r}")
+        raise FieldError(f"{name} must be between 0 and {upper:g}, got {value!r}", name)
     return float(value)
 
 
 def check_bool(name: str, value: Any) -> None:
     if not isinstance(value, bool):
-        raise ValueError(f"{name} must be a boolean, got {value!r}")
+        raise FieldError(f"{name} must be a boolean, got {value!r}", name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,9 +83,10 @@ class SGDConfig:
         for name in ("nesterov", "maximize"):
             check_bool(name, getattr(self, name))
         if self.nesterov and (self.momentum <= 0.0 or self.dampening != 0.0):
-            raise ValueError(
+            raise FieldError(
                 "nesterov momentum requires momentum > 0 and dampening = 0, "
-                f"got momentum={self.momentum!r}, dampening={self.dampening!r}"
+                f"got momentum={self.momentum!r}, dampening={self.dampening!r}",
+                "nesterov",
             )
 
     def to_dict(self) -> dict[str, Any]:

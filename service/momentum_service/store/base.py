@@ -147,8 +147,15 @@ class Store(Protocol):
 
     async def close(self) -> None: ...
 
-    async def put_model(self, model: str, config: dict[str, Any]) -> tuple[ModelRecord, bool]:
-        """Create the model or replace its config (parameters are kept). Returns (record, created)."""
+    async def put_model(
+        self, model: str, config: dict[str, Any], *, only_create: bool = False
+    ) -> tuple[ModelRecord, bool]:
+        """Create the model or replace its config (parameters are kept). Returns (record, created).
+
+        With ``only_create``, an existing model is left as it is: ModelExists carries its config.
+        A model created after a delete of the same name is a new *incarnation*: nothing of the old
+        one (parameters, idempotency records, sync contributions) is ever read again.
+        """
 
     async def get_model(self, model: str) -> ModelRecord | None: ...
 
@@ -156,7 +163,9 @@ class Store(Protocol):
         """Compare-and-set the config. ``None`` if the revision changed; ModelNotFound if gone."""
 
     async def delete_model(self, model: str) -> bool:
-        """Delete the model and all its parameters. False if it did not exist."""
+        """Delete the model and everything of it (parameters, idempotency records, sync
+        contributions), all unreachable at once. False if it did not exist. Works even when the
+        store is full."""
 
     async def list_params(self, model: str) -> list[ParamMeta]:
         """Metadata of every parameter, sorted by name. ModelNotFound if the model does not exist."""
@@ -197,7 +206,9 @@ class Store(Protocol):
         """
 
     async def claim(self, model: str, claim: Claim) -> ClaimState:
-        """Take (or renew) the key's lease unless it is done, held by another attempt, or mismatched."""
+        """Take (or renew) the key's lease unless it is done, held by another attempt, or mismatched.
+
+        Keys are per model incarnation. Raises ModelNotFound without the model."""
 
     async def release(self, model: str, claim: Claim) -> None:
         """Drop the key's record if it is still pending under this claim (the attempt failed)."""

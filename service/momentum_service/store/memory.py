@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ModelNotFound, ParamNotFound, ParamsExist
+from ..errors import ModelExists, ModelNotFound, ParamNotFound, ParamsExist
 from .base import (
     Array,
     Claim,
@@ -40,9 +40,24 @@ class _Idem:
 
 @dataclass
 class _Model:
+    """One incarnation of a model: deleting the model drops this object and everything in it, so a
+    model created again under the same name starts with no parameters, keys or sync steps."""
+
     config: dict[str, Any]
     rev: str
     params: dict[str, ParamRecord] = field(default_factory=dict)
+    idem: dict[str, _Idem] = field(default_factory=dict)
+    # (step, name) -> (expiry, {worker: gradient bytes}, contributors)
+    sync: dict[tuple[int, str], tuple[float, dict[int, bytes], set[int]]] = field(default_factory=dict)
+    next_sweep: float = 0.0
+
+    def idem_record(self, key: str) -> _Idem | None:
+        now = time.monotonic()
+        if now >= self.next_sweep:  # drop expired records now and then, as Redis does
+            self.idem = {k: r for k, r in self.idem.items() if r.expires > now}
+            self.next_sweep = now + 10.0
+        rec = self.idem.get(key)
+        return rec if rec is not None and rec.expires > now else None
 
 
 class MemoryStore:
@@ -50,18 +65,6 @@ class MemoryStore:
 
     def __init__(self) -> None:
         self._models: dict[str, _Model] = {}
-        self._idem: dict[tuple[str, str], _Idem] = {}
-        # (model, step, name) -> (expiry, {worker: gradient bytes}, contributors)
-        self._sync: dict[tuple[str, int, str], tuple[float, dict[int, bytes], set[int]]] = {}
-        self._next_sweep = 0.0
-
-    def _idem_record(self, model: str, key: str) -> _Idem | None:
-        now = time.monotonic()
-        if now >= self._next_sweep:  # drop expired records now and then, as Redis does
-            self._idem = {k: r for k, r in self._idem.items() if r.expires > now}
-            self._next_sweep = now + 10.0
-        rec = self._idem.get((model, key))
-        return rec if rec is not None and rec.expires > now else None
 
     async def ping(self) -> None:
         return None
@@ -75,9 +78,13 @@ class MemoryStore:
         except KeyError:
             raise ModelNotFound(model) from None
 
-    async def put_model(self, model: str, config: dict[str, Any]) -> tuple[ModelRecord, bool]:
+    async def put_model(
+        self, model: str, config: dict[str, Any], *, only_create: bool = False
+    ) -> tuple[ModelRecord, bool]:
         rev = new_token()
         existing = self._models.get(model)
+        if existing is not None and only_create:
+            raise ModelExists(model, copy.deepcopy(existing.config))
         if existing is None:
             self._models[model] = _Model(copy.deepcopy(config), rev)
         else:
@@ -141,7 +148,7 @@ class MemoryStore:
     ) -> CommitOutcome:
         m = self._model(model)
         if claim is not None:
-            rec = self._idem_record(model, claim.key)
+            rec = m.idem_record(claim.key)
             if rec is not None:
                 if rec.fingerprint != claim.fingerprint:
                     return CommitOutcome("mismatch")
@@ -162,11 +169,12 @@ class MemoryStore:
             m.params[u.name] = ParamRecord(u.name, _frozen(u.value), velocity, u.step, u.etag)
         if claim is not None:
             expires = time.monotonic() + claim.ttl_ms / 1000
-            self._idem[(model, claim.key)] = _Idem("done", claim.fingerprint, claim.owner, summary, expires)
+            m.idem[claim.key] = _Idem("done", claim.fingerprint, claim.owner, summary, expires)
         return CommitOutcome("applied")
 
     async def claim(self, model: str, claim: Claim) -> ClaimState:
-        rec = self._idem_record(model, claim.key)
+        m = self._model(model)
+        rec = m.idem_record(claim.key)
         if rec is not None:
             if rec.fingerprint != claim.fingerprint:
                 return ClaimState("mismatch")
@@ -175,18 +183,20 @@ class MemoryStore:
             if rec.owner != claim.owner:
                 return ClaimState("in_flight")
         expires = time.monotonic() + claim.lease_ms / 1000
-        self._idem[(model, claim.key)] = _Idem("pending", claim.fingerprint, claim.owner, "", expires)
+        m.idem[claim.key] = _Idem("pending", claim.fingerprint, claim.owner, "", expires)
         return ClaimState("owned")
 
     async def release(self, model: str, claim: Claim) -> None:
-        rec = self._idem_record(model, claim.key)
-        if rec is not None and rec.state == "pending" and rec.owner == claim.owner:
-            del self._idem[(model, claim.key)]
+        m = self._models.get(model)
+        rec = None if m is None else m.idem_record(claim.key)
+        if m is not None and rec is not None and rec.state == "pending" and rec.owner == claim.owner:
+            del m.idem[claim.key]
 
     def _sync_entry(self, model: str, step: int, name: str) -> tuple[float, dict[int, bytes], set[int]] | None:
-        entry = self._sync.get((model, step, name))
-        if entry is not None and entry[0] <= time.monotonic():
-            del self._sync[(model, step, name)]
+        m = self._models.get(model)
+        entry = None if m is None else m.sync.get((step, name))
+        if m is not None and entry is not None and entry[0] <= time.monotonic():
+            del m.sync[(step, name)]
             return None
         return entry
 
@@ -201,15 +211,16 @@ class MemoryStore:
         if any(s != step for s in steps.values()):
             return Contribution("moved", {}, steps)
         now = time.monotonic()
-        self._sync = {k: e for k, e in self._sync.items() if e[0] > now}
+        m.sync = {k: e for k, e in m.sync.items() if e[0] > now}
         duplicate, counts = False, {}
         for name, grad in grads.items():
-            _, by_worker, who = self._sync.get((model, step, name), (0.0, {}, set()))
-            duplicate = duplicate or worker in by_worker
-            by_worker.setdefault(worker, np.ascontiguousarray(grad).astype(grad.dtype.newbyteorder("<")).tobytes())
-            who.add(worker)
-            self._sync[(model, step, name)] = (now + ttl_ms / 1000, by_worker, who)
-            counts[name] = len(by_worker)
+            _, by_worker, who = m.sync.get((step, name), (0.0, {}, set()))
+            duplicate = duplicate or worker in who
+            if worker not in who:
+                by_worker[worker] = np.ascontiguousarray(grad).astype(grad.dtype.newbyteorder("<")).tobytes()
+                who.add(worker)
+            m.sync[(step, name)] = (now + ttl_ms / 1000, by_worker, who)
+            counts[name] = len(who)
         return Contribution("duplicate" if duplicate else "added", counts, steps)
 
     async def contributions(self, model: str, step: int, names: list[str]) -> dict[str, dict[int, bytes]]:
@@ -230,7 +241,7 @@ class MemoryStore:
         for name in names:
             entry = self._sync_entry(model, step, name)
             if entry is not None:
-                self._sync[(model, step, name)] = (entry[0], {}, entry[2])
+                self._models[model].sync[(step, name)] = (entry[0], {}, entry[2])
 
     async def steps(self, model: str, names: list[str]) -> dict[str, int]:
         m = self._model(model)
