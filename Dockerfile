@@ -25,7 +25,7 @@ RUN apt-get update \
 WORKDIR /src
 
 # Only what the wheel build reads (.dockerignore keeps everything else out of the context).
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY service/ service/
 COPY clients/ clients/
 

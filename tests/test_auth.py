@@ -202,19 +202,20 @@ async def test_the_sdk_sends_its_key(kind: str, monkeypatch: pytest.MonkeyPatch)
             from starlette.testclient import TestClient
 
             with TestClient(app) as tc, mc.Client("http://testserver", client=tc, **kwargs) as client:
-                client.create_model("own-x", lr=0.1)
+                client.create_model("own-x", lr=0.1, exist_ok=True)
                 return 200
         async with mc.AsyncClient("http://test", transport=httpx.ASGITransport(app=app), **kwargs) as aclient:
-            await aclient.create_model("own-x", lr=0.1)
+            await aclient.create_model("own-x", lr=0.1, exist_ok=True)
             return 200
 
     assert await call(api_key=KEYS["admin"]) == 200
-    with pytest.raises(mc.APIError) as info:
+    with pytest.raises(mc.Forbidden) as forbidden:
         await call(api_key=KEYS["read"])
-    assert info.value.status == 403
+    assert forbidden.value.status == 403 and forbidden.value.required == "admin:own-x"
+    assert "needs an admin: scope" in str(forbidden.value)
     monkeypatch.setenv("MOMENTUM_API_KEY", KEYS["admin"])
     assert await call() == 200
     monkeypatch.delenv("MOMENTUM_API_KEY")
-    with pytest.raises(mc.APIError) as info:
+    with pytest.raises(mc.Unauthorized) as unauthorized:
         await call()
-    assert info.value.status == 401
+    assert unauthorized.value.status == 401

@@ -4,6 +4,7 @@ and ``AsyncClient`` over ``httpx.ASGITransport``, with the in-memory store."""
 from __future__ import annotations
 
 import asyncio
+import warnings
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from typing import Any
@@ -29,13 +30,14 @@ async def connect(request: pytest.FixtureRequest) -> AsyncIterator[Connect]:
     kind, wire = request.param.split("-")
     async with AsyncExitStack() as stack:
 
-        def make(settings: Settings | None = None) -> Api:
+        def make(settings: Settings | None = None, **options: Any) -> Api:
             app = create_app(settings or Settings(), store=MemoryStore())
             if kind == "sync":
                 test_client = stack.enter_context(TestClient(app))
-                return Api(stack.enter_context(mc.Client("http://testserver", client=test_client, wire=wire)))
+                sync = mc.Client("http://testserver", client=test_client, wire=wire, **options)
+                return Api(stack.enter_context(sync))
             transport = httpx.ASGITransport(app=app)
-            client = mc.AsyncClient("http://test", transport=transport, wire=wire)
+            client = mc.AsyncClient("http://test", transport=transport, wire=wire, **options)
             stack.push_async_callback(client.close)
             return Api(client)
 
@@ -57,7 +59,7 @@ async def test_rule_and_schedule_through_the_sdk(connect: Connect) -> None:
     pushed = await api("step_results", "k", {"w": np.ones(3, np.float32)}, return_params=False)
     assert (pushed["w"].value, pushed["w"].step, pushed["w"].lr) == (None, 4, 0.8)
     with pytest.raises(mc.Conflict, match="rule"):
-        await api("create_model", "k", lr=0.1)  # the default rule is pytorch: 409 rule-change
+        await api("replace_model", "k", lr=0.1)  # the default rule is pytorch: 409 rule-change
     with pytest.raises(mc.InvalidRequest, match="dampening"):
         await api("update_model", "k", dampening=0.1)  # keras has no dampening
 
@@ -210,10 +212,10 @@ async def test_server_errors_map_to_exceptions(connect: Connect) -> None:
         await api("get_param_state", "m", "absent")
     with pytest.raises(mc.Conflict) as conflict:
         await api("step", "m", {"w": np.zeros((2, 2), np.float64)})
-    assert type(conflict.value) is mc.Conflict
+    assert type(conflict.value) is mc.TensorMismatch
     assert conflict.value.type == "urn:momentum-service:problem:tensor-mismatch"
     with pytest.raises(mc.InvalidRequest) as invalid:
-        await api("create_model", "m", lr=0.1, nesterov=True)
+        await api("replace_model", "m", lr=0.1, nesterov=True)
     assert invalid.value.errors
     assert all("loc" in e and "msg" in e for e in invalid.value.errors)
     with pytest.raises(mc.InvalidRequest):
@@ -221,3 +223,80 @@ async def test_server_errors_map_to_exceptions(connect: Connect) -> None:
     with pytest.raises(mc.PayloadTooLarge):
         await api("init_params", "m", {"big": np.zeros(17, np.float32)})
     assert (await api("get_model", "m")).optimizer.lr == 0.1
+
+
+async def test_create_model_never_changes_an_existing_model(connect: Connect) -> None:
+    """What every worker runs at start-up must not undo a PATCHed lr or momentum."""
+    api = connect()
+    await api("create_model", "m", lr=0.1, momentum=0.9)
+    await api("init_params", "m", {"w": np.ones(2, np.float32)})
+    await api("step", "m", {"w": np.ones(2, np.float32)})
+    await api("update_model", "m", lr=0.05)
+    with pytest.raises(mc.ModelExists) as exists:
+        await api("create_model", "m", lr=0.1, momentum=0.9)
+    assert exists.value.status == 412 and exists.value.existing_config["optimizer"]["lr"] == 0.05
+    with pytest.warns(mc.ModelConfigWarning, match=r"optimizer\.lr: asked 0\.1, the model has 0\.05"):
+        info = await api("create_model", "m", lr=0.1, momentum=0.9, exist_ok=True)
+    assert (info.optimizer.lr, info.optimizer.momentum, info.params["w"].step) == (0.05, 0.9, 1)
+    with pytest.warns(mc.ModelConfigWarning, match=r"optimizer\.momentum: asked 0\.0"):
+        await api("create_model", "m", lr=0.05, exist_ok=True)  # momentum left at its default
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same config: no warning
+        info = await api("create_model", "m", lr=0.05, momentum=0.9, exist_ok=True)
+    assert info.optimizer.lr == 0.05
+    assert (await api("get_param_state", "m", "w")).step == 1  # nothing reset
+    info = await api("replace_model", "m", lr=0.5)
+    assert (info.optimizer.lr, info.optimizer.momentum) == (0.5, 0.0)
+
+
+async def test_a_float64_gradient_for_a_float32_parameter(connect: Connect) -> None:
+    api = connect()
+    await api("create_model", "m", lr=0.5)
+    await api("init_params", "m", {"w": np.ones(3, np.float32)})
+    grad = np.array([0.1, 0.2, 0.3])  # numpy's default dtype: float64
+    with pytest.raises(mc.TensorMismatch) as mismatch:
+        await api("step", "m", {"w": grad})
+    text = str(mismatch.value)
+    assert "gradient 'w' is float64 but the parameter is float32" in text
+    assert "grad.astype(np.float32)" in text and "cast_gradients=True" in text
+
+    casting = connect(cast_gradients=True)
+    await casting("create_model", "m", lr=0.5)
+    await casting("init_params", "m", {"w": np.ones(3, np.float32)})
+    for _ in range(2):  # the first step learns the dtype from the 409, the second casts at once
+        values = await casting("step", "m", {"w": grad})
+        assert values["w"].dtype == np.float32
+    expected = np.ones(3, np.float32) - np.float32(0.5) * grad.astype(np.float32)
+    expected = expected - np.float32(0.5) * grad.astype(np.float32)
+    np.testing.assert_array_equal(values["w"], expected)
+    assert (await casting("get_param_state", "m", "w")).step == 2
+
+
+async def test_torch_tensors_go_in_as_they_are(connect: Connect) -> None:
+    """Tensors that require grad, and bfloat16/float16 gradients, which numpy cannot take directly."""
+    torch = pytest.importorskip("torch")
+    api = connect()
+    await api("create_model", "m", lr=1.0)
+    layer = torch.nn.Linear(2, 2)
+    await api("init_params", "m", dict(layer.named_parameters()))  # requires_grad=True
+    start = await api("get_params", "m")
+    np.testing.assert_array_equal(start["weight"], layer.weight.detach().numpy())
+    bf16 = torch.tensor([[0.5, -1.5], [3.0, 0.25]], dtype=torch.bfloat16)
+    half = torch.tensor([0.5, -0.25], dtype=torch.float16)
+    values = await api("step", "m", {"weight": bf16, "bias": half})
+    np.testing.assert_array_equal(values["weight"], start["weight"] - bf16.float().numpy())
+    np.testing.assert_array_equal(values["bias"], start["bias"] - half.float().numpy())
+
+
+async def test_a_push_with_a_base_step_reports_its_staleness(connect: Connect) -> None:
+    api = connect()
+    await api("create_model", "m", lr=0.1)
+    await api("init_params", "m", {"w": np.ones(2, np.float32)})
+    for _ in range(3):
+        await api("step", "m", {"w": np.ones(2, np.float32)})
+    result = await api("step_results", "m", {"w": np.ones(2, np.float32)}, base_step=1)
+    assert (result["w"].step, result["w"].staleness) == (4, 2)
+    assert (await api("step_results", "m", {"w": np.ones(2, np.float32)}))["w"].staleness is None
+    with pytest.raises(mc.Conflict) as ahead:
+        await api("step", "m", {"w": np.ones(2, np.float32)}, base_step=9)
+    assert ahead.value.code == "stale-gradient"

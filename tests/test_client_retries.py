@@ -188,7 +188,7 @@ async def test_each_transient_failure_is_retried(connect: Connect, failure: Exce
         ((409, "step-mismatch"), mc.Conflict, "step-mismatch"),
         ((409, "stale-gradient"), mc.Conflict, "stale-gradient"),
         ((409, "step-already-applied"), mc.Conflict, "step-already-applied"),
-        ((409, "tensor-mismatch"), mc.Conflict, "tensor-mismatch"),
+        ((409, "tensor-mismatch"), mc.TensorMismatch, "tensor-mismatch"),
         ((422, "idempotency-key-reused"), mc.InvalidRequest, "idempotency-key-reused"),
         ((422, "mode-field-required"), mc.InvalidRequest, "mode-field-required"),
         ((404, "model-not-found"), mc.NotFound, "model-not-found"),

@@ -155,6 +155,7 @@ def test_constructors_take_the_same_arguments() -> None:
         "sync_wait",
         "wire",
         "api_key",
+        "cast_gradients",
     ]
     assert list(sync) == list(aio) == expected
     for name in sync:
@@ -549,7 +550,7 @@ async def test_non_finite_values_are_refused_before_sending(connect: Callable[..
     assert server.requests == []
 
 
-@pytest.mark.parametrize("bad", [np.zeros(3, np.float16), np.zeros(3, np.int32), np.array([True]), [True, False]])
+@pytest.mark.parametrize("bad", [np.zeros(3, np.int32), np.array([True]), [True, False], np.zeros(3, np.complex64)])
 async def test_unsupported_dtypes_are_refused(connect: Callable[..., tuple[Api, Server]], bad: Any) -> None:
     api, server = connect()
     with pytest.raises(TypeError, match="only float32 and float64 are supported"):
@@ -583,7 +584,8 @@ async def test_health_and_ready(connect: Callable[..., tuple[Api, Server]]) -> N
     ("status", "cls"),
     [
         (400, mc.InvalidRequest),
-        (401, mc.APIError),
+        (401, mc.Unauthorized),
+        (403, mc.Forbidden),
         (404, mc.NotFound),
         (405, mc.APIError),
         (409, mc.Conflict),
@@ -631,6 +633,11 @@ def test_exception_tree() -> None:
         assert issubclass(cls, mc.MomentumError)
     for cls in (mc.InvalidRequest, mc.NotFound, mc.Conflict, mc.PayloadTooLarge, mc.UnsupportedMediaType):
         assert issubclass(cls, mc.APIError)
+    for cls in (mc.Unauthorized, mc.Forbidden):
+        assert issubclass(cls, mc.APIError) and not issubclass(cls, mc.Conflict)
+    assert issubclass(mc.TensorMismatch, mc.Conflict)
+    assert issubclass(mc.ModelExists, mc.PreconditionFailed)
+    assert issubclass(mc.ModelConfigWarning, UserWarning)
 
 
 def test_exceptions_survive_pickling() -> None:

@@ -176,7 +176,7 @@ async def test_sync_mode_applies_the_mean_once_per_step(api: httpx.AsyncClient) 
     rng = np.random.default_rng(5)
     w, velocity, cfg = np.float32([1.0, 2.0]), None, SGDConfig(**OPT)
     for step in range(6):
-        grads = {wid: rng.standard_normal(2).astype(np.float32) for wid in (7, 2, 11, 5)}
+        grads = {wid: rng.standard_normal(2).astype(np.float32) for wid in (3, 0, 2, 1)}  # arrival order
 
         async def send(wid: int, g: np.ndarray, base: int = step) -> httpx.Response:
             body = {"gradients": {"w": tensor(g)}, "worker_id": wid, "base_step": base}
@@ -189,10 +189,10 @@ async def test_sync_mode_applies_the_mean_once_per_step(api: httpx.AsyncClient) 
             assert r.status_code == 200, r.text
             out = r.json()["params"]["w"]
             assert out["step"] == step + 1 and array(out).tobytes() == w.tobytes()
-        # A contributor's late re-send gets the result; a newcomer for a done step gets 409.
-        again = await send(7, grads[7])
+        # A contributor's late re-send gets the result; an id beyond the workers is refused.
+        again = await send(3, grads[3])
         assert again.status_code == 200 and array(again.json()["params"]["w"]).tobytes() == w.tobytes()
-        assert_problem(await send(99, grads[7]), 409, "step-already-applied")
+        assert_problem(await send(99, grads[3]), 422, "worker-out-of-range")
     assert (await state(api))["params"]["w"]["step"] == 6
 
 
@@ -219,16 +219,32 @@ async def test_sync_mode_duplicates_timeouts_and_required_fields(store: Store) -
         r = await api.post("/v1/models/m/step", json={**body, "gradients": {"w": tensor([9.0, 9.0])}})
         assert r.status_code == 202 and r.json()["contributions"] == {"w": 1}
         assert (await state(api))["params"]["w"]["step"] == 0
-        other = {"gradients": {"w": tensor([3.0, 3.0])}, "worker_id": 2, "base_step": 0}
+        other = {"gradients": {"w": tensor([3.0, 3.0])}, "worker_id": 0, "base_step": 0}
         r = await api.post("/v1/models/m/step", json=other)
         assert r.status_code == 200
-        # mean of worker 1's first gradient (1) and worker 2's (3) is 2: w = [1, 2] - 0.1 * 2
+        # mean of worker 1's first gradient (1) and worker 0's (3) is 2: w = [1, 2] - 0.1 * 2
         assert array(r.json()["params"]["w"]).tolist() == np.float32([0.8, 1.8]).tolist()
         r = await api.post("/v1/models/m/step", json=body)  # worker 1 re-sends after its 202: the result
         assert r.status_code == 200 and r.json()["params"]["w"]["step"] == 1
         assert_problem(await api.post("/v1/models/m/step", json={**body, "base_step": 5}), 409, "stale-gradient")
         assert_problem(await api.post("/v1/models/m/step", json=push(base_step=1)), 422, "mode-field-required")
         assert_problem(await api.post("/v1/models/m/step", json=push(worker_id=1)), 422, "mode-field-required")
+
+
+async def test_sync_worker_ids_are_0_to_workers_minus_1(store: Store) -> None:
+    """The mean of N is the mean of workers 0..N-1: a third id on a 2-worker model is refused, not averaged."""
+    async with make_client(store, sync_timeout_s=0.2) as api:
+        await make_model(api, mode="sync", workers=2)
+        for wid in (2, 5, 1024):
+            body = {"gradients": {"w": tensor([7.0, 7.0])}, "worker_id": wid, "base_step": 0}
+            problem = assert_problem(await api.post("/v1/models/m/step", json=body), 422, "worker-out-of-range")
+            assert problem["errors"][0]["loc"] == ["body", "worker_id"] and "between 0 and 1" in problem["detail"]
+        first = {"gradients": {"w": tensor([1.0, 1.0])}, "worker_id": 0, "base_step": 0}
+        assert (await api.post("/v1/models/m/step", json=first)).json()["contributions"] == {"w": 1}
+        second = {"gradients": {"w": tensor([3.0, 3.0])}, "worker_id": 1, "base_step": 0}
+        r = await api.post("/v1/models/m/step", json=second)
+        assert r.status_code == 200
+        assert array(r.json()["params"]["w"]).tolist() == np.float32([0.8, 1.8]).tolist()  # (1 + 3) / 2, not / 3
 
 
 async def test_mode_config_validation(api: httpx.AsyncClient) -> None:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import subprocess
 import sys
 import tomllib
+from pathlib import Path
+
+import pytest
 
 from .helpers import ROOT
 
@@ -26,3 +29,39 @@ def test_importing_the_client_loads_no_server_module() -> None:
         "assert not loaded, loaded\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_serving_without_the_server_extra_says_what_to_install() -> None:
+    """The `momentum-service` command of a client-only install: one line, no traceback."""
+    code = (
+        "import sys\n"
+        "sys.modules['uvicorn'] = None  # as in a client-only install\n"
+        "from momentum_service.cli import main\n"
+        "sys.exit(main(['serve']))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip().splitlines() == [
+        "momentum-service: serving needs the server extra, which is not installed (uvicorn is missing): "
+        "pip install 'momentum-service[server]'"
+    ]
+
+
+@pytest.mark.slow
+def test_a_client_only_install_in_a_fresh_virtualenv(tmp_path: Path) -> None:
+    """`pip install .`: the SDK and its three dependencies, no server stack, no build warnings."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    pip = subprocess.run(
+        [str(venv / "bin" / "python"), "-m", "pip", "install", "--no-cache-dir", "--verbose", str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert pip.returncode == 0, pip.stdout + pip.stderr
+    assert "SetuptoolsDeprecationWarning" not in pip.stdout + pip.stderr
+    python = str(venv / "bin" / "python")
+    check = "import momentum_client, importlib.util as u; assert u.find_spec('fastapi') is None"
+    subprocess.run([python, "-c", check], check=True, timeout=60)
+    out = subprocess.run([str(venv / "bin" / "momentum-service"), "serve"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "Traceback" not in out.stderr and "momentum-service[server]" in out.stderr

@@ -72,11 +72,19 @@ def _is_loopback(host: str) -> bool:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-    from pydantic import ValidationError
+    try:
+        import uvicorn
+        from pydantic import ValidationError
 
-    from .api import create_app
-    from .settings import Settings
+        from .api import create_app
+        from .settings import Settings
+    except ImportError as exc:  # a client-only install (pip install momentum-service, no extra)
+        print(
+            f"momentum-service: serving needs the server extra, which is not installed ({exc.name} is missing): "
+            "pip install 'momentum-service[server]'",
+            file=sys.stderr,
+        )
+        return 2
 
     overrides = {
         k: v

@@ -43,6 +43,7 @@ from .errors import (
     StepMismatch,
     StoreUnavailable,
     TensorMismatch,
+    WorkerOutOfRange,
 )
 from .kernels import Rule
 from .kernels.schedules import LRTable
@@ -75,6 +76,8 @@ class StepResult:
     ``replayed``: the step was applied by an earlier request with the same idempotency key.
     ``current_step``: for a replay, the parameter's step when it has moved on since (then
     ``value`` is its current value, not the step's result); ``value`` is None if it is gone.
+    ``staleness``: for a push with a ``base_step``, the updates applied to the parameter since
+    that step, before this one (stale gradients act as extra momentum).
     """
 
     value: Array | None
@@ -83,6 +86,7 @@ class StepResult:
     lr: float
     replayed: bool = False
     current_step: int | None = None
+    staleness: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,8 +325,9 @@ class ParameterServer:
         try:
             if push.expected_steps is not None and any(current[n] != k for n, k in push.expected_steps.items()):
                 raise StepMismatch(model, current, push.expected_steps)
-            if config.mode.kind == "bounded":
-                _check_staleness(model, current, push.base_step, config.mode.max_staleness or 0)
+            if config.mode.kind == "bounded" or push.base_step is not None:
+                limit = config.mode.max_staleness if config.mode.kind == "bounded" else None
+                _check_staleness(model, current, push.base_step, limit)
         except (StepMismatch, StaleGradient):
             # A retry of a step that was applied finds the versions moved on by itself: answer with
             # the first result, not "nothing was applied".
@@ -354,7 +359,13 @@ class ParameterServer:
         if outcome.status == "applied" or (
             outcome.status == "done" and claim is not None and outcome.owner == claim.owner
         ):  # applied now, or by this very attempt (a re-sent script)
-            return {u.name: StepResult(u.value, u.velocity, u.step, lrs[u.name]) for u in updates}
+            base = push.base_step
+            return {
+                u.name: StepResult(
+                    u.value, u.velocity, u.step, lrs[u.name], staleness=None if base is None else u.step - 1 - base
+                )
+                for u in updates
+            }
         if outcome.status == "conflict":
             return None
         assert claim is not None
@@ -373,6 +384,8 @@ class ParameterServer:
             raise ModeFieldRequired(model, "sync", "worker_id")
         if push.base_step is None:
             raise ModeFieldRequired(model, "sync", "base_step")
+        if not 0 <= push.worker_id < workers:
+            raise WorkerOutOfRange(model, push.worker_id, workers)
         names, base = list(grads), push.base_step
         got = await self.store.contribute(model, base, push.worker_id, dict(grads), self.sync_ttl_ms)
         if got.status == "moved":
@@ -397,15 +410,19 @@ class ParameterServer:
                 return StepPending(base, counts, workers)
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, 0.05)
-            counts = {n: len(w) for n, w in (await self.store.contributors(model, base, names)).items()}
+            who = await self.store.contributors(model, base, names)
+            counts = {n: len({w for w in ws if w < workers}) for n, ws in who.items()}
 
     async def _apply_sync(self, model: str, names: list[str], base: int, workers: int) -> None:
         """Apply the mean of the contributions to ``base``, unless someone did already."""
         record, params = await self.store.read(model, names, with_velocity=True)
         if any(params[n].step != base for n in names):
             return
-        contributions = await self.store.contributions(model, base, names)
-        if any(len(contributions[n]) < workers for n in names):
+        # Exactly the contributions of workers 0..workers-1 (the mean of N, divided by N): ids out of
+        # range are refused, and any left from before a PATCH of workers do not count.
+        stored = await self.store.contributions(model, base, names)
+        contributions = {n: {w: g for w, g in stored[n].items() if w < workers} for n in names}
+        if any(len(contributions[n]) != workers for n in names):
             return
         config = config_of(record)
         means = {n: mean_gradient(contributions[n], params[n].value) for n in names}
@@ -424,7 +441,8 @@ class ParameterServer:
         out = {}
         for n in names:
             rec, lr = params[n], self.lr_table.lr(config.schedule, config.rule.lr, base)
-            out[n] = StepResult(rec.value, None, base + 1, lr, current_step=None if rec.step == base + 1 else rec.step)
+            moved = None if rec.step == base + 1 else rec.step
+            out[n] = StepResult(rec.value, None, base + 1, lr, current_step=moved, staleness=0)
         return out
 
     async def _settle(self, model: str, claim: Claim, status: str, summary: str | None) -> dict[str, StepResult]:
@@ -494,7 +512,8 @@ def _compute(
     return updates
 
 
-def _check_staleness(model: str, current: Mapping[str, int], base_step: int | None, max_staleness: int) -> None:
+def _check_staleness(model: str, current: Mapping[str, int], base_step: int | None, max_staleness: int | None) -> None:
+    """A ``base_step`` ahead of a parameter is never valid; past ``max_staleness`` (bounded mode) is too stale."""
     if base_step is None:
         raise ModeFieldRequired(model, "bounded", "base_step")
     ahead = sorted(n for n, s in current.items() if base_step > s)
@@ -504,6 +523,8 @@ def _check_staleness(model: str, current: Mapping[str, int], base_step: int | No
             f"{min(current[n] for n in ahead)}); nothing was applied",
             current,
         )
+    if max_staleness is None:
+        return
     stale = sorted(n for n, s in current.items() if s - base_step > max_staleness)
     if stale:
         worst = max(current[n] for n in stale) - base_step

@@ -171,3 +171,14 @@ class StepAlreadyApplied(ServiceError):
             f"step {base_step} of model {model!r} was applied already, without this worker's contribution; "
             "push the gradient of the current step instead"
         )
+
+
+class WorkerOutOfRange(ServiceError):
+    """A sync push whose ``worker_id`` is not one of the model's ``0..workers-1`` (nothing was added)."""
+
+    def __init__(self, model: str, worker_id: int, workers: int) -> None:
+        self.worker_id, self.workers = worker_id, workers
+        super().__init__(
+            f"model {model!r} is in sync mode with {workers} worker(s): worker_id must be between 0 and "
+            f"{workers - 1}, got {worker_id}"
+        )

@@ -45,6 +45,7 @@ class AsyncClient:
         sync_wait: float = _base.DEFAULT_SYNC_WAIT,
         wire: _base.Wire = "safetensors",
         api_key: str | None = None,
+        cast_gradients: bool = False,
     ) -> None:
         if client is not None and transport is not None:
             raise ValueError("pass either client or transport, not both")
@@ -52,6 +53,8 @@ class AsyncClient:
         if wire not in _base.WIRES:
             raise ValueError(f"wire must be one of {', '.join(_base.WIRES)}, got {wire!r}")
         self._wire: _base.Wire = wire
+        # With cast_gradients, the parameters' dtypes as learnt from the server: gradients are cast to them.
+        self._dtypes: _base.DTypes | None = {} if cast_gradients else None
         self._base_url = _base.normalize_base_url(base_url)
         self._headers = {**_base.DEFAULT_HEADERS, **_base.auth_headers(api_key), **(headers or {})}
         self._max_retries = max_retries
@@ -85,18 +88,47 @@ class AsyncClient:
         mode: str = "async",
         workers: int | None = None,
         max_staleness: int | None = None,
+        exist_ok: bool = False,
     ) -> ModelInfo:
-        """Create the model, or replace its configuration if it exists (its rule cannot change).
+        """Create the model; an existing model is never changed.
+
+        If the model exists, :class:`ModelExists` is raised, or with ``exist_ok=True`` the existing
+        model is returned as it is, so every worker may call this at start-up: a restarted worker
+        cannot undo a changed lr or momentum. When its config differs from the one asked for, a
+        :class:`ModelConfigWarning` lists the differences (``warnings.simplefilter("error",
+        ModelConfigWarning)`` makes that an error). :meth:`replace_model` replaces a config.
 
         ``rule`` picks the momentum rule (``"pytorch"``, ``"keras"``, ``"tf1"``, ``"ema"``,
         ``"previous_delta"``); ``schedule`` the learning-rate schedule, in the API's form, e.g.
         ``{"type": "cosine", "T_max": 1000}`` (default: constant). ``mode`` says how the workers'
         pushes combine: ``"async"`` (each applied on arrival), ``"sync"`` (each step waits for
-        ``workers`` pushes, which give ``worker_id`` and ``base_step``, and applies their mean) or
-        ``"bounded"`` (pushes give ``base_step`` and may be at most ``max_staleness`` steps stale).
+        ``workers`` pushes, which give ``worker_id`` in ``0..workers-1`` and ``base_step``, and applies
+        their mean) or ``"bounded"`` (pushes give ``base_step`` and may be at most ``max_staleness``
+        steps stale).
         """
         config = OptimizerConfig(lr, momentum, dampening, nesterov, weight_decay, maximize, rule)
-        return await self._run(_base.create_model(model, config, schedule, mode, workers, max_staleness))
+        return await self._run(_base.create_model(model, config, schedule, mode, workers, max_staleness, exist_ok))
+
+    async def replace_model(
+        self,
+        model: str,
+        *,
+        lr: float,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+        maximize: bool = False,
+        rule: str = "pytorch",
+        schedule: Mapping[str, Any] | None = None,
+        mode: str = "async",
+        workers: int | None = None,
+        max_staleness: int | None = None,
+    ) -> ModelInfo:
+        """Replace the model's whole config (or create the model); its parameters are kept, its rule
+        cannot change. Fields left out take their defaults: to change a few, use :meth:`update_model`."""
+        config = OptimizerConfig(lr, momentum, dampening, nesterov, weight_decay, maximize, rule)
+        return await self._run(_base.replace_model(model, config, schedule, mode, workers, max_staleness))
 
     async def update_model(
         self,
@@ -167,7 +199,7 @@ class AsyncClient:
         outcome you do not know (after an exception), with the same arguments.
         """
         options = _base.StepOptions(expected_steps, worker_id, base_step, idempotency_key)
-        return await self._run(_base.step(model, gradients, options, self._retry_policy(), self._wire))
+        return await self._run(_base.step(model, gradients, options, self._retry_policy(), self._wire, self._dtypes))
 
     async def step_results(
         self,
@@ -184,7 +216,7 @@ class AsyncClient:
         (``None`` with ``return_params=False``), step count and the learning rate used."""
         options = _base.StepOptions(expected_steps, worker_id, base_step, idempotency_key)
         return await self._run(
-            _base.step_results(model, gradients, return_params, options, self._retry_policy(), self._wire)
+            _base.step_results(model, gradients, return_params, options, self._retry_policy(), self._wire, self._dtypes)
         )
 
     async def push_gradients(
@@ -199,7 +231,9 @@ class AsyncClient:
     ) -> dict[str, int]:
         """Apply one optimizer step like :meth:`step`, without downloading values; returns step counts."""
         options = _base.StepOptions(expected_steps, worker_id, base_step, idempotency_key)
-        return await self._run(_base.push_gradients(model, gradients, options, self._retry_policy(), self._wire))
+        return await self._run(
+            _base.push_gradients(model, gradients, options, self._retry_policy(), self._wire, self._dtypes)
+        )
 
     async def health(self) -> bool:
         """Whether the server answers its liveness probe (``False`` also when unreachable)."""

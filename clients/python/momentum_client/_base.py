@@ -17,6 +17,7 @@ import operator
 import os
 import re
 import uuid
+import warnings
 from collections.abc import Callable, Generator, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, TypeAlias, TypeVar
@@ -28,8 +29,11 @@ import numpy.typing as npt
 
 from ._exceptions import (
     APIError,
+    ModelConfigWarning,
+    ModelExists,
     PreconditionFailed,
     StepTimeout,
+    TensorMismatch,
     TransportError,
     UnexpectedResponse,
     api_error,
@@ -40,6 +44,7 @@ from ._tensors import (
     DTYPES,
     SAFETENSORS,
     Array,
+    as_float_array,
     decode_safetensors,
     decode_tensor,
     dumps,
@@ -396,7 +401,7 @@ def _encode_all(tensors: Mapping[str, npt.ArrayLike], what: str) -> dict[str, di
     out = {}
     for name, value in tensors.items():
         _segment(name, what)
-        out[name] = encode_tensor(value, f"{what} {name!r}")
+        out[name] = encode_tensor(value, f"{what} {name!r}", half=what == "gradient")
     return out
 
 
@@ -428,15 +433,14 @@ def _mode_json(mode: str | None, workers: int | None, max_staleness: int | None)
     return out
 
 
-def create_model(
-    model: str,
+def _model_body(
     config: OptimizerConfig,
     schedule: Mapping[str, Any] | None,
-    mode: str = "async",
-    workers: int | None = None,
-    max_staleness: int | None = None,
-) -> Flow[ModelInfo]:
-    """PUT the model (create, or replace its config); ``mode`` is sent unless it is the default, async."""
+    mode: str,
+    workers: int | None,
+    max_staleness: int | None,
+) -> dict[str, Any]:
+    """A model config body; ``mode`` is sent unless it is the default, async."""
     fields = {k: v for k, v in asdict(config).items() if k not in _NEUTRAL or v != _NEUTRAL[k]}
     body: dict[str, Any] = {"optimizer": _optimizer_json(fields)}
     if schedule is not None:
@@ -444,7 +448,79 @@ def create_model(
     if not isinstance(mode, str):
         raise TypeError(f"mode must be a str ('async', 'sync' or 'bounded'), got {mode!r}")
     body.update(_mode_json(None if mode == "async" else mode, workers, max_staleness))
-    response = yield from send(_json("PUT", _model_path(model), body))
+    return body
+
+
+def config_differences(requested: Mapping[str, Any], existing: Mapping[str, Any]) -> list[str]:
+    """What a requested config body sets differently from an existing model's config.
+
+    Only what the request says is compared (a field it leaves out, the server fills with its
+    default, and so does the existing config), plus the rule and the mode.
+    """
+    out = []
+    asked_opt, have_opt = dict(requested.get("optimizer", {})), dict(existing.get("optimizer", {}))
+    asked_opt.setdefault("rule", "pytorch")
+    for key, value in asked_opt.items():
+        if have_opt.get(key, _NEUTRAL.get(key)) != value:
+            out.append(f"optimizer.{key}: asked {value!r}, the model has {have_opt.get(key)!r}")
+    for key, value in {k: v for k, v in have_opt.items() if k in _NEUTRAL and k not in asked_opt}.items():
+        if value != _NEUTRAL[key]:
+            out.append(f"optimizer.{key}: asked {_NEUTRAL[key]!r} (the default), the model has {value!r}")
+    asked_schedule = dict(requested.get("schedule") or {"type": "constant"})
+    have_schedule = dict(existing.get("schedule") or {"type": "constant"})
+    if any(have_schedule.get(k) != v for k, v in asked_schedule.items()):
+        out.append(f"schedule: asked {asked_schedule}, the model has {have_schedule}")
+    for key in ("mode", "workers", "max_staleness"):
+        asked = requested.get(key, "async" if key == "mode" else None)
+        if existing.get(key, "async" if key == "mode" else None) != asked:
+            out.append(f"{key}: asked {asked!r}, the model has {existing.get(key)!r}")
+    return out
+
+
+def create_model(
+    model: str,
+    config: OptimizerConfig,
+    schedule: Mapping[str, Any] | None,
+    mode: str = "async",
+    workers: int | None = None,
+    max_staleness: int | None = None,
+    exist_ok: bool = False,
+) -> Flow[ModelInfo]:
+    """PUT the model with ``If-None-Match: *``: create it, never change an existing one.
+
+    An existing model raises :class:`ModelExists`, or with ``exist_ok`` is returned as it is
+    (a :class:`ModelConfigWarning` lists how its config differs from the one asked for).
+    """
+    body = _model_body(config, schedule, mode, workers, max_staleness)
+    response = yield from send(_json("PUT", _model_path(model), body, {"If-None-Match": "*"}))
+    if response.status == 412 and exist_ok:
+        error = error_from_response(response)
+        if isinstance(error, ModelExists):
+            differences = config_differences(body, error.existing_config)
+            if differences:
+                warnings.warn(
+                    ModelConfigWarning(
+                        f"model {model!r} exists with another config than asked for, and was left as it is: "
+                        + "; ".join(differences)
+                    ),
+                    stacklevel=4,
+                )
+            return (yield from get_model(model))
+    return parse(response, parse_model)
+
+
+def replace_model(
+    model: str,
+    config: OptimizerConfig,
+    schedule: Mapping[str, Any] | None,
+    mode: str = "async",
+    workers: int | None = None,
+    max_staleness: int | None = None,
+) -> Flow[ModelInfo]:
+    """PUT the model's whole config (created if it does not exist; parameters are kept; same rule only)."""
+    response = yield from send(
+        _json("PUT", _model_path(model), _model_body(config, schedule, mode, workers, max_staleness))
+    )
     return parse(response, parse_model)
 
 
@@ -701,12 +777,65 @@ def _replayed(response: Response) -> bool:
     return value.strip().lower() == "true"
 
 
+DTypes: TypeAlias = dict[tuple[str, str], str]
+"""Parameters' dtypes as learnt by a client that casts gradients: ``{(model, name): "float32"}``."""
+
+
+def _cast(model: str, gradients: Mapping[str, npt.ArrayLike], dtypes: DTypes | None) -> Mapping[str, npt.ArrayLike]:
+    """The gradients, each float32/float64 one cast to its parameter's dtype where that is known."""
+    if not dtypes:
+        return gradients
+    out: dict[str, npt.ArrayLike] = {}
+    for name, value in gradients.items():
+        want = dtypes.get((model, name))
+        arr = as_float_array(value, f"gradient {name!r}", half=True)
+        out[name] = arr.astype(want) if want is not None and arr.dtype.itemsize != 2 and arr.dtype != want else value
+    return out
+
+
+def _send_step(
+    model: str,
+    gradients: Mapping[str, npt.ArrayLike],
+    return_params: bool,
+    options: StepOptions,
+    policy: RetryPolicy,
+    wire: Wire,
+    dtypes: DTypes | None,
+) -> Flow[Response]:
+    """POST a step (see :func:`_post_step`). With ``dtypes`` (a client that casts gradients), a 409
+    ``tensor-mismatch`` in dtypes only teaches the parameters' dtypes, and the step is sent again, cast."""
+    response = yield from _post_step(
+        _step_request(model, _cast(model, gradients, dtypes), return_params, options, wire), policy
+    )
+    if dtypes is not None and response.status == 409:
+        error = error_from_response(response)
+        mismatches = error.mismatches if isinstance(error, TensorMismatch) else {}
+        if mismatches and all(m["expected"]["shape"] == m["got"]["shape"] for m in mismatches.values()):
+            for name, m in mismatches.items():
+                dtypes[(model, name)] = str(m["expected"]["dtype"])
+            request = _step_request(model, _cast(model, gradients, dtypes), return_params, options, wire)
+            response = yield from _post_step(request, policy)
+    return response
+
+
+def _learn_dtypes(model: str, values: Mapping[str, Array | None], dtypes: DTypes | None) -> None:
+    if dtypes is not None:
+        dtypes.update({(model, name): v.dtype.name for name, v in values.items() if v is not None})
+
+
 def step(
-    model: str, gradients: Mapping[str, npt.ArrayLike], options: StepOptions, policy: RetryPolicy, wire: Wire = "json"
+    model: str,
+    gradients: Mapping[str, npt.ArrayLike],
+    options: StepOptions,
+    policy: RetryPolicy,
+    wire: Wire = "json",
+    dtypes: DTypes | None = None,
 ) -> Flow[dict[str, Array]]:
     """POST one optimizer step; returns the updated values."""
-    response = yield from _post_step(_step_request(model, gradients, True, options, wire), policy)
-    return _values(response)
+    response = yield from _send_step(model, gradients, True, options, policy, wire, dtypes)
+    values = _values(response)
+    _learn_dtypes(model, values, dtypes)
+    return values
 
 
 def step_results(
@@ -716,9 +845,10 @@ def step_results(
     options: StepOptions,
     policy: RetryPolicy,
     wire: Wire = "json",
+    dtypes: DTypes | None = None,
 ) -> Flow[dict[str, StepResult]]:
-    """POST one optimizer step; returns each parameter's value (if asked), step and lr."""
-    response = yield from _post_step(_step_request(model, gradients, return_params, options, wire), policy)
+    """POST one optimizer step; returns each parameter's value (if asked), step, lr and staleness."""
+    response = yield from _send_step(model, gradients, return_params, options, policy, wire, dtypes)
     replayed = _replayed(response)
     out = {}
     for name, (value, _, p) in parse_entries(response).items():
@@ -729,19 +859,26 @@ def step_results(
                 lr=_float(p["lr"]),
                 current_step=_optional_int(p.get("current_step")),
                 replayed=replayed,
+                staleness=_optional_int(p.get("staleness")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise _unexpected(response, f"{type(exc).__name__}: {exc}") from exc
         if return_params and value is None:
             raise _unexpected(response, f"no value for parameter {name!r}")
+    _learn_dtypes(model, {n: r.value for n, r in out.items()}, dtypes)
     return out
 
 
 def push_gradients(
-    model: str, gradients: Mapping[str, npt.ArrayLike], options: StepOptions, policy: RetryPolicy, wire: Wire = "json"
+    model: str,
+    gradients: Mapping[str, npt.ArrayLike],
+    options: StepOptions,
+    policy: RetryPolicy,
+    wire: Wire = "json",
+    dtypes: DTypes | None = None,
 ) -> Flow[dict[str, int]]:
     """POST one optimizer step without downloading values; returns the new step counts."""
-    response = yield from _post_step(_step_request(model, gradients, False, options, wire), policy)
+    response = yield from _send_step(model, gradients, False, options, policy, wire, dtypes)
     try:
         return {name: _int(p["step"]) for name, (_, _, p) in parse_entries(response).items()}
     except (KeyError, TypeError, ValueError) as exc:

@@ -9,17 +9,24 @@
     ├── UnexpectedResponse            a success response whose body the SDK cannot interpret
     └── APIError                      the server answered with an error status (4xx/5xx)
         ├── InvalidRequest            400, 422 (``errors``: the server's validation errors)
+        ├── Unauthorized              401 no API key, or one the server does not know
+        ├── Forbidden                 403 the API key's scopes do not cover the model (``required``)
         ├── NotFound                  404 unknown model or parameter
         ├── Conflict                  409 the request conflicts with current state (``current_steps``)
+        │   ├── TensorMismatch        409 ``tensor-mismatch``: a gradient's shape or dtype is not its
+        │   │                         parameter's (``mismatches``; the message says what to cast)
         │   └── PreconditionFailed    412 ``If-None-Match: *`` and it exists (``existing``)
+        │       └── ModelExists       412 ``model-exists``: ``create_model`` of a model that exists
+        │                             (``existing_config``)
         ├── PayloadTooLarge           413
         ├── UnsupportedMediaType      415
         └── ServerError               any other 5xx
-            └── ServiceUnavailable    503 the store is unavailable or contended (``retry_after``)
+            └── ServiceUnavailable    503 the store is unavailable, full or contended (``retry_after``)
 
-An error status without a status-specific class (401, 405, 429, ...) raises :class:`APIError`
-itself. The class is chosen by status code alone, so error bodies that are not
-``application/problem+json`` map the same way. Every :class:`APIError` has ``code``, the
+An error status without a status-specific class (405, 429, ...) raises :class:`APIError`
+itself. The class is chosen by status code, so error bodies that are not
+``application/problem+json`` map the same way; two codes refine it (``tensor-mismatch``,
+``model-exists``). Every :class:`APIError` has ``code``, the
 problem type's slug (``"step-mismatch"`` for ``urn:momentum-service:problem:step-mismatch``),
 to tell apart the cases that share a status, and ``retry_after`` from the ``Retry-After`` header.
 The 409 slugs: ``tensor-mismatch`` (gradient shape/dtype), ``rule-change``, ``step-mismatch``
@@ -57,9 +64,14 @@ __all__ = [
     "UnexpectedResponse",
     "APIError",
     "InvalidRequest",
+    "Unauthorized",
+    "Forbidden",
     "NotFound",
     "Conflict",
+    "TensorMismatch",
     "PreconditionFailed",
+    "ModelExists",
+    "ModelConfigWarning",
     "PayloadTooLarge",
     "UnsupportedMediaType",
     "ServerError",
@@ -199,6 +211,19 @@ class InvalidRequest(APIError):
         return text
 
 
+class Unauthorized(APIError):
+    """401: no API key was sent, or the server does not know it (``api_key=`` or ``MOMENTUM_API_KEY``)."""
+
+
+class Forbidden(APIError):
+    """403: the API key is valid, but its scopes do not allow this on this model."""
+
+    @property
+    def required(self) -> str | None:
+        """The scope the request needed, e.g. ``"admin:mnist"`` (from the problem's ``required``)."""
+        return _str_or_none(self.problem.get("required"))
+
+
 class NotFound(APIError):
     """404: the model or parameter does not exist."""
 
@@ -225,6 +250,62 @@ class PreconditionFailed(Conflict):
         return [n for n in existing if isinstance(n, str)] if isinstance(existing, list) else []
 
 
+class TensorMismatch(Conflict):
+    """409 ``tensor-mismatch``: a gradient does not have its parameter's shape or dtype (nothing was applied).
+
+    ``mismatches`` is ``{name: {"expected": {"shape", "dtype"}, "got": {"shape", "dtype"}}}``. The
+    message names each parameter and, when only the dtype differs, the cast to make (numpy's
+    default is float64, a float32 parameter needs float32 gradients), or ``cast_gradients=True``
+    on the client to let it cast.
+    """
+
+    @property
+    def mismatches(self) -> dict[str, dict[str, Any]]:
+        raw = self.problem.get("mismatches")
+        return {n: m for n, m in raw.items() if isinstance(m, dict)} if isinstance(raw, dict) else {}
+
+    def _message(self) -> str:
+        parts = []
+        for name, m in sorted(self.mismatches.items()):
+            expected, got = m.get("expected") or {}, m.get("got") or {}
+            if expected.get("shape") == got.get("shape") and expected.get("dtype") != got.get("dtype"):
+                parts.append(
+                    f"gradient {name!r} is {got.get('dtype')} but the parameter is {expected.get('dtype')}: cast it "
+                    f"(grad.astype(np.{expected.get('dtype')})), or create the client with cast_gradients=True"
+                )
+            else:
+                parts.append(
+                    f"gradient {name!r} has shape {got.get('shape')} and dtype {got.get('dtype')}, the parameter "
+                    f"{expected.get('shape')} and {expected.get('dtype')}"
+                )
+        text = f"{self.status} {self.title or _phrase(self.status)}: " + ("; ".join(parts) or (self.detail or ""))
+        if self.method and self.url:
+            text += f" ({self.method} {self.url})"
+        return text
+
+
+class ModelExists(PreconditionFailed):
+    """412 ``model-exists``: ``create_model`` found the model already there, and changed nothing.
+
+    ``existing_config`` is its config as the server holds it (``optimizer``, ``schedule``, ``mode``...).
+    Pass ``exist_ok=True`` to use the existing model, or call ``update_model`` / ``replace_model``.
+    """
+
+    @property
+    def existing_config(self) -> dict[str, Any]:
+        existing = self.problem.get("existing")
+        return existing if isinstance(existing, dict) else {}
+
+
+class ModelConfigWarning(UserWarning):
+    """``create_model(..., exist_ok=True)`` found the model with another config than the one asked for.
+
+    The existing model is left as it is (another worker may have created it, or someone changed its
+    hyperparameters since): the message lists the differences. Turn it into an error with
+    ``warnings.simplefilter("error", ModelConfigWarning)``.
+    """
+
+
 class PayloadTooLarge(APIError):
     """413: the request body or a tensor exceeds the server's limits."""
 
@@ -245,6 +326,8 @@ PROBLEM_TYPE_PREFIX = "urn:momentum-service:problem:"
 
 _BY_STATUS: dict[int, type[APIError]] = {
     400: InvalidRequest,
+    401: Unauthorized,
+    403: Forbidden,
     404: NotFound,
     409: Conflict,
     412: PreconditionFailed,
@@ -263,9 +346,17 @@ def api_error(
     method: str = "",
     url: str = "",
 ) -> APIError:
-    """The exception for an error answer, its class chosen by ``status`` alone."""
+    """The exception for an error answer, its class chosen by ``status`` (refined by a few codes)."""
     cls = _BY_STATUS.get(status) or (ServerError if 500 <= status <= 599 else APIError)
+    refined = _BY_CODE.get((status, str(problem.get("type", "")).removeprefix(PROBLEM_TYPE_PREFIX)))
+    cls = refined or cls
     return cls(status, problem, headers=headers, method=method, url=url)
+
+
+_BY_CODE: dict[tuple[int, str], type[APIError]] = {
+    (409, "tensor-mismatch"): TensorMismatch,
+    (412, "model-exists"): ModelExists,
+}
 
 
 def _phrase(status: int) -> str:

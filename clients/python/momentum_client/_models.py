@@ -103,6 +103,9 @@ class StepResult:
     ``replayed`` is true when the server answered a retry with the result of an earlier attempt
     (the step was applied once, by that attempt). If later steps have moved the parameter on since,
     ``current_step`` is its step now and ``value`` its value now; otherwise ``current_step`` is ``None``.
+
+    ``staleness`` (for a step sent with ``base_step``): how many updates other pushes applied to the
+    parameter between ``base_step`` and this one; ``None`` without ``base_step``.
     """
 
     value: Array | None
@@ -110,3 +113,4 @@ class StepResult:
     lr: float
     current_step: int | None = None
     replayed: bool = False
+    staleness: int | None = None

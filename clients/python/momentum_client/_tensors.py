@@ -55,15 +55,32 @@ Array = npt.NDArray[np.floating[Any]]
 DTYPES = ("float32", "float64")
 
 
+def _from_torch(value: Any) -> Any:
+    """A torch tensor as a numpy array without a copy where torch allows one; anything else as it is.
+
+    The tensor may require grad (it is detached) or live on a GPU (it is copied to the CPU).
+    bfloat16, which numpy lacks, is widened to float32, exactly (a bfloat16 is the top half of
+    a float32). torch is never imported here: a tensor's own methods are used.
+    """
+    if type(value).__module__.split(".", 1)[0] != "torch" or not hasattr(value, "detach"):
+        return value
+    tensor = value.detach()
+    if tensor.device.type != "cpu":
+        tensor = tensor.cpu()
+    if str(tensor.dtype) == "torch.bfloat16":
+        tensor = tensor.float()
+    return tensor.numpy()
+
+
 def as_float_array(value: npt.ArrayLike, what: str, *, half: bool = False) -> Array:
     """``value`` as a float32/float64 array (or float16, with ``half``).
 
-    Arrays (and anything ``np.asarray`` understands, e.g. torch CPU tensors) keep their
-    float32/float64 dtype; Python ints, floats and (nested) lists of them become float64.
-    Any other dtype (float16 unless ``half``, integer arrays, bool, complex, ...) raises
-    :class:`TypeError`.
+    Arrays (and anything ``np.asarray`` understands) keep their float32/float64 dtype; torch
+    tensors too, on any device, requiring grad or not (bfloat16 ones become float32, exactly);
+    Python ints, floats and (nested) lists of them become float64. Any other dtype (float16
+    unless ``half``, integer arrays, bool, complex, ...) raises :class:`TypeError`.
     """
-    arr = np.asarray(value)
+    arr = np.asarray(_from_torch(value))
     if arr.dtype.kind == "f" and (arr.dtype.itemsize in (4, 8) or (half and arr.dtype.itemsize == 2)):
         return arr
     if arr.dtype.kind in "iu" and _is_python_number_or_list(value):
@@ -78,13 +95,16 @@ def _is_python_number_or_list(value: object) -> bool:
     return isinstance(value, (int, float, list, tuple)) and not isinstance(value, bool)
 
 
-def encode_tensor(value: npt.ArrayLike, what: str) -> dict[str, Any]:
+def encode_tensor(value: npt.ArrayLike, what: str, *, half: bool = False) -> dict[str, Any]:
     """The JSON tensor object for ``value``; its ``data`` is a flat float64 array for :func:`dumps`.
 
     Raises :class:`TypeError` for unsupported dtypes and :class:`ValueError` for NaN or
-    infinity, which JSON cannot represent. ``what`` names the value in those messages.
+    infinity, which JSON cannot represent. ``what`` names the value in those messages. With
+    ``half`` (gradients), float16 is accepted and sent as float32 (exact).
     """
-    arr = as_float_array(value, what)
+    arr = as_float_array(value, what, half=half)
+    if arr.dtype.itemsize == 2:
+        arr = arr.astype(np.float32)
     flat = np.ascontiguousarray(arr, dtype=np.float64).reshape(-1)  # float32 -> float64 is exact
     finite = np.isfinite(flat)
     if not finite.all():

@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
@@ -22,6 +23,8 @@ from .schemas import ProblemDetails
 from .security import Guard
 
 log = logging.getLogger("momentum_service")
+
+DOCS_ASSETS = "/docs/assets"  # Swagger UI's and ReDoc's files (public: they hold nothing of the server's)
 
 DESCRIPTION = """
 Optimizer as a service: the server keeps every parameter and its momentum velocity and
@@ -61,7 +64,15 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None) 
         finally:
             await store.close()
 
-    app = FastAPI(title="momentum-service", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    # /docs and /redoc with their assets served from the package (fastapi-offline), not a CDN: the
+    # docs work on a cluster without internet access.
+    app = FastAPIOffline(
+        title="momentum-service",
+        version=__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        static_url=DOCS_ASSETS,
+    )
     app.state.keys = keys = KeyRing.load(settings.keys_file, settings.api_keys)
     app.add_middleware(
         Guard, ring=keys, max_concurrent=settings.max_concurrent_requests, public_docs=settings.public_docs

@@ -75,14 +75,19 @@ def user_loc(loc: tuple[Any, ...] | list[Any], data: Any, *, keep_last: bool) ->
     out: list[Any] = []
     node: Any = data
     for i, part in enumerate(loc):
-        if (isinstance(node, dict) and isinstance(part, str) and part in node) or (
-            isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
-        ):
+        if _has(node, part):
             out.append(part)
             node = node[part]
         elif keep_last and i == len(loc) - 1 and isinstance(part, str) and not _is_tag(part):
             out.append(part)
     return out
+
+
+def _has(node: Any, part: Any) -> bool:
+    """Whether ``part`` is a key of the JSON object, or an index into the JSON array, ``node``."""
+    if isinstance(node, dict):
+        return isinstance(part, str) and part in node
+    return isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
 
 
 def _is_tag(part: str) -> bool:

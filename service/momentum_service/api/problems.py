@@ -100,6 +100,9 @@ def from_domain(exc: errors.ServiceError) -> Problem:
             return Problem(409, "idempotency-in-flight", str(exc), headers={"Retry-After": "1"})
         case errors.ModeFieldRequired():
             return Problem(422, "mode-field-required", str(exc), errors=[{"loc": ["body", exc.field], "msg": str(exc)}])
+        case errors.WorkerOutOfRange():
+            loc = ["body", "worker_id"]
+            return Problem(422, "worker-out-of-range", str(exc), errors=[{"loc": loc, "msg": str(exc)}])
         case errors.StaleGradient():
             return Problem(409, "stale-gradient", str(exc), current_steps=exc.current)
         case errors.StepAlreadyApplied():

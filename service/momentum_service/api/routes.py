@@ -62,7 +62,7 @@ _STEP_BINARY = (
 )
 _STEP_BINARY_OUT = (
     "With `Accept: application/x-safetensors`: the new values as tensors (none with return_params false), and "
-    '`__metadata__.params`, JSON text `{name: {"step", "lr", "current_step"?}}`.'
+    '`__metadata__.params`, JSON text `{name: {"step", "lr", "current_step"?, "staleness"?}}`.'
 )
 _PARAMS_BINARY = "safetensors: one tensor per parameter, named after it (F32 or F64)."
 _PARAMS_BINARY_OUT = (
@@ -430,6 +430,8 @@ def _step_json(r: StepResult, with_value: bool) -> dict[str, Any]:
     out["step"], out["lr"] = r.step, r.lr
     if r.current_step is not None:
         out["current_step"] = r.current_step
+    if r.staleness is not None:
+        out["staleness"] = r.staleness
     return out
 
 

@@ -326,7 +326,8 @@ class StepOptions(_Strict):
     worker_id: Int31 | None = Field(default=None, description="`sync` mode: this worker's id (required there).")
     base_step: Int0 | None = Field(
         default=None,
-        description="`sync` and `bounded` modes (required there): the step the gradients were computed from.",
+        description="The step the gradients were computed from: required in `sync` and `bounded` modes; in "
+        "`async` mode it makes each result report its `staleness` (a `base_step` ahead of a parameter is a 409).",
     )
 
 
@@ -385,6 +386,12 @@ class StepParamOut(BaseModel):
         default=None,
         description="Only in a replay (`Idempotent-Replayed: true`) of a step that later steps have moved on "
         "from: the parameter's current step; `data` is then its current value.",
+    )
+    staleness: int | None = Field(
+        default=None,
+        description="Only for a push with `base_step`: the updates other pushes applied to the parameter since "
+        "`base_step`, before this one. Stale gradients act as extra momentum: see the README's advice on async "
+        "training.",
     )
     shape: list[int] | None = None
     dtype: DType | None = None

@@ -60,8 +60,8 @@ def require(level: str) -> Callable[..., Awaitable[ApiKey | None]]:
             raise Problem(
                 403,
                 "forbidden",
-                f"this API key may not {level} model {model!r} (it needs a {level}: scope matching the model; "
-                f"admin includes write, which includes read)",
+                f"this API key may not {level} model {model!r} (it needs {'an' if level == 'admin' else 'a'} "
+                f"{level}: scope matching the model; admin includes write, which includes read)",
                 required=f"{level}:{model}",
             )
         return key
