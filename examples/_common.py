@@ -23,10 +23,9 @@ from typing import Self
 import httpx
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DOCS_IMG = REPO_ROOT / "docs" / "img"
-"""Where the full runs write their pictures and tables by default."""
-QUICK_OUT = REPO_ROOT / "build" / "examples"
-"""Where ``--quick`` runs write by default, so that they never overwrite the documented pictures."""
+DEFAULT_OUT = Path("build") / "examples"
+"""Where the scripts write by default, relative to the working directory: never over a tracked file
+(``build/`` is git-ignored). The pictures in ``docs/img`` are made with ``--out-dir docs/img``."""
 
 
 def free_port() -> int:
@@ -122,15 +121,16 @@ def parser(description: str, *, default_prefix: str) -> argparse.ArgumentParser:
     p.add_argument(
         "--out-dir",
         type=Path,
-        help=f"where to write the outputs; default {DOCS_IMG.relative_to(REPO_ROOT)}/, "
-        f"or {QUICK_OUT.relative_to(REPO_ROOT)}/ with --quick",
+        default=DEFAULT_OUT,
+        help=f"where to write the outputs (default {DEFAULT_OUT}/ in the working directory; the README's "
+        "pictures come from --out-dir docs/img)",
     )
     return p
 
 
 def out_dir(args: argparse.Namespace) -> Path:
     """The output directory the options ask for, created if missing."""
-    path: Path = args.out_dir or (QUICK_OUT if args.quick else DOCS_IMG)
+    path: Path = args.out_dir
     path.mkdir(parents=True, exist_ok=True)
     return path
 

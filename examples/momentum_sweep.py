@@ -55,14 +55,27 @@ class Config:
     seed: int = 0
     threshold: float = 0.1
     prefix: str = "sweep"
+    mode: str = "async"
+    max_staleness: int = 1
 
     def model(self, momentum: float) -> str:
         return model_name(self.prefix, momentum)
 
     def worker_steps(self) -> list[int]:
-        """How many steps each worker pushes: ``steps`` split as evenly as possible."""
+        """How many steps each worker pushes: ``steps`` split as evenly as possible (async, bounded),
+        or ``steps`` each (sync: every server step is the mean of one push per worker)."""
+        if self.mode == "sync":
+            return [self.steps] * self.workers
         base, extra = divmod(self.steps, self.workers)
         return [base + (i < extra) for i in range(self.workers)]
+
+    def mode_fields(self) -> dict[str, Any]:
+        """The ``create_model`` arguments of the mode."""
+        if self.mode == "sync":
+            return {"mode": "sync", "workers": self.workers}
+        if self.mode == "bounded":
+            return {"mode": "bounded", "max_staleness": self.max_staleness}
+        return {}
 
 
 QUICK = {"steps": 60, "workers": 2}
@@ -163,6 +176,17 @@ class WorkerTask:
     y_shard: Labels
     x_train: F32  # the whole training set, only to record the loss after each step
     y_train: Labels
+    mode: str = "async"
+
+
+@dataclass(frozen=True)
+class WorkerRecord:
+    """What a worker saw after one push: when, the server step, the training loss, the push's staleness."""
+
+    time: float
+    step: int
+    loss: float
+    staleness: int
 
 
 _progress: Any = None  # the worker processes' end of the progress queue
@@ -173,31 +197,49 @@ def _init_worker(progress: Any) -> None:
     _progress = progress
 
 
-def train_worker(task: WorkerTask) -> list[tuple[float, float]]:
-    """Push ``task.steps`` minibatch gradients from this worker's shard; returns (time, training loss) per step.
+def train_worker(task: WorkerTask) -> list[WorkerRecord]:
+    """Push ``task.steps`` minibatch gradients from this worker's shard; returns what it saw after each push.
 
     The minibatches are epochs of a seeded permutation of the shard. The worker always continues
-    from the values the server returns, which include the other workers' updates.
+    from the values the server returns, which include the other workers' updates. Each push says
+    which step its gradient was computed from (``base_step``), so the server reports its staleness:
+    the updates other workers applied in between. In sync mode the push is this worker's share of
+    that step; in bounded mode a push that is too stale is refused, and the worker reads the
+    current values and computes its gradient again.
     """
     rng = np.random.default_rng([task.seed, task.worker])
     n = len(task.y_shard)
     order = rng.permutation(n)
     pos = 0
-    records: list[tuple[float, float]] = []
+    records: list[WorkerRecord] = []
     with mc.Client(task.url) as client:
         params: Params = client.get_params(task.model)
-        for i in range(task.steps):
+        base = min(p.step for p in client.get_model(task.model).params.values())
+        i = 0
+        while i < task.steps:
             if pos + task.batch_size > n:
                 order, pos = rng.permutation(n), 0
             batch = order[pos : pos + task.batch_size]
-            pos += task.batch_size
             grads = gradients(params, task.x_shard[batch], task.y_shard[batch])
             if not all(np.isfinite(g).all() for g in grads.values()):
                 raise FloatingPointError(f"{task.model}: non-finite gradient at worker {task.worker}, step {i}")
-            params = client.step(task.model, grads)
-            records.append((time.monotonic(), loss(params, task.x_train, task.y_train)))
-            if _progress is not None and (i % 10 == 9 or i == task.steps - 1):
-                _progress.put((task.model, i % 10 + 1))
+            worker_id = task.worker if task.mode == "sync" else None
+            try:
+                results = client.step_results(task.model, grads, base_step=base, worker_id=worker_id)
+            except mc.Conflict as exc:
+                if exc.code != "stale-gradient" or task.mode != "bounded":
+                    raise
+                params = client.get_params(task.model)  # too stale: start again from the current values
+                base = min(exc.current_steps.values())
+                continue
+            pos += task.batch_size
+            params = {name: r.value for name, r in results.items() if r.value is not None}
+            base = results["w1"].step
+            staleness = results["w1"].staleness or 0
+            records.append(WorkerRecord(time.monotonic(), base, loss(params, task.x_train, task.y_train), staleness))
+            i += 1
+            if _progress is not None and (i % 10 == 0 or i == task.steps):
+                _progress.put((task.model, i % 10 or 10))
     return records
 
 
@@ -213,6 +255,7 @@ class Result:
     test_accuracy: float
     server_steps: int
     steps_to_threshold: int | None
+    mean_staleness: float = 0.0
 
 
 def run_sweep(url: str, cfg: Config, *, progress: bool = True) -> list[Result]:
@@ -229,15 +272,17 @@ def run_sweep(url: str, cfg: Config, *, progress: bool = True) -> list[Result]:
         _single_threaded_blas(),
         mc.Client(url) as client,
         cf.ProcessPoolExecutor(cfg.workers, mp_context=ctx, initializer=_init_worker, initargs=(ticks,)) as pool,
-        tqdm(total=len(cfg.momenta) * cfg.steps, unit="step", disable=not progress, file=sys.stderr) as bar,
+        tqdm(
+            total=len(cfg.momenta) * sum(cfg.worker_steps()), unit="push", disable=not progress, file=sys.stderr
+        ) as bar,
     ):
         for momentum in cfg.momenta:
             model = cfg.model(momentum)
             bar.set_description(f"momentum {momentum:<4g}")
-            client.create_model(model, lr=cfg.lr, momentum=momentum)
+            client.replace_model(model, lr=cfg.lr, momentum=momentum, **cfg.mode_fields())
             client.init_params(model, start)  # exist_ok=False: step 0 and no velocity, also on a rerun
             tasks = [
-                WorkerTask(url, model, w, n, cfg.batch_size, cfg.seed, *shard, data.x_train, data.y_train)
+                WorkerTask(url, model, w, n, cfg.batch_size, cfg.seed, *shard, data.x_train, data.y_train, cfg.mode)
                 for w, (shard, n) in enumerate(zip(shard_data, cfg.worker_steps(), strict=True))
             ]
             futures = [pool.submit(train_worker, task) for task in tasks]
@@ -247,11 +292,14 @@ def run_sweep(url: str, cfg: Config, *, progress: bool = True) -> list[Result]:
                 shown += _drain(ticks, model, bar)
                 if len(done) == len(futures):
                     break
-            bar.update(cfg.steps - shown)  # ticks still in flight; late ones carry this model's name
-            records = sorted(r for f in futures for r in f.result())
+            bar.update(sum(cfg.worker_steps()) - shown)  # ticks in flight; late ones carry this model's name
+            per_worker = [f.result() for f in futures]
+            # One record per server step: in sync mode every worker saw the same step, keep worker 0's.
+            records = sorted(per_worker[0] if cfg.mode == "sync" else [r for rs in per_worker for r in rs], key=_when)
             final = client.get_params(model)
             server_steps = min(p.step for p in client.get_model(model).params.values())
-            losses = [initial_loss, *(r[1] for r in records)]
+            losses = [initial_loss, *(r.loss for r in records)]
+            pushes = [r for rs in per_worker for r in rs]
             results.append(
                 Result(
                     momentum,
@@ -261,9 +309,14 @@ def run_sweep(url: str, cfg: Config, *, progress: bool = True) -> list[Result]:
                     accuracy(final, data.x_test, data.y_test),
                     server_steps,
                     _common.steps_to_threshold(losses, cfg.threshold),
+                    float(np.mean([r.staleness for r in pushes])),
                 )
             )
     return results
+
+
+def _when(record: WorkerRecord) -> float:
+    return record.time
 
 
 @contextlib.contextmanager
@@ -302,7 +355,14 @@ def _drain(ticks: Any, model: str, bar: Any) -> int:
 
 
 def table(results: Sequence[Result], cfg: Config) -> str:
-    header = ["momentum", "final train loss", "test accuracy", f"steps to loss <= {cfg.threshold:g}", "server steps"]
+    header = [
+        "momentum",
+        "final train loss",
+        "test accuracy",
+        f"steps to loss <= {cfg.threshold:g}",
+        "server steps",
+        "mean staleness",
+    ]
     rows = [
         [
             f"{r.momentum:g}",
@@ -310,6 +370,7 @@ def table(results: Sequence[Result], cfg: Config) -> str:
             f"{r.test_accuracy:.3f}",
             "not reached" if r.steps_to_threshold is None else str(r.steps_to_threshold),
             str(r.server_steps),
+            f"{r.mean_staleness:.2f}",
         ]
         for r in results
     ]
@@ -340,7 +401,8 @@ def plot(results: Sequence[Result], cfg: Config, path: Path) -> None:
     ax.set_xlabel("server step (all workers)")
     ax.set_ylabel("training loss (cross-entropy, whole training set)")
     ax.set_title(
-        f"digits, MLP 64-{cfg.hidden}-10, {cfg.workers} async workers, batch {cfg.batch_size}, lr {cfg.lr:g} for all"
+        f"digits, MLP 64-{cfg.hidden}-10, {cfg.workers} {cfg.mode} workers, "
+        f"batch {cfg.batch_size}, lr {cfg.lr:g} for all"
     )
     ax.grid(True, which="both", alpha=0.25)
     fig.legend(loc="outside lower center", ncols=len(results), fontsize=9)
@@ -394,6 +456,15 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Config]:
         default=d.seed,
         help=f"seed of the split, the initial weights, the batches (default {d.seed})",
     )
+    p.add_argument(
+        "--mode",
+        choices=("async", "sync", "bounded"),
+        default=d.mode,
+        help="how the workers' pushes combine (default async; sync: each step is the mean of one push per worker)",
+    )
+    p.add_argument(
+        "--max-staleness", type=int, default=d.max_staleness, help="bounded mode's limit (default %(default)s)"
+    )
     p.add_argument("--png", type=Path, help="PNG path (default OUT_DIR/momentum_sweep.png)")
     p.add_argument("--md", type=Path, help="Markdown table path (default OUT_DIR/momentum_sweep.md)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -409,10 +480,15 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, Config]:
         seed=args.seed,
         threshold=args.threshold,
         prefix=args.prefix,
+        mode=args.mode,
+        max_staleness=args.max_staleness,
     )
     if cfg.steps < cfg.workers or cfg.workers < 1:
         p.error("need at least one worker and at least one step per worker")
     return args, cfg
+
+
+_MODE_WORDS = {"async": "asynchronous", "sync": "synchronous", "bounded": "bounded-staleness"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -432,7 +508,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
     plot(results, cfg, png)
     intro = (
-        f"Digits, MLP 64-{cfg.hidden}-10, {cfg.workers} asynchronous workers, batch {cfg.batch_size}, "
+        f"Digits, MLP 64-{cfg.hidden}-10, {cfg.workers} {_MODE_WORDS[cfg.mode]} workers, batch {cfg.batch_size}, "
         f"lr {cfg.lr:g}, {cfg.steps} server steps per model, seed {cfg.seed}.\n\n"
     )
     md.write_text(intro + text)

@@ -178,3 +178,38 @@ def test_momentum_sweep_quick(sweep: ModuleType, server: ServerProcess, client: 
     assert test_accuracy[0.5] > 0.5
     # At the same lr and step budget, momentum 0.9 gets much further than plain SGD.
     assert final_loss[0.9] < 0.5 * final_loss[0.0], final_loss
+
+
+@pytest.mark.parametrize(("mode", "workers"), [("sync", 3), ("bounded", 3), ("async", 3)])
+def test_momentum_sweep_modes_and_staleness(
+    sweep: ModuleType, server: ServerProcess, client: mc.Client, tmp_path: Path, mode: str, workers: int
+) -> None:
+    """Sync steps are the mean of one push per worker (staleness 0); async workers see stale steps."""
+    prefix = _name(f"sweep-{mode}")
+    argv = ["--url", server.url, "--out-dir", str(tmp_path), "--prefix", prefix, "--no-progress", "--keep-models"]
+    argv += ["--steps", "30", "--workers", str(workers), "--momenta", "0.9", "--mode", mode]
+    assert sweep.main(argv) == 0
+    cells = _parse_table((tmp_path / "momentum_sweep.md").read_text())[0.9]
+    assert int(cells[4]) == 30  # server steps, whatever the mode
+    staleness = float(cells[5])
+    info = client.get_model(sweep.model_name(prefix, 0.9))
+    assert info.mode == mode
+    if mode == "sync":
+        assert staleness == 0.0 and info.workers == workers
+    elif mode == "bounded":
+        assert staleness <= 1.0  # the limit: a push more than 1 step stale was refused and recomputed
+    else:
+        assert staleness > 0.0
+    client.delete_model(info.name)
+
+
+def test_an_example_run_writes_no_tracked_file(tmp_path: Path) -> None:
+    """Without --out-dir, outputs go to build/examples/ under the working directory (git-ignored)."""
+    before = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / "ravine.py"), "--quick"], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr
+    assert (ROOT / "build" / "examples" / "ravine.png").read_bytes().startswith(PNG_MAGIC)
+    after = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
+    assert after == before

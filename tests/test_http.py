@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -448,6 +450,18 @@ async def test_health_ready_and_docs(api: httpx.AsyncClient) -> None:
     assert step_body["schema"]["$ref"] == "#/components/schemas/StepRequest"
     assert "StepRequest" in spec["components"]["schemas"] and "Tensor" in spec["components"]["schemas"]
     assert (await api.get("/docs")).status_code == 200
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+async def test_the_docs_need_no_network(api: httpx.AsyncClient, page: str) -> None:
+    """Every script and stylesheet of the docs pages comes from the server itself (no CDN)."""
+    html = (await api.get(page)).text
+    urls = re.findall(r"""(?:src|href)=["']([^"']+)["']""", html)
+    assert urls and all(u.startswith("/") and not u.startswith("//") for u in urls), urls
+    assert "http://" not in html and "https://" not in html
+    for url in urls:
+        r = await api.get(url)
+        assert r.status_code == 200 and len(r.content) > 100, url
 
 
 async def test_unknown_routes_and_methods_are_problems(api: httpx.AsyncClient) -> None:
