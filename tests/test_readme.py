@@ -86,10 +86,7 @@ class Session:
         script.write_text(body)
         err = self.cwd / f".readme-block-{n}.err"
         marker = f"__README_BLOCK_{n}_DONE__"
-        if block.lang == "python":
-            command = f".venv/bin/python {script.name}"
-        else:
-            command = f"source {script.name}"
+        command = f".venv/bin/python {script.name}" if block.lang == "python" else f"source {script.name}"
         assert self.shell.stdin is not None
         self.shell.stdin.write(
             f"__failed=0; trap '__failed=$?' ERR; {command} 2>{err.name}; trap - ERR; echo; echo {marker} $__failed\n"
@@ -101,7 +98,9 @@ class Session:
             try:
                 line = self.lines.get(timeout=max(0.1, deadline - time.monotonic()))
             except queue.Empty:
-                raise TimeoutError(f"{block.where} did not finish within {timeout} s; output so far:\n{''.join(out)}")
+                raise TimeoutError(
+                    f"{block.where} did not finish within {timeout} s; output so far:\n{''.join(out)}"
+                ) from None
             if line.startswith(marker):
                 status = int(line.split()[-1])
                 text = "".join(out)
