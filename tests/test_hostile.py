@@ -304,7 +304,7 @@ STEP_BODY = f'{{"gradients":{{"w":{W}}}}}'.encode()
     ("label", "head", "body"),
     [
         # Content-Length smaller than the body: the server reads a truncated (invalid) body and
-        # then the rest as the next request, which uvicorn refuses with a plain-text 400.
+        # then the rest as the next request, which it refuses with a 400 problem+json.
         ("Content-Length smaller", {"content-type": JSON, "content-length": "10"}, STEP_BODY),
         ("Content-Length 0", {"content-type": JSON, "content-length": "0"}, STEP_BODY),
         ("Content-Length not a number", {"content-type": JSON, "content-length": "ten"}, STEP_BODY),
@@ -326,11 +326,8 @@ def test_lying_framing_gets_4xx_and_changes_nothing(live: Live, label: str, head
     if label != "chunk size lies":  # that one waits for the promised bytes, like a larger Content-Length
         assert statuses, f"no answer to {label}"
     assert all(400 <= s < 500 for s in statuses), statuses
-    for status, headers, content in responses:
-        if headers.get("content-type") == PROBLEM:
-            assert json.loads(content)["status"] == status
-        else:  # refused by uvicorn's HTTP parser, before the application
-            assert status == 400 and content == b"Invalid HTTP request received."
+    for status, headers, content in responses:  # the HTTP parser's refusals too are problem+json
+        assert headers.get("content-type") == PROBLEM and json.loads(content)["status"] == status
     assert live.snapshot() == before
 
 
@@ -376,14 +373,17 @@ def test_an_endless_head_gets_431_without_being_buffered(live: Live) -> None:
         assert peak < 16, MEASURED["200 MB header"]
     # A long but reasonable head is fine; so is a long URL under the cap.
     assert live.api.get("/v1/models/m", headers={"x-pad": "y" * 100_000}).status_code == 200
-    names = ",".join(f"n{i}" for i in range(5_000))
+    names = ",".join(f"n{i}" for i in range(MAX_PARAMS))
     r = live.api.get("/v1/models/m/params", params={"names": names})
-    assert_problem(r, [404])  # param-not-found: the 5,000 names were read and looked up
-    # httptools cannot parse a URL over 64 KiB (uvicorn's plain-text 400); past 1 MiB, the head cap.
+    assert_problem(r, [404])  # param-not-found: the names were read and looked up
+    r = live.api.get("/v1/models/m/params", params={"names": names + ",one-more"})
+    assert assert_problem(r, [413])["limit"] == MAX_PARAMS  # every list of names has the request's limit
+    # httptools cannot parse a URL over 64 KiB (a 400); past 1 MiB, the head cap. Both problem+json.
     for size, expected in ((100_000, 400), (2 * MAX_HEAD, 431)):
         head = request_head("GET", "/v1/models/m/params?names=" + "n," * (size // 2), {})
         _, received = raw_exchange(live.server.port, [head], timeout=10)
-        assert parse_responses(received)[0][0] == expected
+        [(status, headers, content)] = parse_responses(received)
+        assert status == expected and headers["content-type"] == PROBLEM and json.loads(content)["status"] == status
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,6 +13,18 @@ class ServiceError(Exception):
     """Base of every error the service reports to clients."""
 
 
+LISTED = 20
+"""An error names at most this many parameters (and says how many more): a request naming a
+million unknown parameters must not get an answer bigger than itself."""
+
+
+def listed(names: Iterable[str]) -> str:
+    """``'a', 'b', ...``: at most :data:`LISTED` names, then how many more there are."""
+    names = list(names)
+    shown = ", ".join(map(repr, names[:LISTED]))
+    return shown + (f" and {len(names) - LISTED} more" if len(names) > LISTED else "")
+
+
 class ModelNotFound(ServiceError):
     def __init__(self, model: str) -> None:
         super().__init__(f"model {model!r} does not exist")
@@ -35,7 +47,7 @@ class ParamNotFound(ServiceError):
     def __init__(self, model: str, names: Iterable[str]) -> None:
         self.model = model
         self.names = sorted(names)
-        super().__init__(f"model {model!r} has no parameter(s) {', '.join(map(repr, self.names))}")
+        super().__init__(f"model {model!r} has no parameter(s) {listed(self.names)}")
 
 
 class ParamsExist(ServiceError):
@@ -44,7 +56,7 @@ class ParamsExist(ServiceError):
     def __init__(self, model: str, names: Iterable[str]) -> None:
         self.model = model
         self.names = sorted(names)
-        super().__init__(f"model {model!r} already has parameter(s) {', '.join(map(repr, self.names))}")
+        super().__init__(f"model {model!r} already has parameter(s) {listed(self.names)}")
 
 
 class TensorMismatch(ServiceError):
@@ -56,9 +68,11 @@ class TensorMismatch(ServiceError):
         parts = [
             f"{name!r}: expected {m['expected']['dtype']}{list(m['expected']['shape'])}, "
             f"got {m['got']['dtype']}{list(m['got']['shape'])}"
-            for name, m in sorted(self.mismatches.items())
+            for name, m in sorted(self.mismatches.items())[:LISTED]
         ]
-        super().__init__("gradient does not match its parameter: " + "; ".join(parts))
+        more = len(self.mismatches) - LISTED
+        tail = f"; and {more} more" if more > 0 else ""
+        super().__init__("gradient does not match its parameter: " + "; ".join(parts) + tail)
 
 
 class InvalidConfig(ServiceError):
@@ -125,7 +139,8 @@ class StepMismatch(ServiceError):
         diffs = [
             f"{n!r} is at step {current[n]}, not {expected[n]}" for n in sorted(expected) if current[n] != expected[n]
         ]
-        super().__init__("parameter versions moved on: " + "; ".join(diffs) + "; nothing was applied")
+        more = f"; and {len(diffs) - LISTED} more" if len(diffs) > LISTED else ""
+        super().__init__("parameter versions moved on: " + "; ".join(diffs[:LISTED]) + more + "; nothing was applied")
 
 
 class IdempotencyKeyReused(ServiceError):

@@ -56,6 +56,25 @@ class Settings(BaseSettings):
     max_concurrent_requests: int = Field(
         default=256, gt=0, description="Requests handled at once; beyond it, 503 with Retry-After."
     )
+    max_concurrent_per_key: int = Field(
+        default=64,
+        gt=0,
+        description="Requests of one API key in the server at once (reading their bodies or being handled); "
+        "beyond it, 503 with Retry-After. With API keys only: one tenant cannot take every slot.",
+    )
+    body_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="How long a request body may take to arrive; beyond it, 408 and the connection is closed.",
+    )
+    header_timeout_s: float = Field(
+        default=10.0, gt=0, description="How long a request line and its headers may take to arrive (408)."
+    )
+    bodies_in_flight: int = Field(
+        default=8,
+        gt=0,
+        description="Memory for request bodies being received, in multiples of max_body_bytes; beyond, 503.",
+    )
     max_params_per_request: int = Field(default=10_000, gt=0, description="Tensors in one request (413).")
     max_json_depth: int = Field(default=32, gt=0, description="Nesting depth of a JSON body (422).")
     log_level: str = "info"

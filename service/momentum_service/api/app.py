@@ -18,9 +18,9 @@ from ..engine import ParameterServer
 from ..settings import Settings
 from ..store import MemoryStore, Store
 from . import problems
+from .admission import Admission
 from .routes import BODY_MODELS, health, router
 from .schemas import ProblemDetails
-from .security import Guard
 
 log = logging.getLogger("momentum_service")
 
@@ -75,7 +75,14 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None) 
     )
     app.state.keys = keys = KeyRing.load(settings.keys_file, settings.api_keys)
     app.add_middleware(
-        Guard, ring=keys, max_concurrent=settings.max_concurrent_requests, public_docs=settings.public_docs
+        Admission,
+        ring=keys,
+        public_docs=settings.public_docs,
+        max_concurrent=settings.max_concurrent_requests,
+        max_concurrent_per_key=settings.max_concurrent_per_key,
+        max_body_bytes=settings.max_body_bytes,
+        body_timeout_s=settings.body_timeout_s,
+        bodies_in_flight=settings.bodies_in_flight,
     )
     app.state.settings = settings
     app.state.server = ParameterServer(

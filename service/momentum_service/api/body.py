@@ -7,6 +7,7 @@ numbers), and tensors become numpy arrays without per-element Python work.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import re
 from collections.abc import Callable
@@ -17,11 +18,11 @@ import numpy as np
 import orjson
 from fastapi import Request
 from pydantic import BaseModel, ValidationError
-from starlette.requests import ClientDisconnect
 
 from ..settings import Settings
 from ..store.base import Array
 from . import messages, wire
+from .admission import body_of
 from .problems import Problem
 from .schemas import PARAM_NAME_PATTERN, Tensor
 
@@ -36,29 +37,6 @@ def _is_json(content_type: str) -> bool:
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
-async def read_limited(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            size = int(declared)
-        except ValueError:
-            raise Problem(400, "bad-content-length", "Content-Length is not a number") from None
-        if size > limit:
-            raise Problem(413, "body-too-large", f"the body is {size} bytes; the limit is {limit}", limit=limit)
-    chunks, total = [], 0
-    try:
-        async for chunk in request.stream():
-            total += len(chunk)
-            if total > limit:
-                raise Problem(413, "body-too-large", f"the body exceeds the limit of {limit} bytes", limit=limit)
-            chunks.append(chunk)
-    except ClientDisconnect:
-        # The client left mid-body (a timeout, a lying Content-Length): nobody will read an answer,
-        # but this is the client's doing, not an unexpected server error to log with a traceback.
-        raise Problem(400, "incomplete-body", f"the client disconnected after {total} bytes of the body") from None
-    return b"".join(chunks)
-
-
 @dataclass(frozen=True, slots=True)
 class TensorBody(Generic[M]):
     """A body that carries tensors, as JSON (``parsed``) or as safetensors (``tensors`` and ``metadata``)."""
@@ -66,7 +44,7 @@ class TensorBody(Generic[M]):
     parsed: M | None
     tensors: dict[str, Array]
     metadata: dict[str, str]
-    raw: bytes
+    raw: memoryview
 
 
 async def parse_tensor_body(
@@ -75,28 +53,49 @@ async def parse_tensor_body(
     """Either JSON validated by ``model`` or safetensors (tensors of ``dtypes``); 415 for anything else."""
     content_type = request.headers.get("content-type", "")
     if wire.is_safetensors(content_type):
-        raw = await read_limited(request, settings.max_body_bytes)
-        try:
-            tensors, metadata = wire.parse(raw, settings, allowed=dtypes)
-        except ValueError as exc:  # numpy refuses a shape like [0, 2**62]: no elements, but too big
-            detail = f"a tensor's shape is not valid: {exc}"
-            raise Problem(422, "malformed-safetensors", detail, errors=[{"loc": ["body"], "msg": detail}]) from None
-        check_count(len(tensors), settings)
-        for name, a in tensors.items():
-            if not _PARAM_NAME.fullmatch(name):  # match() would let "w\n" through ($ matches before a last \n)
-                raise Problem(
-                    422,
-                    "invalid-request",
-                    f"tensor name {name!r} is not a valid parameter name",
-                    errors=[{"loc": ["body", name], "msg": f"must match {PARAM_NAME_PATTERN}"}],
-                )
-            check_finite(a, [name])
+        raw = body_of(request)
+        tensors, metadata = await off_the_loop(len(raw), _read_safetensors, raw, settings, dtypes)
         return TensorBody(None, tensors, metadata, raw)
     parsed, raw = await parse_json_raw(request, model, settings)
     return TensorBody(parsed, {}, {}, raw)
 
 
-def metadata_fields(metadata: dict[str, str], names: tuple[str, ...]) -> dict[str, Any]:
+def _read_safetensors(
+    raw: memoryview, settings: Settings, dtypes: frozenset[str]
+) -> tuple[dict[str, Array], dict[str, str]]:
+    try:
+        tensors, metadata = wire.parse(raw, settings, allowed=dtypes)
+    except ValueError as exc:  # numpy refuses a shape like [0, 2**62]: no elements, but too big
+        detail = f"a tensor's shape is not valid: {exc}"
+        raise Problem(422, "malformed-safetensors", detail, errors=[{"loc": ["body"], "msg": detail}]) from None
+    check_count(len(tensors), settings)
+    for name, a in tensors.items():
+        if not _PARAM_NAME.fullmatch(name):  # match() would let "w\n" through ($ matches before a last \n)
+            raise Problem(
+                422,
+                "invalid-request",
+                f"tensor name {name!r} is not a valid parameter name",
+                errors=[{"loc": ["body", name], "msg": messages.PATTERN_HELP["name"]}],
+            )
+        check_finite(a, [name])
+    return tensors, metadata
+
+
+# Work on a body bigger than this (parsing, validating, checking every number) runs in a worker
+# thread, so that one large or hostile request does not stall every other request on the loop.
+OFFLOAD_BYTES = 1 << 20
+
+T = TypeVar("T")
+
+
+async def off_the_loop(size: int, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)``, in a worker thread when ``size`` (the bytes it works on) is over OFFLOAD_BYTES."""
+    if size > OFFLOAD_BYTES:
+        return await asyncio.to_thread(fn, *args)
+    return fn(*args)
+
+
+def metadata_fields(metadata: dict[str, str], names: tuple[str, ...], settings: Settings) -> dict[str, Any]:
     """The given keys of safetensors metadata, each decoded from JSON text (other keys are ignored)."""
     out = {}
     for key in names:
@@ -110,6 +109,8 @@ def metadata_fields(metadata: dict[str, str], names: tuple[str, ...]) -> dict[st
                     f"metadata {key!r} must be JSON text, got {metadata[key][:100]!r}",
                     errors=[{"loc": ["body", "__metadata__", key], "msg": "not JSON"}],
                 ) from None
+            if isinstance(out[key], dict):
+                check_count(len(out[key]), settings, key)
     return out
 
 
@@ -158,7 +159,7 @@ async def parse_json(
 
 async def parse_json_raw(
     request: Request, model: type[M], settings: Settings, *, explain: Callable[[Any], None] | None = None
-) -> tuple[M, bytes]:
+) -> tuple[M, memoryview]:
     """The validated body, and its bytes (for an idempotency fingerprint); see :func:`validate`."""
     content_type = request.headers.get("content-type", "")
     if not _is_json(content_type):
@@ -169,7 +170,11 @@ async def parse_json_raw(
             f"(got {content_type or 'none'!r})",
             headers={"Accept-Post": f"application/json, {wire.MEDIA_TYPE}"},
         )
-    raw = await read_limited(request, settings.max_body_bytes)
+    raw = body_of(request)
+    return await off_the_loop(len(raw), _decode_json, raw, model, settings, explain), raw
+
+
+def _decode_json(raw: memoryview, model: type[M], settings: Settings, explain: Callable[[Any], None] | None) -> M:
     try:
         obj = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -177,7 +182,7 @@ async def parse_json_raw(
             422, "malformed-json", f"the body is not valid JSON: {exc}", errors=[{"loc": ["body"], "msg": str(exc)}]
         ) from None
     _check_shape(obj, settings)
-    return validate(model, obj, ["body"], explain=explain), raw
+    return validate(model, obj, ["body"], explain=explain)
 
 
 def _check_shape(obj: Any, settings: Settings) -> None:
@@ -199,18 +204,20 @@ def _check_shape(obj: Any, settings: Settings) -> None:
             # A list of numbers (a tensor's data) is a leaf: it is not walked element by element.
             stack.extend((v, level + 1) for v in node if isinstance(v, (dict, list)))
     if isinstance(obj, dict):
-        for key in ("gradients", "params"):
-            tensors = obj.get(key)
-            if isinstance(tensors, dict):
-                check_count(len(tensors), settings)
+        for key in ("gradients", "params", "expected_steps"):
+            named = obj.get(key)
+            if isinstance(named, dict):
+                check_count(len(named), settings, key)
 
 
-def check_count(n: int, settings: Settings) -> None:
+def check_count(n: int, settings: Settings, what: str = "the request") -> None:
+    """413 when a request names more parameters than allowed, in any of its lists (tensors, expected_steps)."""
     if n > settings.max_params_per_request:
+        where = "the request" if what == "the request" else f"{what} in the request"
         raise Problem(
             413,
             "too-many-params",
-            f"the request names {n} parameters; the limit is {settings.max_params_per_request} per request",
+            f"{where} names {n} parameters; the limit is {settings.max_params_per_request} per request",
             limit=settings.max_params_per_request,
         )
 
@@ -243,6 +250,15 @@ def to_array(t: Tensor, where: list[Any], settings: Settings) -> Array:
         arr: Array = wide.astype(_DTYPES[t.dtype], copy=False).reshape(t.shape)
     check_finite(arr, where)
     return arr
+
+
+async def arrays_of(tensors: dict[str, Tensor], prefix: str, settings: Settings, size: int) -> dict[str, Array]:
+    """The validated JSON tensors of a body of ``size`` bytes as arrays (off the loop when large)."""
+
+    def convert() -> dict[str, Array]:
+        return {name: to_array(t, [prefix, name], settings) for name, t in tensors.items()}
+
+    return await off_the_loop(size, convert)
 
 
 def _at(where: list[Any]) -> str:

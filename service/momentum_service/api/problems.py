@@ -77,11 +77,11 @@ def from_domain(exc: errors.ServiceError) -> Problem:
         case errors.ModelExists():
             return Problem(412, "model-exists", str(exc), model=exc.model, existing=exc.config)
         case errors.ParamNotFound():
-            return Problem(404, "param-not-found", str(exc), model=exc.model, missing=exc.names)
+            return Problem(404, "param-not-found", str(exc), model=exc.model, **_capped("missing", exc.names))
         case errors.ParamsExist():
-            return Problem(412, "param-exists", str(exc), existing=exc.names)
+            return Problem(412, "param-exists", str(exc), **_capped("existing", exc.names))
         case errors.TensorMismatch():
-            return Problem(409, "tensor-mismatch", str(exc), mismatches=exc.mismatches)
+            return Problem(409, "tensor-mismatch", str(exc), **_capped("mismatches", exc.mismatches))
         case errors.InvalidConfig():
             loc = ["body", exc.field, *exc.path]
             return Problem(422, "invalid-config", str(exc), errors=[{"loc": loc, "msg": str(exc)}])
@@ -118,6 +118,16 @@ def from_domain(exc: errors.ServiceError) -> Problem:
         case errors.StoreError():
             return Problem(500, "store-error", str(exc))
     return Problem(500, "internal", "unexpected error")
+
+
+def _capped(name: str, items: list[str] | dict[str, Any]) -> dict[str, Any]:
+    """``{name: the first LISTED items}``, plus ``{name}_count`` when there were more."""
+    if len(items) <= errors.LISTED:
+        return {name: items}
+    kept: list[str] | dict[str, Any] = (
+        items[: errors.LISTED] if isinstance(items, list) else dict(list(items.items())[: errors.LISTED])
+    )
+    return {name: kept, f"{name}_count": len(items)}
 
 
 _METHODS = ("DELETE", "GET", "HEAD", "PATCH", "POST", "PUT")

@@ -14,12 +14,17 @@ from pydantic.json_schema import SkipJsonSchema
 from .. import config as config_module
 from ..config import ModelConfig
 from ..engine import Idempotency, StepPending, StepResult
+from ..errors import listed
 from ..store import ModelRecord, ParamMeta, ParamRecord
 from . import schemas, wire
 from .body import (
     TensorBody,
+    arrays_of,
+    check_count,
+    invalid_request,
     json_response_bytes,
     metadata_fields,
+    off_the_loop,
     parse_json,
     parse_tensor_body,
     tensor_json,
@@ -75,12 +80,12 @@ def _safetensors(content: bytes, status: int = 200, headers: dict[str, str] | No
     return Response(content, status, headers=headers, media_type=wire.MEDIA_TYPE)
 
 
-def _values(body: TensorBody[Any], tensors: dict[str, Any] | None, settings: Any) -> dict[str, Any]:
+async def _values(body: TensorBody[Any], tensors: dict[str, Any] | None, settings: Any) -> dict[str, Any]:
     """Parameter values from either form of a PUT body."""
     if body.parsed is None:
         return body.tensors
     assert tensors is not None
-    return {name: to_array(t, ["params", name], settings) for name, t in tensors.items()}
+    return await arrays_of(tensors, "params", settings, len(body.raw))
 
 
 BODY_MODELS: list[type[BaseModel]] = [
@@ -292,7 +297,7 @@ async def put_params(
 ) -> Response:
     only_create = _only_create(if_none_match)
     body = await parse_tensor_body(request, schemas.ParamsPut, settings)
-    values = _values(body, body.parsed.params if body.parsed else None, settings)
+    values = await _values(body, body.parsed.params if body.parsed else None, settings)
     if not values:
         raise Problem(422, "invalid-request", "no parameters given", errors=[{"loc": ["body"], "msg": "empty"}])
     created = await server.put_params(model, values, only_create=only_create)
@@ -339,6 +344,7 @@ async def get_params(
     model: ModelName,
     request: Request,
     server: ServerDep,
+    settings: SettingsDep,
     names: Annotated[
         Annotated[str, StringConstraints(pattern=schemas.NAMES_PATTERN)] | SkipJsonSchema[None],
         Query(description="Comma-separated parameter names; all when absent."),
@@ -349,12 +355,13 @@ async def get_params(
     wanted = None
     if names is not None:
         wanted = list(dict.fromkeys(n.strip() for n in names.split(",") if n.strip()))
-        bad = [n for n in wanted if not _PARAM_NAME.match(n)]
+        check_count(len(wanted), settings, "names")
+        bad = [n for n in wanted if not _PARAM_NAME.fullmatch(n)]
         if bad or not wanted:
             raise Problem(
                 422,
                 "invalid-request",
-                f"invalid parameter name(s) in names: {bad!r}" if bad else "names is empty",
+                f"invalid parameter name(s) in names: {listed(bad)}" if bad else "names is empty",
                 errors=[{"loc": ["query", "names"], "msg": "comma-separated parameter names"}],
             )
     params = await server.get_params(model, wanted, with_velocity=with_velocity)
@@ -386,7 +393,7 @@ IdempotencyKey = Annotated[
 _KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 
 
-def _idempotency(key: str | None, request: Request, raw: bytes) -> Idempotency | None:
+def _idempotency(key: str | None, request: Request, raw: memoryview) -> Idempotency | None:
     if key is None:
         return None
     if len(key) >= 2 and key[0] == key[-1] == '"':
@@ -401,7 +408,7 @@ def _idempotency(key: str | None, request: Request, raw: bytes) -> Idempotency |
     return Idempotency(key, fingerprint(request.method, request.url.path, request.headers.get("content-type", ""), raw))
 
 
-def fingerprint(method: str, path: str, content_type: str, raw: bytes) -> str:
+def fingerprint(method: str, path: str, content_type: str, raw: bytes | memoryview) -> str:
     """What identifies a request under its Idempotency-Key: method, path, media type and body.
 
     Small bodies are hashed whole with SHA-256. A large body (a gradient of megabytes, where
@@ -455,13 +462,13 @@ async def step(
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
     received = await parse_tensor_body(request, schemas.StepRequest, settings, dtypes=wire.GRADIENT_DTYPES)
-    idempotency = _idempotency(idempotency_key, request, received.raw)
+    idempotency = await off_the_loop(len(received.raw), _idempotency, idempotency_key, request, received.raw)
     body: schemas.StepOptions
     if received.parsed is not None:
         body = received.parsed
-        grads = {name: to_array(t, ["gradients", name], settings) for name, t in received.parsed.gradients.items()}
+        grads = await arrays_of(received.parsed.gradients, "gradients", settings, len(received.raw))
     else:
-        fields = metadata_fields(received.metadata, _STEP_OPTIONS)
+        fields = metadata_fields(received.metadata, _STEP_OPTIONS, settings)
         body = validate(schemas.StepOptions, fields, ["body", "__metadata__"])
         grads = received.tensors
         if not grads:
@@ -469,11 +476,11 @@ async def step(
     if body.expected_steps is not None:
         extra = sorted(set(body.expected_steps) - set(grads))
         if extra:
-            raise Problem(
-                422,
-                "invalid-request",
-                f"expected_steps names parameters without a gradient: {', '.join(extra)}",
-                errors=[{"loc": ["body", "expected_steps", n], "msg": "no gradient for it"} for n in extra],
+            raise invalid_request(
+                [
+                    {"loc": ["body", "expected_steps", n], "msg": f"expected_steps names {n!r}, which has no gradient"}
+                    for n in extra
+                ]
             )
     results = await server.step(
         model,

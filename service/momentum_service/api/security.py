@@ -1,5 +1,7 @@
-"""Who may do what over HTTP: bearer API keys checked against each route's scope, and the
-limits that protect the process as a whole (the cap on concurrent requests).
+"""Who may do what over HTTP: bearer API keys checked against each route's scope.
+
+The key itself is checked first, by :mod:`.admission`, before a body is read; each route then
+checks that the key's scopes cover its model.
 
 Every ``/v1`` route depends on :func:`require` with its level: ``read`` (GET a model or
 parameters), ``write`` (steps, setting parameter values) or ``admin`` (creating,
@@ -12,15 +14,13 @@ cover the model, 403. ``/healthz`` and ``/readyz`` need no key; the API document
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any
+from typing import Annotated
 
-import orjson
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..auth import ApiKey, KeyRing
-from .problems import PROBLEM_JSON, Problem
+from .problems import Problem
 
 _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer <key>`.")
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
@@ -53,8 +53,10 @@ def require(level: str) -> Callable[..., Awaitable[ApiKey | None]]:
         ring: KeyRing = request.app.state.keys
         if not ring:
             return None
-        header = None if credentials is None else f"{credentials.scheme} {credentials.credentials}"
-        key = authenticate(ring, header or request.headers.get("authorization"))
+        key: ApiKey | None = request.scope.get("state", {}).get("momentum.key")  # authenticated by admission
+        if key is None:
+            header = None if credentials is None else f"{credentials.scheme} {credentials.credentials}"
+            key = authenticate(ring, header or request.headers.get("authorization"))
         model = request.path_params.get("model", "")
         if not key.allows(level, model):
             raise Problem(
@@ -73,69 +75,3 @@ def require(level: str) -> Callable[..., Awaitable[ApiKey | None]]:
 READ = Depends(require("read"))
 WRITE = Depends(require("write"))
 ADMIN = Depends(require("admin"))
-
-_DOCS = ("/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
-_UNLIMITED = ("/healthz", "/readyz")
-
-
-def _problem_bytes(status: int, slug: str, title: str, detail: str, path: str) -> bytes:
-    return orjson.dumps(
-        {
-            "type": f"urn:momentum-service:problem:{slug}",
-            "title": title,
-            "status": status,
-            "detail": detail,
-            "instance": path,
-        }
-    )
-
-
-class Guard:
-    """ASGI middleware: the concurrent-request cap (503 beyond it) and the documentation's key check."""
-
-    def __init__(self, app: ASGIApp, *, ring: KeyRing, max_concurrent: int, public_docs: bool) -> None:
-        self.app, self.ring, self.max_concurrent, self.public_docs = app, ring, max_concurrent, public_docs
-        self.active = 0
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        path: str = scope["path"]
-        if path in _UNLIMITED:
-            await self.app(scope, receive, send)
-            return
-        if self.active >= self.max_concurrent:
-            body = _problem_bytes(
-                503,
-                "overloaded",
-                "Service unavailable",
-                f"the server is handling {self.max_concurrent} requests, its limit; retry shortly",
-                path,
-            )
-            await _reply(send, 503, body, [(b"retry-after", b"1")])
-            return
-        if self.ring and not self.public_docs and path in _DOCS:
-            headers = dict(scope["headers"])
-            try:
-                authenticate(self.ring, (headers.get(b"authorization") or b"").decode("latin-1") or None)
-            except Problem as problem:
-                body = _problem_bytes(401, "unauthorized", "Unauthorized", problem.detail, path)
-                challenge = problem.headers["WWW-Authenticate"].encode()
-                await _reply(send, 401, body, [(b"www-authenticate", challenge)])
-                return
-        self.active += 1
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            self.active -= 1
-
-
-async def _reply(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
-    start: dict[str, Any] = {
-        "type": "http.response.start",
-        "status": status,
-        "headers": [(b"content-type", PROBLEM_JSON.encode()), (b"content-length", str(len(body)).encode()), *headers],
-    }
-    await send(start)
-    await send({"type": "http.response.body", "body": body})

@@ -60,7 +60,7 @@ def _bad(detail: str) -> Problem:
 
 
 def parse(
-    raw: bytes, settings: Settings, *, allowed: frozenset[str] = frozenset(_READ)
+    raw: bytes | memoryview, settings: Settings, *, allowed: frozenset[str] = frozenset(_READ)
 ) -> tuple[dict[str, Array], dict[str, str]]:
     """The tensors (float32/float64 arrays, read-only views where possible) and the metadata."""
     if len(raw) < 8:

@@ -1,0 +1,288 @@
+"""Admission: who gets in, and what a request may hold, before any route runs (ASGI middleware).
+
+A request goes through, in order:
+
+1. **API key** (when keys are configured): a missing or unknown key is a 401 at once, before a
+   byte of its body is read, so nobody without a key can make the server hold anything.
+2. **Its key's share**: at most ``max_concurrent_per_key`` requests of one key are in the server
+   at a time (reading their bodies or being handled); beyond, 503 with ``Retry-After``. One
+   tenant, however busy or hostile, cannot take every slot from the others.
+3. **Its body, read once**, into one buffer sized from ``Content-Length`` (a chunked body grows
+   its buffer as it arrives), before the request takes a processing slot: a slow sender holds a
+   connection and its own buffer, not a slot that fast requests need. The body is bounded by
+   size (413, from ``Content-Length`` before reading), by time (``body_timeout_s``: 408, and the
+   connection is closed) and, over all bodies being read at once, by memory (``max_body_bytes``
+   times ``bodies_in_flight``: beyond, 503).
+4. **A processing slot**: at most ``max_concurrent`` requests are handled at once; beyond, 503
+   with ``Retry-After``.
+
+The body is handed to the routes as ``scope["state"]["momentum.body"]`` (a read-only
+memoryview, see :func:`body_of`); ``receive`` replays it for anything else that asks.
+``/healthz`` and ``/readyz`` skip all of this; the API docs need a valid key unless
+``public_docs``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import orjson
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ..auth import ApiKey, KeyRing
+from .problems import PROBLEM_JSON, Problem
+from .security import authenticate
+
+BODY = "momentum.body"
+KEY = "momentum.key"
+
+_DOCS = ("/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
+_UNLIMITED = ("/healthz", "/readyz")
+
+
+def body_of(request: Request) -> memoryview:
+    """The request's body, as read once by :class:`Admission` (no copy)."""
+    body: memoryview = request.scope["state"][BODY]
+    return body
+
+
+def key_of(request: Request) -> ApiKey | None:
+    """The API key :class:`Admission` authenticated the request with (``None`` without keys)."""
+    key: ApiKey | None = request.scope["state"].get(KEY)
+    return key
+
+
+class _Refused(Exception):
+    def __init__(
+        self,
+        status: int,
+        slug: str,
+        title: str,
+        detail: str,
+        headers: list[tuple[bytes, bytes]],
+        **extensions: Any,
+    ) -> None:
+        super().__init__(detail)
+        self.status, self.slug, self.title, self.detail, self.headers = status, slug, title, detail, headers
+        self.extensions = extensions
+
+
+class Admission:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        ring: KeyRing,
+        public_docs: bool,
+        max_concurrent: int,
+        max_concurrent_per_key: int,
+        max_body_bytes: int,
+        body_timeout_s: float,
+        bodies_in_flight: int,
+    ) -> None:
+        self.app, self.ring, self.public_docs = app, ring, public_docs
+        self.max_concurrent, self.max_per_key = max_concurrent, max_concurrent_per_key
+        self.max_body, self.body_timeout = max_body_bytes, body_timeout_s
+        self.body_budget = max_body_bytes * bodies_in_flight
+        self.active = 0  # requests being handled (they hold a processing slot)
+        self.per_key: Counter[str] = Counter()  # requests in the server, per API key
+        self.reading = 0  # bytes reserved by the bodies being read
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in _UNLIMITED:
+            await self.app(scope, receive, send)
+            return
+        try:
+            await self._admit(scope, receive, send)
+        except _Refused as refused:
+            await _reply(send, refused, scope["path"])
+
+    async def _admit(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope["path"]
+        key = self._authenticate(scope)
+        if key is None and self.ring and path in _DOCS and self.public_docs:
+            await self.app(scope, receive, send)  # public docs: no key, no body
+            return
+        who = "" if key is None else key.digest
+        if key is not None and self.per_key[who] >= self.max_per_key:
+            raise _Refused(
+                503,
+                "overloaded",
+                "Service unavailable",
+                f"this API key has {self.max_per_key} requests in the server, its share; retry shortly",
+                [(b"retry-after", b"1")],
+            )
+        self.per_key[who] += 1
+        try:
+            body = await self._read_body(scope, receive)
+            if self.active >= self.max_concurrent:
+                raise _Refused(
+                    503,
+                    "overloaded",
+                    "Service unavailable",
+                    f"the server is handling {self.max_concurrent} requests, its limit; retry shortly",
+                    [(b"retry-after", b"1")],
+                )
+            state = scope.setdefault("state", {})
+            state[BODY], state[KEY] = body, key
+            self.active += 1
+            try:
+                await self.app(scope, _replay(body, receive), send)
+            finally:
+                self.active -= 1
+        finally:
+            self.per_key[who] -= 1
+            if not self.per_key[who]:
+                del self.per_key[who]
+
+    def _authenticate(self, scope: Scope) -> ApiKey | None:
+        """The request's key; 401 without a valid one (when keys are configured, and for every
+        path but the public docs)."""
+        if not self.ring:
+            return None
+        header = None
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                header = value.decode("latin-1")
+                break
+        try:
+            return authenticate(self.ring, header)
+        except Problem as problem:
+            if scope["path"] in _DOCS and self.public_docs:
+                return None
+            challenge = problem.headers["WWW-Authenticate"].encode()
+            raise _Refused(
+                401, "unauthorized", "Unauthorized", problem.detail, [(b"www-authenticate", challenge)]
+            ) from None
+
+    async def _read_body(self, scope: Scope, receive: Receive) -> memoryview:
+        declared = _content_length(scope)
+        if declared is not None and declared > self.max_body:
+            raise _Refused(
+                413,
+                "body-too-large",
+                "Content too large",
+                f"the body is {declared} bytes; the limit is {self.max_body}",
+                [(b"connection", b"close")],
+                limit=self.max_body,
+            )
+        reserved = declared if declared is not None else 0
+        if self.reading + reserved > self.body_budget:
+            raise _Refused(
+                503,
+                "overloaded",
+                "Service unavailable",
+                "the server is receiving as many request bodies as its memory allows; retry shortly",
+                [(b"retry-after", b"1")],
+            )
+        ledger = [reserved]  # what this body holds of the budget (a chunked body adds as it grows)
+        self.reading += reserved
+        try:
+            async with asyncio.timeout(self.body_timeout):
+                return await self._receive_all(receive, declared, ledger)
+        except TimeoutError:
+            raise _Refused(
+                408,
+                "body-timeout",
+                "Request timeout",
+                f"the body did not arrive within {self.body_timeout:g} s (MOMENTUM_BODY_TIMEOUT_S); "
+                "nothing was changed",
+                [(b"connection", b"close")],
+            ) from None
+        finally:
+            self.reading -= ledger[0]
+
+    async def _receive_all(self, receive: Receive, declared: int | None, ledger: list[int]) -> memoryview:
+        """The whole body in one buffer: preallocated from Content-Length (pages are only touched as
+        bytes arrive), or grown geometrically for a chunked body, within the size limit."""
+        buffer = np.empty(declared if declared is not None else 0, np.uint8)
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _Refused(
+                    400,
+                    "incomplete-body",
+                    "Bad request",
+                    f"the client disconnected after {size} bytes of the body",
+                    [(b"connection", b"close")],
+                )
+            chunk = message.get("body", b"")
+            end = size + len(chunk)
+            if end > self.max_body:
+                raise _Refused(
+                    413,
+                    "body-too-large",
+                    "Content too large",
+                    f"the body exceeds the limit of {self.max_body} bytes",
+                    [(b"connection", b"close")],
+                    limit=self.max_body,
+                )
+            if end > len(buffer):
+                if declared is not None:  # more bytes than Content-Length said: the server's HTTP layer refuses
+                    raise _Refused(
+                        400, "bad-content-length", "Bad request", "the body is longer than its Content-Length", []
+                    )
+                grown = np.empty(min(self.max_body, max(end, 2 * len(buffer), 1 << 16)), np.uint8)
+                grown[:size] = buffer[:size]
+                ledger[0] += len(grown) - len(buffer)
+                self.reading += len(grown) - len(buffer)
+                buffer = grown
+            buffer[size:end] = np.frombuffer(chunk, np.uint8)
+            size = end
+            if not message.get("more_body", False):
+                break
+        view = buffer.data[:size]
+        return view.toreadonly()
+
+
+def _content_length(scope: Scope) -> int | None:
+    values = [v for n, v in scope["headers"] if n == b"content-length"]
+    if not values:
+        return None
+    try:
+        return max(0, int(values[0]))
+    except ValueError:
+        raise _Refused(400, "bad-content-length", "Bad request", "Content-Length is not a number", []) from None
+
+
+def _replay(body: memoryview, receive: Receive) -> Receive:
+    """A ``receive`` that gives the body once (already read), then waits for what the client does next."""
+    sent = False
+
+    async def replayed() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+        return await receive()
+
+    return replayed
+
+
+async def _reply(send: Send, refused: _Refused, path: str) -> None:
+    body = orjson.dumps(
+        {
+            "type": f"urn:momentum-service:problem:{refused.slug}",
+            "title": refused.title,
+            "status": refused.status,
+            "detail": refused.detail,
+            "instance": path,
+            **refused.extensions,
+        }
+    )
+    start: dict[str, Any] = {
+        "type": "http.response.start",
+        "status": refused.status,
+        "headers": [
+            (b"content-type", PROBLEM_JSON.encode()),
+            (b"content-length", str(len(body)).encode()),
+            *refused.headers,
+        ],
+    }
+    await send(start)
+    await send({"type": "http.response.body", "body": body})
