@@ -120,7 +120,12 @@ class Live:
         keys: dict[bytes, Any] = {}
         for key in self.store.scan_iter(match=f"{PREFIX}:*", count=1000):
             kind = self.store.type(key)
-            keys[key] = self.store.hgetall(key) if kind == b"hash" else self.store.smembers(key)
+            if kind == b"hash":
+                keys[key] = self.store.hgetall(key)
+            elif kind == b"zset":
+                keys[key] = self.store.zrange(key, 0, -1, withscores=True)
+            else:
+                keys[key] = self.store.smembers(key)
         state["redis"] = keys
         state["redis other"] = sorted(k for k in self.store.scan_iter(count=1000) if not k.startswith(b"hostile:"))
         return state

@@ -289,12 +289,29 @@ async def test_a_cached_state_is_never_served_stale(redis_proc, redis_prefix: st
 
 def test_the_state_cache_keeps_within_its_budget() -> None:
 
-    cache = StateCache(max_bytes=100)
+    cache = StateCache(max_bytes=3000)
     for i in range(10):
         cache.put("m", ParamRecord(f"p{i}", np.zeros(5, np.float32), np.zeros(5, np.float32), 0, f"e{i}"))
-    assert cache.bytes <= 100 and cache.get("m", "p9", "e9") is not None and cache.get("m", "p0", "e0") is None
+    assert cache.bytes <= 3000 and cache.get("m", "p9", "e9") is not None and cache.get("m", "p0", "e0") is None
     assert cache.get("m", "p9", "other-etag") is None
     cache.put("m", ParamRecord("huge", np.zeros(1000, np.float32), None, 0, "e"))  # bigger than the budget
     assert cache.get("m", "huge", "e") is None
     cache.drop("m")
     assert cache.bytes == 0
+
+
+def test_the_state_cache_counts_what_it_really_holds() -> None:
+    """MOMENTUM_CACHE_BYTES bounds the process's memory: a tiny entry costs far more than its data."""
+    import tracemalloc
+
+    cache = StateCache(max_bytes=1 << 30)
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for i in range(5_000):
+        value = np.frombuffer(np.float32([i, i + 1]).tobytes(), np.float32)  # a view, as read from Redis
+        cache.put("model", ParamRecord(f"layer{i}.weight", value, np.zeros(2, np.float32), 3, new_token()))
+    used = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    data = 5_000 * 16
+    assert used > 10 * data  # the data is the least of it
+    assert 0.75 * used <= cache.bytes <= 1.5 * used, (cache.bytes, used)

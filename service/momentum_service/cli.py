@@ -270,10 +270,16 @@ def _http_protocol(header_timeout_s: float = 10.0) -> type[asyncio.Protocol] | s
             self._disarm()
             self.logger.warning("%d %s: %s; closing the connection", status, slug, detail)
             answer = _problem_response(status, reason, slug, title, detail)
-            if self.cycle is None or self.cycle.response_complete:
+            cycle = self.cycle
+            if cycle is None or cycle.response_complete:
                 self.transport.write(answer)
                 self.transport.close()
-            else:  # never inside another response: after it (nothing more is read meanwhile)
+            elif cycle.more_body:  # the malformed part is this request's own body: it can never complete
+                self.transport.write(answer)
+                self.transport.close()
+                cycle.disconnected = True  # the application sees the client gone, and answers nothing
+                cycle.message_event.set()
+            else:  # a malformed request after one whose response is under way: answer it after that one
                 self.pending = answer
                 self.flow.pause_reading()
 

@@ -41,6 +41,8 @@ from .errors import (
     StaleGradient,
     StepAlreadyApplied,
     StepMismatch,
+    StoreError,
+    StoreFull,
     StoreUnavailable,
     TensorMismatch,
     WorkerOutOfRange,
@@ -156,6 +158,7 @@ class ParameterServer:
         # steps from other processes can then invalidate a commit.
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._store_failed: dict[str, float] = {}  # model -> when a step on it last met an unavailable store
+        self._tasks: set[asyncio.Future[None]] = set()  # best-effort work that no answer waits for
 
     def _lock(self, model: str) -> asyncio.Lock:
         lock = self._locks.get(model)
@@ -261,9 +264,19 @@ class ParameterServer:
             claiming = asyncio.ensure_future(self.store.claim(model, claim))
         try:
             return await self._step(model, grads, push, claim, claiming)
-        except BaseException:
-            await self._release(model, claim, claiming)
+        except (StoreUnavailable, StoreError, StoreFull, Contention, asyncio.CancelledError):
+            # The store is failing (or slow): give the key back in the background, so that the answer
+            # is not delayed by one more store timeout (a lease that is never released expires).
+            self._background(self._release(model, claim, claiming))
             raise
+        except BaseException:
+            await self._release(model, claim, claiming)  # a 4xx: the key is free again when the client hears
+            raise
+
+    def _background(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _release(self, model: str, claim: Claim | None, claiming: asyncio.Future[ClaimState] | None) -> None:
         """Give the key back, once the claim has landed (so the release cannot overtake it)."""
@@ -304,7 +317,7 @@ class ParameterServer:
             if claim is not None:  # renew the lease while racing
                 state = await self.store.claim(model, claim)
                 if state.status != "owned":
-                    return await self._settle(model, claim, state.status, state.summary)
+                    return await self._settle(model, claim, state.status, state.summary, grads)
 
     async def _attempt(
         self,
@@ -334,7 +347,7 @@ class ParameterServer:
             if claim is not None and claiming is not None:
                 state = await claiming
                 if state.status != "owned":
-                    return await self._settle(model, claim, state.status, state.summary)
+                    return await self._settle(model, claim, state.status, state.summary, grads)
             raise
         lrs = {n: self.lr_table.lr(config.schedule, config.rule.lr, params[n].step) for n in names}
         if sum(g.size for g in grads.values()) > _THREAD_THRESHOLD:
@@ -344,7 +357,7 @@ class ParameterServer:
         if claim is not None and claiming is not None:
             state = await claiming
             if state.status != "owned":
-                return await self._settle(model, claim, state.status, state.summary)
+                return await self._settle(model, claim, state.status, state.summary, grads)
         try:
             outcome = await self.store.commit_step(model, record.rev, updates, claim, _summary(updates, lrs))
         except StoreUnavailable as exc:
@@ -369,7 +382,7 @@ class ParameterServer:
         if outcome.status == "conflict":
             return None
         assert claim is not None
-        return await self._settle(model, claim, outcome.status, outcome.summary)
+        return await self._settle(model, claim, outcome.status, outcome.summary, grads)
 
     async def _sync(
         self, model: str, grads: Mapping[str, Array], push: _Push, workers: int
@@ -445,7 +458,9 @@ class ParameterServer:
             out[n] = StepResult(rec.value, None, base + 1, lr, current_step=moved, staleness=0)
         return out
 
-    async def _settle(self, model: str, claim: Claim, status: str, summary: str | None) -> dict[str, StepResult]:
+    async def _settle(
+        self, model: str, claim: Claim, status: str, summary: str | None, grads: Mapping[str, Array]
+    ) -> dict[str, StepResult]:
         """Answer for a key that this attempt does not hold."""
         if status == "mismatch":
             raise IdempotencyKeyReused(claim.key)
@@ -453,19 +468,20 @@ class ParameterServer:
             raise IdempotencyInFlight(claim.key)
         assert status == "done"
         assert summary is not None
-        return await self._replay(model, summary)
+        return await self._replay(model, summary, list(grads))
 
-    async def _replay(self, model: str, summary: str) -> dict[str, StepResult]:
+    async def _replay(self, model: str, summary: str, names: list[str]) -> dict[str, StepResult]:
         """The result of a step applied earlier under the same key, without applying it again.
 
         ``step`` and ``lr`` are the original ones. The value is the original result while the
         parameter is still at that step; once later steps moved it on, it is the current value
         and ``current_step`` says so (values are not kept per key: that would cost a copy of
-        the parameters per step for the whole TTL).
+        the parameters per step for the whole TTL). ``names`` are the request's: the same as the
+        first attempt's, in the same order, since the key's fingerprint matched.
         """
-        recorded: dict[str, list[Any]] = json.loads(summary)
+        recorded = _unpack_summary(summary, names)
         try:
-            _, params = await self.store.read(model, list(recorded), with_velocity=True)
+            _, params = await self.store.read(model, names, with_velocity=True)
         except (ParamNotFound, ModelNotFound):
             params = {}
         out = {}
@@ -536,8 +552,23 @@ def _check_staleness(model: str, current: Mapping[str, int], base_step: int | No
 
 
 def _summary(updates: list[ParamUpdate], lrs: Mapping[str, float]) -> str:
-    """What an idempotency record keeps of a step: each parameter's new step and lr."""
-    return json.dumps({u.name: [u.step, lrs[u.name]] for u in updates}, separators=(",", ":"))
+    """What an idempotency record keeps of a step: each parameter's new step and lr, by position.
+
+    Not the names: a replay carries the same body (its fingerprint matched), so the same names in
+    the same order. When every parameter has the same step and lr (the usual case), one pair is
+    kept: ``[step, lr]``; else ``[[steps...], [lrs...]]``, each a single value when uniform.
+    """
+    steps, lrates = [u.step for u in updates], [lrs[u.name] for u in updates]
+    packed = [steps[0] if len(set(steps)) == 1 else steps, lrates[0] if len(set(lrates)) == 1 else lrates]
+    return json.dumps(packed, separators=(",", ":"))
+
+
+def _unpack_summary(summary: str, names: list[str]) -> dict[str, tuple[int, float]]:
+    steps, lrates = json.loads(summary)
+    n = len(names)
+    steps = steps if isinstance(steps, list) else [steps] * n
+    lrates = lrates if isinstance(lrates, list) else [lrates] * n
+    return {name: (int(st), float(lr)) for name, st, lr in zip(names, steps, lrates, strict=True)}
 
 
 async def _quietly(op: Awaitable[None]) -> None:

@@ -8,6 +8,7 @@ errors by what a client should do about them (see :func:`_guard`).
 from __future__ import annotations
 
 import json
+import sys
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -100,6 +101,12 @@ def _decode(raw: bytes, dtype: str, shape: tuple[int, ...]) -> Array:
     return a.astype(a.dtype.newbyteorder("="), copy=False)  # read-only when no copy was needed
 
 
+# An OrderedDict entry (hash, key and value pointers, links) and its key, a (model, name) tuple.
+_ENTRY_OVERHEAD = 160
+# The bytes object that a view's data lives in (from Redis), besides its data.
+_BYTES_OVERHEAD = sys.getsizeof(b"")
+
+
 class StateCache:
     """Parameter states this process holds, least recently used first out, within a byte budget.
 
@@ -114,7 +121,13 @@ class StateCache:
 
     @staticmethod
     def _size(rec: ParamRecord) -> int:
-        return rec.value.nbytes + (0 if rec.velocity is None else rec.velocity.nbytes)
+        """What an entry really holds: the arrays (data and objects), the record, its strings, the
+        dict entry and its key. A tiny parameter costs several hundred bytes besides its data."""
+        size = sys.getsizeof(rec) + sys.getsizeof(rec.name) * 2 + sys.getsizeof(rec.etag) + _ENTRY_OVERHEAD
+        for a in (rec.value, rec.velocity):
+            if a is not None:
+                size += sys.getsizeof(a) + (0 if a.flags.owndata else a.nbytes + _BYTES_OVERHEAD)
+        return size
 
     def get(self, model: str, name: str, etag: str) -> ParamRecord | None:
         rec = self._entries.get((model, name))
