@@ -68,6 +68,7 @@ REDIS_ACL_COMMANDS = {
     "hkeys": "sync mode: dropping the gradients of an applied step",
     "hlen": "sync mode: the type check before a contribution's first write",
     "smembers": "a model's parameter index",
+    "scard": "scripts: the type check of the parameter index before a write",
     "sadd": "scripts: adding to the parameter index",
     "srem": "scripts: deleting a parameter from the index",
     "pexpire": "scripts: the TTL of a sync step",

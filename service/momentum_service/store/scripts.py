@@ -115,6 +115,7 @@ if ARGV[2] == '1' and #found > 0 then
   table.insert(found, 1, -2)
   return found
 end
+redis.call('SCARD', KEYS[2])  -- a type check before the first write
 for i = 1, n do
   local b = 3 + (i - 1) * 5
   local key = KEYS[i + 2]
