@@ -216,7 +216,9 @@ def test_an_error_is_never_bigger_than_the_request_nor_blocks_the_loop() -> None
         r = result["r"]
         assert r.status_code == 413 and r.json()["type"].endswith("too-many-params")
         assert len(r.content) < 1000 and len(content) > 10_000_000
-        assert max(pings, default=0) < 0.5, pings  # the event loop kept answering
+        # The event loop kept answering (before: blocked 3.1-3.4 s). Parsing holds the GIL even in its
+        # thread, so a ping can wait for a slice of it: the bound is loose, for a noisy 2-core machine.
+        assert max(pings, default=0) < 1.5, pings
         # At the limit (10,000 names without a gradient): a 422 naming 20 of them, and how many there were.
         body = {**G, "expected_steps": {f"p{i}": 0 for i in range(10_000)}}
         r = api.post("/v1/models/m/step", json=body)
