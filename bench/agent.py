@@ -1,7 +1,7 @@
 """A bench worker process: it runs one system's step loop when the orchestrator says so.
 
-The orchestrator starts the worker processes once per run (each joins the RPC group once,
-keeps one SDK client per server) and drives them over a pipe with commands:
+The orchestrator starts the worker processes once per run (each joins at most one RPC group,
+once, and keeps one SDK client per server) and drives them over a pipe with commands:
 
 - ``setup`` (worker 0 only): create the cell's model on the system, with its initial values;
 - ``prepare``: build what the steps need (gradients, the step function), check the first
@@ -30,7 +30,9 @@ import numpy as np
 
 from .workloads import F32, LR, MOMENTUM, Workload
 
-SYSTEMS = ("torch-local", "rpc-ps", "service-redis", "service-embedded")
+SYSTEMS = ("torch-local", "rpc-ps", "rpc-ps-tcp", "service-redis", "service-embedded")
+RPC_TRANSPORTS = {"rpc-ps": "default", "rpc-ps-tcp": "tcp"}
+"""The RPC systems: the same parameter server, each in its own RPC group with this TensorPipe transport."""
 SERVICE_TIMEOUT_S = 600.0
 """The SDK client's timeout: long, so a slow wire format shows as slow steps, not as retried timeouts."""
 
@@ -41,9 +43,10 @@ Step = Callable[[], object]
 class AgentConfig:
     index: int
     service_urls: dict[str, str]
-    rpc_port: int | None = None
+    rpc_system: str | None = None
+    """The RPC system whose group this process joins (a process can join one only); its port and size:"""
+    rpc_port: int = 0
     rpc_world_size: int = 0
-    rpc_transport: str = "default"
     rpc_timeout: float = 600.0
     torch_threads: int = 1
     warm_torch: bool = True
@@ -96,13 +99,19 @@ class Agent:
             self.clients[system] = Client(self.config.service_urls[system], timeout=SERVICE_TIMEOUT_S)
         return self.clients[system]
 
+    def check_rpc(self, system: str) -> None:
+        """An RPC system's calls go to this process's one RPC group: it must be that system's."""
+        if system in RPC_TRANSPORTS and system != self.config.rpc_system:
+            raise RuntimeError(f"{system}: this worker joined the RPC group of {self.config.rpc_system}")
+
     def setup(self, system: str, workload: Workload, model: str) -> dict[str, Any]:
         init = workload.initial()
+        self.check_rpc(system)
         if system.startswith("service-"):
             c = self.client(system)
             c.create_model(model, lr=LR, momentum=MOMENTUM)
             c.init_params(model, init)
-        elif system == "rpc-ps":
+        elif system in RPC_TRANSPORTS:
             import torch
             import torch.distributed.rpc as rpc
 
@@ -115,7 +124,7 @@ class Agent:
     def teardown(self, system: str, model: str) -> dict[str, Any]:
         if system.startswith("service-"):
             self.client(system).delete_model(model)
-        elif system == "rpc-ps":
+        elif system in RPC_TRANSPORTS:
             import torch.distributed.rpc as rpc
 
             from .rpc_ps import PS_NAME, ps_delete
@@ -126,6 +135,7 @@ class Agent:
     def make_step(self, system: str, workload: Workload, model: str, grads: dict[str, F32]) -> Step:
         """The step function, and what it returns: the updated parameters, in any array form."""
         names = list(grads)
+        self.check_rpc(system)
         if system == "torch-local":
             if workload.singles:
                 raise ValueError("torch-local has no requests to batch: the batching comparison skips it")
@@ -142,7 +152,7 @@ class Agent:
                 return [p.detach() for p in params]
 
             return local_step
-        if system == "rpc-ps":
+        if system in RPC_TRANSPORTS:
             import torch
             import torch.distributed.rpc as rpc
 
@@ -282,10 +292,11 @@ def agent_main(config: AgentConfig, conn: Connection) -> None:
         warm_torch()
     agent = Agent(config)
     try:
-        if config.rpc_port is not None:
+        if config.rpc_system is not None:
             from .rpc_ps import worker_init
 
-            worker_init(config.index, config.rpc_port, config.rpc_world_size, config.rpc_transport, config.rpc_timeout)
+            transport = RPC_TRANSPORTS[config.rpc_system]
+            worker_init(config.index, config.rpc_port, config.rpc_world_size, transport, config.rpc_timeout)
             agent.rpc_ready = True
         conn.send({"ok": {"pid": os.getpid()}})
     except Exception:

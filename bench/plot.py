@@ -14,8 +14,14 @@ import matplotlib.pyplot as plt
 from .report import SYSTEM_ORDER, index
 from .workloads import MAIN, PARAM_SERIES, SIZE_SERIES, params_workload, size_workload
 
-COLORS = {"torch-local": "#7f7f7f", "rpc-ps": "#1f77b4", "service-redis": "#d62728", "service-embedded": "#ff7f0e"}
-MARKERS = {"torch-local": "s", "rpc-ps": "o", "service-redis": "^", "service-embedded": "v"}
+COLORS = {
+    "torch-local": "#7f7f7f",
+    "rpc-ps": "#1f77b4",
+    "rpc-ps-tcp": "#17becf",
+    "service-redis": "#d62728",
+    "service-embedded": "#ff7f0e",
+}
+MARKERS = {"torch-local": "s", "rpc-ps": "o", "rpc-ps-tcp": "D", "service-redis": "^", "service-embedded": "v"}
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -25,6 +31,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax = axes[0]
     cells = sorted({(w, n) for (w, n, _) in idx if w in MAIN}, key=lambda k: (list(MAIN).index(k[0]), k[1]))
     width = 0.8 / max(1, len(systems))
+    # Service bars are labelled with their ratio to the fair peer, rpc-ps-tcp (to rpc-ps if it did not run).
+    baseline = next((b for b in ("rpc-ps-tcp", "rpc-ps") if b in systems), None)
     for j, system in enumerate(systems):
         bars = []
         for i, (w, n) in enumerate(cells):
@@ -32,9 +40,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
             if r and r.get("reps"):
                 bars.append((i + (j - (len(systems) - 1) / 2) * width, r["steps_per_s"], w, n))
         ax.bar([b[0] for b in bars], [b[1] for b in bars], width, label=system, color=COLORS.get(system))
-        if system.startswith("service-"):
-            for x, y, w, n in bars:  # the ratio to rpc-ps, in which the targets are stated
-                base = idx.get((w, n, "rpc-ps"))
+        if system.startswith("service-") and baseline is not None:
+            for x, y, w, n in bars:
+                base = idx.get((w, n, baseline))
                 if base and base.get("reps"):
                     ax.annotate(
                         f"{y / base['steps_per_s']:.2f}x",
@@ -50,7 +58,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax.set_xticks(range(len(cells)), [f"{w}\n{n} worker{'s' if n > 1 else ''}" for w, n in cells])
     ax.set_yscale("log")
     ax.set_ylabel("steps/s (aggregate, log scale)")
-    ax.set_title("Throughput per workload")
+    ax.set_title("Throughput per workload" + (f" (labels: ratio to {baseline})" if baseline else ""))
     ax.grid(axis="y", which="both", alpha=0.3)
     ax.legend(fontsize="small")
     _series(axes[1], idx, systems, [(n, size_workload(n).name) for n in SIZE_SERIES], "floats in the one parameter")
@@ -65,7 +73,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     axes[2].set_title("Step time vs parameters per request (1 worker)")
     s = result["settings"]
     fig.suptitle(
-        f"momentum-service vs torch.optim.SGD locally and a PyTorch RPC parameter server "
+        f"momentum-service vs torch.optim.SGD locally and a PyTorch RPC parameter server (shared memory, TCP) "
         f"(medians of {s['reps']}, {result['machine']['cores']} cores, {result['created'][:10]})",
         fontsize="medium",
     )

@@ -1,30 +1,42 @@
-"""Derived numbers (ratios to rpc-ps, targets, the batching speedup) and the Markdown report."""
+"""Derived numbers (ratios to the RPC parameter servers, targets, the batching speedup) and the Markdown report."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from .workloads import BATCH_PARAMS, MAIN, PARAM_SERIES, SIZE_SERIES, params_workload, singles_workload, size_workload
 
-SYSTEM_ORDER = ("torch-local", "rpc-ps", "service-redis", "service-embedded")
-BASELINE = "rpc-ps"
-SUBJECT = "service-redis"
+SYSTEM_ORDER = ("torch-local", "rpc-ps", "rpc-ps-tcp", "service-redis", "service-embedded")
+BASELINES = ("rpc-ps", "rpc-ps-tcp")
+"""The RPC parameter servers every system's steps/s is compared with: over shared memory and over TCP."""
 
-TARGETS: tuple[dict[str, Any], ...] = (
-    {"id": "tiny-1", "what": "tiny, 1 worker: steps/s vs rpc-ps", "workload": "tiny", "workers": 1, "needed": 1.0},
-    {"id": "tiny-4", "what": "tiny, 4 workers: steps/s vs rpc-ps", "workload": "tiny", "workers": 4, "needed": 1.0},
-    {
-        "id": "mlp-1",
-        "what": "mlp, 1 worker: steps/s vs rpc-ps",
-        "workload": "mlp",
-        "workers": 1,
-        "needed": 0.5,
-        "stretch": 1.0,
-    },
-    {"id": "wide-1", "what": "wide, 1 worker: steps/s vs rpc-ps", "workload": "wide", "workers": 1, "needed": 1.0},
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Steps/s of ``system`` divided by those of ``baseline`` on one main cell: at least ``needed``, and
+    ``stretch`` if given (the report says whether each is met)."""
+
+    id: str
+    system: str
+    baseline: str
+    workload: str
+    workers: int
+    needed: float
+    stretch: float | None = None
+
+
+TARGETS = (
+    # rpc-ps-tcp is the fair peer for workers on other hosts; rpc-ps, over shared memory, the stretch.
+    Target("tiny-1", "service-embedded", "rpc-ps", "tiny", 1, needed=1.0),
+    Target("tiny-4", "service-embedded", "rpc-ps", "tiny", 4, needed=1.0),
+    Target("mlp-1", "service-embedded", "rpc-ps-tcp", "mlp", 1, needed=0.5, stretch=1.0),
+    Target("mlp-4", "service-embedded", "rpc-ps-tcp", "mlp", 4, needed=0.5, stretch=1.0),
+    Target("wide-1", "service-embedded", "rpc-ps-tcp", "wide", 1, needed=1.0),
 )
-BATCH_TARGET = 20.0
+BATCH_TARGET: dict[str, Any] = {"id": "batching", "system": "service-redis", "needed": 20.0}
+"""The speedup of one request carrying 1,000 parameters over 1,000 requests of one, for ``system``."""
 
 Index = dict[tuple[str, int, str], dict[str, Any]]
 
@@ -41,14 +53,24 @@ def rate(idx: Index, workload: str, workers: int, system: str) -> float | None:
     return value
 
 
-def derive(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Ratios to rpc-ps per main cell, the targets (met or not), the batching comparison."""
+def derive(results: list[dict[str, Any]], targets: Iterable[Target] = TARGETS) -> dict[str, Any]:
+    """Ratios to each RPC parameter server per main cell, the targets (met or not), the batching comparison."""
     idx = index(results)
     ratios = []
     for workload, workers, system in sorted({k for k in idx if k[0] in MAIN}):
-        base, value = rate(idx, workload, workers, BASELINE), rate(idx, workload, workers, system)
-        if system != BASELINE and base and value is not None:
-            ratios.append({"workload": workload, "workers": workers, "system": system, "ratio_to_rpc_ps": value / base})
+        value = rate(idx, workload, workers, system)
+        for baseline in BASELINES:
+            base = rate(idx, workload, workers, baseline)
+            if system != baseline and base and value is not None:
+                ratios.append(
+                    {
+                        "workload": workload,
+                        "workers": workers,
+                        "system": system,
+                        "baseline": baseline,
+                        "ratio": value / base,
+                    }
+                )
     batching: list[dict[str, Any]] = []
     batched, singles = params_workload(BATCH_PARAMS).name, singles_workload(BATCH_PARAMS).name
     for system in SYSTEM_ORDER:
@@ -63,33 +85,31 @@ def derive(results: list[dict[str, Any]]) -> dict[str, Any]:
                     "speedup": one / many,
                 }
             )
-    targets = []
-    for t in TARGETS:
-        base, value = rate(idx, t["workload"], t["workers"], BASELINE), rate(idx, t["workload"], t["workers"], SUBJECT)
-        measured = value / base if base and value is not None else None
-        entry = {k: v for k, v in t.items()} | {
-            "system": SUBJECT,
-            "baseline": BASELINE,
+    out = []
+    for t in targets:
+        value = rate(idx, t.workload, t.workers, t.system)
+        base = rate(idx, t.workload, t.workers, t.baseline)
+        measured = _div(value, base)
+        entry = {k: v for k, v in asdict(t).items() if v is not None} | {
+            "what": f"{t.workload}, {t.workers} worker{'s' if t.workers > 1 else ''}: steps/s",
             "subject_steps_per_s": value,
             "baseline_steps_per_s": base,
             "measured": measured,
-            "met": None if measured is None else measured >= t["needed"],
+            "met": None if measured is None else measured >= t.needed,
         }
-        if "stretch" in t:
-            entry["stretch_met"] = None if measured is None else measured >= t["stretch"]
-        targets.append(entry)
-    speedup = next((b["speedup"] for b in batching if b["system"] == SUBJECT), None)
-    targets.append(
-        {
-            "id": "batching",
-            "what": f"{BATCH_PARAMS:,} params in one request vs {BATCH_PARAMS:,} single-param requests (speedup)",
-            "system": SUBJECT,
-            "needed": BATCH_TARGET,
+        if t.stretch is not None:
+            entry["stretch_met"] = None if measured is None else measured >= t.stretch
+        out.append(entry)
+    speedup = next((b["speedup"] for b in batching if b["system"] == BATCH_TARGET["system"]), None)
+    out.append(
+        BATCH_TARGET
+        | {
+            "what": f"{BATCH_PARAMS:,} params in one request vs {BATCH_PARAMS:,} single-param requests",
             "measured": speedup,
-            "met": None if speedup is None else speedup >= BATCH_TARGET,
+            "met": None if speedup is None else speedup >= BATCH_TARGET["needed"],
         }
     )
-    return {"ratios": ratios, "batching": batching, "targets": targets}
+    return {"ratios": ratios, "batching": batching, "targets": out}
 
 
 # -- formatting -----------------------------------------------------------------------------------
@@ -158,40 +178,32 @@ def markdown(result: dict[str, Any]) -> str:
         f"- service-redis: Redis started by the bench, appendonly {cfg.get('appendonly', '?')}, "
         f"appendfsync {cfg.get('appendfsync', '?')}. SDK wire format (request Content-Type): "
         f"{', '.join(f'`{t}`' for t in wire_types) or '?'}.",
-        f"- rpc-ps: TensorPipe, transport `{result['rpc']['transport']}`, PS torch threads "
-        f"{result['rpc']['ps_torch_threads']}; workers use 1 torch thread.",
+        *_rpc_lines(result["rpc"]),
         "",
-        "## Targets (service-redis against rpc-ps)",
+        "## Targets",
+        "",
+        "Steps/s of a service system divided by an RPC parameter server's (rpc-ps-tcp, over TCP, is the fair "
+        "peer for workers on other hosts; rpc-ps, over shared memory, is the stretch), and the batching speedup.",
         "",
     ]
     rows = []
     for t in result["targets"]:
-        if t["id"] == "batching":
-            measured, needed = ratio(t["measured"]), f">= {t['needed']:g}x"
-            detail = "speedup"
+        needed = f">= {t['needed']:g}x"
+        if "stretch" in t:
+            needed += f" (stretch {t['stretch']:g}x: {met(t.get('stretch_met'))})"
+        if "baseline" in t:
+            versus = f"{t['system']} / {t['baseline']}"
+            detail = f"{num(t['subject_steps_per_s'])} vs {num(t['baseline_steps_per_s'])}"
         else:
-            measured, needed = ratio(t["measured"]), f">= {t['needed']:g}x"
-            if "stretch" in t:
-                needed += f" (stretch {t['stretch']:g}x: {met(t.get('stretch_met'))})"
-            detail = f"{num(t['subject_steps_per_s'])} vs {num(t['baseline_steps_per_s'])} steps/s"
-        rows.append([t["what"], detail, measured, needed, met(t["met"])])
-    out += table(["target", "service-redis vs rpc-ps", "measured", "needed", ""], rows, "lrrll")
+            versus, detail = f"{t['system']}: speedup", "-"
+        rows.append([t["what"], versus, detail, ratio(t["measured"]), needed, met(t["met"])])
+    out += table(["target", "measured as", "steps/s", "ratio", "needed", ""], rows, "llrrll")
     main_rows = sorted({(r["workload"], r["workers"]) for r in results if r["workload"] in MAIN}, key=_main_key)
-    ratio_systems = [x for x in systems if x != BASELINE]
 
-    def grid(title: str, note: str, cell: Any, with_ratio: bool = False) -> None:
+    def grid(title: str, note: str, cell: Any) -> None:
         out.extend(["", f"## {title}", "", note, ""])
-        header = ["workload", "workers", *systems]
-        if with_ratio and BASELINE in systems:
-            header += [f"{x} / rpc-ps" for x in ratio_systems]
-        rows = []
-        for w, n in main_rows:
-            row = [w, str(n)] + [cell(idx.get((w, n, x))) for x in systems]
-            if with_ratio and BASELINE in systems:
-                base = rate(idx, w, n, BASELINE)
-                row += [ratio(_div(rate(idx, w, n, x), base)) for x in ratio_systems]
-            rows.append(row)
-        out.extend(table(header, rows, "lr" + "r" * (len(header) - 2)))
+        rows = [[w, str(n)] + [cell(idx.get((w, n, x))) for x in systems] for w, n in main_rows]
+        out.extend(table(["workload", "workers", *systems], rows, "lr" + "r" * len(systems)))
 
     grid(
         "Throughput: steps/s",
@@ -199,8 +211,16 @@ def markdown(result: dict[str, Any]) -> str:
         "have their own model). tiny: 1 parameter of 1,000 floats; mlp: 8 parameters, ~1M floats; wide: 1 "
         "parameter of 10M floats.",
         lambda r: _get(r, "steps_per_s"),
-        with_ratio=True,
     )
+    pairs = [(x, b) for x in systems if x.startswith("service-") for b in BASELINES if b in systems]
+    if pairs:
+        out += ["", "## Ratios to the RPC parameter servers", ""]
+        out.append("Steps/s of each service system divided by that of rpc-ps (shared memory) and rpc-ps-tcp (TCP).")
+        out.append("")
+        rows = [
+            [w, str(n)] + [ratio(_div(rate(idx, w, n, x), rate(idx, w, n, b))) for x, b in pairs] for w, n in main_rows
+        ]
+        out += table(["workload", "workers", *[f"{x} / {b}" for x, b in pairs]], rows)
     grid(
         "Latency per step: p50 / p99 ms",
         "Per worker step, from the worker's call to its return with the updated parameters.",
@@ -214,7 +234,8 @@ def markdown(result: dict[str, Any]) -> str:
     out += ["", "## CPU per step (ms)", ""]
     out.append(
         "CPU time per step of the worker processes (all of them, SDK or RPC client), of the server process, and "
-        "of redis-server (service-redis) or the PS process (rpc-ps), measured from /proc over the timed run."
+        "of redis-server (service-redis) or the PS process (rpc-ps, rpc-ps-tcp), measured from /proc over the "
+        "timed run."
     )
     out.append("")
     rows = []
@@ -226,6 +247,28 @@ def markdown(result: dict[str, Any]) -> str:
                 server = cpu.get("server", cpu.get("ps"))
                 rows.append([w, str(n), x, num(cpu.get("workers")), num(server), num(cpu.get("redis"))])
     out += table(["workload", "workers", "system", "workers", "server / PS", "redis"], rows, "lrlrrr")
+    redis_rows = []
+    for w, n in main_rows:
+        for x in systems:
+            r = idx.get((w, n, x)) or {}
+            if "redis_in_bytes_per_step" in r:
+                aof = _kb(r.get("aof_bytes_per_step"))
+                if r["aof_bytes_reps"] < r["reps"]:
+                    aof += f" ({r['aof_bytes_reps']} of {r['reps']} reps)"
+                grads = r["payload_bytes_per_step"] / 2  # the gradients: half the payload (up, not down)
+                received, sent = r["redis_in_bytes_per_step"], r["redis_out_bytes_per_step"]
+                redis_rows.append([w, str(n), x, _kb(grads), _kb(received), _kb(sent), aof])
+    if redis_rows:
+        out += ["", "## Redis bytes per step (kB)", ""]
+        out.append(
+            "What redis-server received and sent (INFO stats: total_net_input_bytes, total_net_output_bytes) and "
+            "appended to its AOF per step over the timed run, beside the gradient bytes a step carries. The AOF "
+            "figure is the growth of its incremental AOF files, read from the files (INFO's aof_current_size is "
+            "reset by every rewrite), plus aof_buffer_length; rewrites' own base files are not in it."
+        )
+        out.append("")
+        header = ["workload", "workers", "system", "gradients", "Redis in", "Redis out", "AOF"]
+        out += table(header, redis_rows, "lrlrrrr")
     _series(
         out,
         idx,
@@ -249,7 +292,7 @@ def markdown(result: dict[str, Any]) -> str:
         out.append(
             f"1 worker; {BATCH_PARAMS:,} parameters of 100 floats. Time to update them all: one request carrying "
             "every gradient, or one request per parameter, sequentially. "
-            f"Target for service-redis: >= {BATCH_TARGET:g}x."
+            f"Target for {BATCH_TARGET['system']}: >= {BATCH_TARGET['needed']:g}x."
         )
         out.append("")
         rows = [
@@ -287,6 +330,22 @@ def _series(
             row.append(f"{_get(r, 'p50_ms')} ({_get(r, 'mb_per_s')})" if r and r.get("reps") else _get(r, "p50_ms"))
         rows.append(row)
     out += table([label, *systems], rows)
+
+
+def _rpc_lines(rpc: dict[str, Any]) -> list[str]:
+    lines = []
+    for system, g in rpc["groups"].items():
+        options = ", ".join(f"{k}={v}" for k, v in g["backend_options"].items()) or "TensorPipe's own choice"
+        workers = "its own worker processes" if g["own_workers"] else "the main worker processes"
+        lines.append(
+            f"- {system}: TensorPipe, transport `{g['transport']}` ({options}), PS torch threads "
+            f"{g['ps_torch_threads']}, {workers}; workers use {rpc['worker_torch_threads']} torch thread."
+        )
+    return lines
+
+
+def _kb(x: float | None) -> str:
+    return "-" if x is None else num(x / 1e3)
 
 
 def _reps(result: dict[str, Any]) -> str:

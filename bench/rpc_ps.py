@@ -6,10 +6,13 @@ worker processes) calls ``rpc_sync("ps", ps_step, args=(model, grads))``: the PS
 step and returns the updated parameters. This is the tutorials' ``update_and_fetch_model``
 with a batch of one (every push is applied on arrival, like the service's async mode).
 
-What makes it a fair peer: the TensorPipe backend with its defaults (on one host it picks
-its shared-memory transport and cross-memory-attach channel; ``transport="tcp"`` forces
-the TCP transport and the basic channel instead); the RPC group is set up once per run, so
-steps do no setup; the step is a module-level function (no RRef to pickle per call); the
+The bench runs it as two systems, each with its own RPC group (a process joins one only):
+``rpc-ps`` with TensorPipe's defaults (on one host it picks its shared-memory transport and
+cross-memory-attach channel), and ``rpc-ps-tcp`` with ``transport="tcp"``, the TCP transport
+(``uv``) and the basic channel, which is what workers on other hosts would use.
+
+What makes it a fair peer: the TensorPipe backend as a user would set it up; the RPC group is
+set up once per run, so steps do no setup; the step is a module-level function (no RRef to pickle per call); the
 gradients go as tensors (TensorPipe sends their storage, no pickling of the data); and the
 PS returns copies of the parameters made under the lock, the cheapest way to return the
 values *of this step* when other workers step concurrently.
@@ -30,14 +33,19 @@ PS_NAME = "ps"
 TRANSPORTS = ("default", "tcp")
 
 
-def backend_options(port: int, transport: str, timeout: float) -> rpc.TensorPipeRpcBackendOptions:
+def transport_options(transport: str) -> dict[str, Any]:
+    """The TensorPipe options that choose the transport (none: TensorPipe's own choice)."""
     if transport not in TRANSPORTS:
         raise ValueError(f"rpc transport must be one of {TRANSPORTS}, got {transport!r}")
-    kwargs: dict[str, Any] = {}
-    if transport == "tcp":
-        kwargs = {"_transports": ["uv"], "_channels": ["basic"]}
+    return {"_transports": ["uv"], "_channels": ["basic"]} if transport == "tcp" else {}
+
+
+def backend_options(port: int, transport: str, timeout: float) -> rpc.TensorPipeRpcBackendOptions:
     return rpc.TensorPipeRpcBackendOptions(
-        init_method=f"tcp://127.0.0.1:{port}", rpc_timeout=timeout, num_worker_threads=16, **kwargs
+        init_method=f"tcp://127.0.0.1:{port}",
+        rpc_timeout=timeout,
+        num_worker_threads=16,
+        **transport_options(transport),
     )
 
 
@@ -101,7 +109,14 @@ def ps_main(port: int, world_size: int, transport: str, timeout: float, conn: Co
 
     warnings.filterwarnings("ignore", message="You are using a Backend")  # a deprecation inside init_rpc
     warm_torch()
-    conn.send({"pid": os.getpid(), "torch_threads": torch.get_num_threads()})
+    conn.send(
+        {
+            "pid": os.getpid(),
+            "torch_threads": torch.get_num_threads(),
+            "transport": transport,
+            "backend_options": transport_options(transport),
+        }
+    )
     options = backend_options(port, transport, timeout)
     rpc.init_rpc(PS_NAME, rank=0, world_size=world_size, rpc_backend_options=options)  # type: ignore[no-untyped-call]
     conn.send({"ready": True})

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from . import environment
-from .agent import SYSTEMS, AgentConfig, LoopSpec, agent_main
+from .agent import RPC_TRANSPORTS, SYSTEMS, AgentConfig, LoopSpec, agent_main
 from .procs import ROOT, RedisServer, ServiceServer, cpu_seconds, free_port
 from .workloads import (
     BATCH_PARAMS,
@@ -62,7 +62,6 @@ class Settings:
     systems: tuple[str, ...] = SYSTEMS
     groups: tuple[str, ...] = GROUPS
     appendfsync: str = "everysec"
-    rpc_transport: str = "default"
     cell_budget: float = 40.0
     max_minutes: float = 12.0
     profile: bool = False
@@ -107,6 +106,9 @@ class Record:
     p99_ms: float = 0.0
     mb_per_s: float = 0.0
     cpu_ms_per_step: dict[str, float] = field(default_factory=dict)
+    redis_in_bytes_per_step: float | None = None
+    redis_out_bytes_per_step: float | None = None
+    aof_bytes_per_step: float | None = None
     warmup_steps: int = 0
     wall_s: float = 0.0
     wire: dict[str, Any] | None = None
@@ -172,22 +174,41 @@ class AgentFailed(Exception):
 
 
 @dataclass
+class RpcGroup:
+    """One RPC system's group: its PS process and the worker processes that joined it."""
+
+    ps: BaseProcess
+    ps_info: dict[str, Any] = field(default_factory=dict)
+    workers: list[Worker] = field(default_factory=list)
+    own_workers: bool = False
+    """False for the first RPC system, whose group the main workers join; True for another, which needs
+    worker processes of its own (a process can join one RPC group only)."""
+
+
+@dataclass
 class Fleet:
-    """Everything the run started: Redis, the servers, the PS and the worker processes."""
+    """Everything the run started: Redis, the servers, a PS per RPC system and the worker processes."""
 
     workers: list[Worker] = field(default_factory=list)
+    """The main workers: they run torch-local, the service systems and the first RPC system."""
     redis: RedisServer | None = None
     servers: dict[str, ServiceServer] = field(default_factory=dict)
-    ps: BaseProcess | None = None
-    ps_info: dict[str, Any] = field(default_factory=dict)
+    rpc: dict[str, RpcGroup] = field(default_factory=dict)
+
+    def agents(self, system: str) -> list[Worker]:
+        """The worker processes that run ``system``."""
+        group = self.rpc.get(system)
+        return group.workers if group is not None else self.workers
+
+    def all_workers(self) -> list[Worker]:
+        return self.workers + [w for g in self.rpc.values() if g.own_workers for w in g.workers]
 
     def all_pids(self) -> list[int]:
-        pids = [w.proc.pid for w in self.workers if w.proc.pid is not None]
+        pids = [w.proc.pid for w in self.all_workers() if w.proc.pid is not None]
         pids += [s.proc.pid for s in self.servers.values() if s.proc is not None]
         if self.redis is not None and self.redis.proc is not None:
             pids.append(self.redis.proc.pid)
-        if self.ps is not None and self.ps.pid is not None:
-            pids.append(self.ps.pid)
+        pids += [g.ps.pid for g in self.rpc.values() if g.ps.pid is not None]
         return pids
 
     def pids(self, system: str) -> dict[str, int]:
@@ -197,8 +218,9 @@ class Fleet:
             if system == "service-redis" and self.redis is not None:
                 out["redis"] = self.redis.pid
             return out
-        if system == "rpc-ps" and self.ps is not None and self.ps.pid is not None:
-            return {"ps": self.ps.pid}
+        group = self.rpc.get(system)
+        if group is not None and group.ps.pid is not None:
+            return {"ps": group.ps.pid}
         return {}
 
 
@@ -217,39 +239,54 @@ def started(settings: Settings) -> Iterator[Fleet]:
         for server in fleet.servers.values():
             server.launch()
             stack.callback(server.stop)
-        rpc_port = None
         world = n_workers + 1
-        if "rpc-ps" in settings.systems:
+        ports: dict[str, int] = {}
+        ps_pipes: dict[str, Connection] = {}
+        for system in (s for s in settings.systems if s in RPC_TRANSPORTS):
             from .rpc_ps import ps_main
 
-            rpc_port = free_port()
+            ports[system] = free_port()
             parent, child = ctx.Pipe()
-            fleet.ps = ctx.Process(
-                target=ps_main, args=(rpc_port, world, settings.rpc_transport, 600.0, child), name="bench-rpc-ps"
+            ps = ctx.Process(
+                target=ps_main,
+                args=(ports[system], world, RPC_TRANSPORTS[system], 600.0, child),
+                name=f"bench-{system}",
             )
-            fleet.ps.start()
-            stack.callback(_stop_process, fleet.ps)
+            ps.start()
+            stack.callback(_stop_process, ps)
             stack.callback(parent.close)
-            fleet.ps_info = _await(parent, fleet.ps, 300, "the RPC parameter server")
+            fleet.rpc[system] = RpcGroup(ps, own_workers=bool(fleet.rpc))
+            ps_pipes[system] = parent
+        for system, group in fleet.rpc.items():
+            group.ps_info = _await(ps_pipes[system], group.ps, 300, f"the RPC parameter server of {system}")
+        # The main workers join the first RPC system's group; every other RPC system gets workers of its own.
+        first_rpc = next(iter(fleet.rpc), None)
+        if first_rpc is not None:
+            fleet.rpc[first_rpc].workers = fleet.workers
         urls = {name: s.url for name, s in fleet.servers.items()}
-        for i in range(n_workers):
-            parent, child = ctx.Pipe()
-            config = AgentConfig(
-                index=i,
-                service_urls=urls,
-                rpc_port=rpc_port,
-                rpc_world_size=world,
-                rpc_transport=settings.rpc_transport,
-                warm_torch="torch-local" in settings.systems,
-            )
-            proc = ctx.Process(target=agent_main, args=(config, child), name=f"bench-worker{i}")
-            proc.start()
-            stack.callback(_stop_process, proc)
-            fleet.workers.append(Worker(proc, parent))
-        stack.callback(_stop_workers, fleet.workers)
+        worker_sets: list[tuple[str | None, list[Worker]]] = [(first_rpc, fleet.workers)]
+        worker_sets += [(system, group.workers) for system, group in fleet.rpc.items() if group.own_workers]
+        for rpc_system, workers in worker_sets:
+            main_set = workers is fleet.workers
+            for i in range(n_workers):
+                parent, child = ctx.Pipe()
+                config = AgentConfig(
+                    index=i,
+                    service_urls=urls if main_set else {},
+                    rpc_system=rpc_system,
+                    rpc_port=ports[rpc_system] if rpc_system else 0,
+                    rpc_world_size=world,
+                    warm_torch=main_set and "torch-local" in settings.systems,
+                )
+                name = f"bench-worker{i}" if main_set else f"bench-{rpc_system}-worker{i}"
+                proc = ctx.Process(target=agent_main, args=(config, child), name=name)
+                proc.start()
+                stack.callback(_stop_process, proc)
+                workers.append(Worker(proc, parent))
+        stack.callback(_stop_workers, fleet.all_workers())
         for server in fleet.servers.values():
             server.wait_ready()
-        for w in fleet.workers:
+        for w in fleet.all_workers():
             w.pid = w.recv(300)["pid"]
         yield fleet
 
@@ -306,7 +343,7 @@ def run_one(
     ``around_go``: called just before the timed steps and just after them (the profiler).
     """
     rec = Record(system, cell.workload.name, cell.workers, rep, order)
-    workers = fleet.workers[: cell.workers]
+    workers = fleet.agents(system)[: cell.workers]
     timeout = command_timeout(settings)
     model = f"bench-{cell.workload.name}-{uuid.uuid4().hex[:8]}"
     t0 = time.monotonic()
@@ -336,8 +373,11 @@ def run_one(
         rec.warmup_steps = max(r["warmup_steps"] for r in replies)
         rec.wire = replies[0].get("wire")
         pids = fleet.pids(system)
+        redis = fleet.redis if "redis" in pids else None
         if around_go is not None:
             around_go[0]()
+        redis0 = redis.counters() if redis is not None else None
+        aof = redis.aof_meter().start() if redis is not None and redis0 is not None and redis0["aof_enabled"] else None
         cpu0 = {k: cpu_seconds(p) for k, p in pids.items()}
         start_at = time.monotonic() + 0.05
         for w in workers:
@@ -346,6 +386,8 @@ def run_one(
             results = gather(workers, timeout)
         finally:
             cpu1 = {k: cpu_seconds(p) for k, p in pids.items()}
+            aof_written = aof.stop() if aof is not None else None
+            redis1 = redis.counters() if redis is not None else None
             if around_go is not None:
                 around_go[1]()
         latencies = np.concatenate([np.asarray(r["latencies"], dtype=np.float64) for r in results])
@@ -357,6 +399,10 @@ def run_one(
         rec.mb_per_s = rec.steps_per_s * cell.workload.payload_bytes / 1e6
         rec.cpu_ms_per_step = {"workers": sum(r["cpu_s"] for r in results) / rec.steps * 1e3}
         rec.cpu_ms_per_step |= {k: (cpu1[k] - cpu0[k]) / rec.steps * 1e3 for k in pids}
+        if redis0 is not None and redis1 is not None:
+            rec.redis_in_bytes_per_step, rec.redis_out_bytes_per_step, rec.aof_bytes_per_step = redis_bytes(
+                redis0, redis1, aof_written, rec.steps
+            )
     except AgentFailed as exc:
         rec.error = _last_line(str(exc))
     finally:
@@ -366,6 +412,20 @@ def run_one(
             rec.error = rec.error or f"teardown: {_last_line(str(exc))}"
     rec.wall_s = time.monotonic() - t0
     return rec
+
+
+def redis_bytes(
+    before: dict[str, int], after: dict[str, int], aof_written: int | None, steps: int
+) -> tuple[float, float, float | None]:
+    """Bytes per step that Redis received, sent and appended to its AOF, from its counters before and after
+    and the bytes written to its AOF files in between (None if unknown or AOF is off). The AOF's figure adds
+    what Redis holds appended but not yet written (``aof_buffer_length``) after, less before."""
+    received = (after["total_net_input_bytes"] - before["total_net_input_bytes"]) / steps
+    sent = (after["total_net_output_bytes"] - before["total_net_output_bytes"]) / steps
+    if aof_written is None or not after["aof_enabled"]:
+        return received, sent, None
+    appended = aof_written + after["aof_buffer_length"] - before["aof_buffer_length"]
+    return received, sent, appended / steps
 
 
 def gather(workers: list[Worker], timeout: float) -> list[Any]:
@@ -467,6 +527,12 @@ def summarize(records: list[Record], cells: list[Cell], reps: int) -> list[dict[
                 entry["cpu_ms_per_step"] = {
                     k: statistics.median(r.cpu_ms_per_step.get(k, 0.0) for r in good) for k in keys
                 }
+                for k in ("redis_in_bytes_per_step", "redis_out_bytes_per_step", "aof_bytes_per_step"):
+                    values = [v for r in good if (v := getattr(r, k)) is not None]
+                    if values:
+                        entry[k] = statistics.median(values)
+                if any(r.redis_in_bytes_per_step is not None for r in good):
+                    entry["aof_bytes_reps"] = sum(r.aof_bytes_per_step is not None for r in good)
                 entry["per_rep"] = [
                     {k: getattr(r, k) for k in ("rep", "order", "steps", "seconds", "steps_per_s", "p50_ms", "p99_ms")}
                     for r in good
@@ -497,12 +563,6 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
     )
     ap.add_argument("--workers", default="1,4", help="worker counts for tiny, mlp and wide (default 1,4)")
     ap.add_argument("--appendfsync", choices=("everysec", "always"), default="everysec", help="Redis AOF fsync policy")
-    ap.add_argument(
-        "--rpc-transport",
-        choices=("default", "tcp"),
-        default="default",
-        help="TensorPipe: its defaults (shared memory on one host), or TCP (uv transport, basic channel)",
-    )
     ap.add_argument(
         "--cell-budget",
         type=float,
@@ -551,7 +611,6 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         systems=names(a.systems, SYSTEMS, "--systems"),
         groups=names(a.workloads, GROUPS, "--workloads"),
         appendfsync=a.appendfsync,
-        rpc_transport=a.rpc_transport,
         cell_budget=a.cell_budget,
         max_minutes=a.max_minutes,
         profile=bool(a.profile),
@@ -582,7 +641,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     with started(settings) as fleet:
         startup_s = time.monotonic() - t0
         print(
-            f"started Redis, servers, the PS and {len(fleet.workers)} workers in {startup_s:.1f} s",
+            f"started Redis, servers, {len(fleet.rpc)} PS and {len(fleet.all_workers())} worker processes "
+            f"in {startup_s:.1f} s",
             file=log,
             flush=True,
         )
@@ -605,7 +665,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             profiles = profile_servers(fleet, settings, log)
         server_commands = {name: s.command for name, s in fleet.servers.items()}
-        ps_info = fleet.ps_info
+        rpc_groups = {
+            system: {
+                "transport": g.ps_info.get("transport"),
+                "backend_options": g.ps_info.get("backend_options"),
+                "ps_torch_threads": g.ps_info.get("torch_threads"),
+                "own_workers": g.own_workers,
+            }
+            for system, g in fleet.rpc.items()
+        }
     summary = summarize(records, cells, reps_done)
     result: dict[str, Any] = {
         "schema": 1,
@@ -625,12 +693,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "wire": _wire(records),
             "sdk_client": "momentum_client.Client(url, timeout=600) with the SDK's defaults otherwise",
         },
-        "rpc": {
-            "backend": "TensorPipe",
-            "transport": settings.rpc_transport,
-            "ps_torch_threads": ps_info.get("torch_threads"),
-            "worker_torch_threads": 1,
-        },
+        "rpc": {"backend": "TensorPipe", "groups": rpc_groups, "worker_torch_threads": 1},
         "systems": list(settings.systems),
         "results": summary,
         "records": [asdict(r) for r in records],
