@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from momentum_service.api.routes import fingerprint
+from momentum_service.api.step import fingerprint
 from momentum_service.engine import mean_gradient
 from momentum_service.kernels import SGDConfig, sgd_update
 from momentum_service.store import Claim, Store, new_token

@@ -28,7 +28,7 @@ import safetensors.numpy
 import schemathesis
 from hypothesis import HealthCheck, settings
 from momentum_service.api import create_app
-from momentum_service.api.wire import MEDIA_TYPE as SAFETENSORS
+from momentum_service.api.codecs.safetensors import MEDIA_TYPE as SAFETENSORS
 from momentum_service.auth import hash_key
 from momentum_service.settings import Settings
 from momentum_service.store import MemoryStore

@@ -14,8 +14,8 @@ import safetensors
 import safetensors.numpy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from momentum_service.api import wire
-from momentum_service.api.problems import Problem
+from momentum_service.api.codecs import BodyError, Limits
+from momentum_service.api.codecs import safetensors as wire
 from momentum_service.kernels import SGDConfig, sgd_update
 from momentum_service.settings import Settings
 from momentum_service.store import Store
@@ -201,7 +201,7 @@ def test_parsing_allocates_nothing_beyond_the_body() -> None:
     """Arrays are views of the body: a valid 8 MB gradient costs no second copy."""
     g = np.arange(2_000_000, dtype=np.float32)
     raw = st_body({"g": g})
-    tensors, _ = wire.parse(raw, Settings())
+    tensors, _ = wire.read(raw, Limits())
     assert tensors["g"].base is not None and not tensors["g"].flags.owndata
     assert tensors["g"].tobytes() == g.tobytes()
 
@@ -219,8 +219,8 @@ def test_mutated_bodies_never_crash_the_parser(data: st.DataObject) -> None:
     if data.draw(st.booleans()):
         raw = raw[: data.draw(st.integers(0, len(raw)))]
     try:
-        ours, _ = wire.parse(bytes(raw), Settings())
-    except Problem as exc:
+        ours, _ = wire.read(bytes(raw), Limits())
+    except BodyError as exc:
         status = exc.status
     else:
         status = 200

@@ -15,6 +15,8 @@ A request goes through, in order:
    times ``bodies_in_flight``: beyond, 503).
 4. **A processing slot**: at most ``max_concurrent`` requests are handled at once; beyond, 503
    with ``Retry-After``.
+5. **Dispatch**: a step goes to ``fast_step`` (:func:`.step.serve_step`), straight from ASGI;
+   everything else to the FastAPI application.
 
 The body is handed to the routes as ``scope["state"]["momentum.body"]`` (a read-only
 memoryview, see :func:`body_of`); ``receive`` replays it for anything else that asks.
@@ -25,7 +27,9 @@ memoryview, see :func:`body_of`); ``receive`` replays it for anything else that 
 from __future__ import annotations
 
 import asyncio
+import re
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
@@ -39,6 +43,10 @@ from .security import authenticate
 
 BODY = "momentum.body"
 KEY = "momentum.key"
+
+STEP_PATH = re.compile(r"^/v1/models/(?P<model>[^/]+)/step$")
+FastStep = Callable[[Scope, Receive, Send, str, memoryview, ApiKey | None], Awaitable[None]]
+"""Serves ``POST /v1/models/{model}/step`` from ASGI, given the model, the body and the key (see :mod:`.step`)."""
 
 _DOCS = ("/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
 _UNLIMITED = ("/healthz", "/readyz")
@@ -83,8 +91,10 @@ class Admission:
         max_body_bytes: int,
         body_timeout_s: float,
         bodies_in_flight: int,
+        fast_step: FastStep | None = None,
     ) -> None:
         self.app, self.ring, self.public_docs = app, ring, public_docs
+        self.fast_step = fast_step
         self.max_concurrent, self.max_per_key = max_concurrent, max_concurrent_per_key
         self.max_body, self.body_timeout = max_body_bytes, body_timeout_s
         self.body_budget = max_body_bytes * bodies_in_flight
@@ -131,7 +141,11 @@ class Admission:
             state[BODY], state[KEY] = body, key
             self.active += 1
             try:
-                await self.app(scope, _replay(body, receive), send)
+                step = STEP_PATH.match(path) if scope["method"] == "POST" and self.fast_step else None
+                if step is not None and self.fast_step is not None:  # the hot path, without FastAPI's machinery
+                    await self.fast_step(scope, receive, send, step.group("model"), body, key)
+                else:
+                    await self.app(scope, _replay(body, receive), send)
             finally:
                 self.active -= 1
         finally:

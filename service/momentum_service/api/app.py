@@ -19,8 +19,10 @@ from ..settings import Settings
 from ..store import MemoryStore, Store
 from . import problems
 from .admission import Admission
+from .codecs import Limits
 from .routes import BODY_MODELS, health, router
 from .schemas import ProblemDetails
+from .step import serve_step
 
 log = logging.getLogger("momentum_service")
 
@@ -83,8 +85,10 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None) 
         max_body_bytes=settings.max_body_bytes,
         body_timeout_s=settings.body_timeout_s,
         bodies_in_flight=settings.bodies_in_flight,
+        fast_step=serve_step,
     )
     app.state.settings = settings
+    app.state.limits = Limits.of(settings)
     app.state.server = ParameterServer(
         store,
         idempotency_ttl_s=settings.idempotency_ttl_s,

@@ -8,6 +8,7 @@ from fastapi import Depends, Path, Request
 
 from ..engine import ParameterServer
 from ..settings import Settings
+from .codecs import Limits
 from .schemas import MODEL_NAME_PATTERN, PARAM_NAME_PATTERN
 
 
@@ -23,7 +24,13 @@ async def get_settings(request: Request) -> Settings:
     return settings
 
 
+async def get_limits(request: Request) -> Limits:
+    limits: Limits = request.app.state.limits
+    return limits
+
+
 ServerDep = Annotated[ParameterServer, Depends(get_server)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+LimitsDep = Annotated[Limits, Depends(get_limits)]
 ModelName = Annotated[str, Path(pattern=MODEL_NAME_PATTERN, description="Model name.")]
 ParamPath = Annotated[str, Path(pattern=PARAM_NAME_PATTERN, description="Parameter name, e.g. layer1.0.weight.")]

@@ -19,6 +19,7 @@ from starlette.routing import Match
 
 from .. import errors
 from . import messages
+from .codecs import BodyError
 
 log = logging.getLogger("momentum_service")
 
@@ -59,15 +60,48 @@ class Problem(Exception):
 
 
 def problem_response(request: Request, problem: Problem) -> Response:
+    return _response(problem, request.url.path)
+
+
+def _response(problem: Problem, path: str) -> Response:
     body = {
         "type": f"urn:momentum-service:problem:{problem.slug}",
         "title": _TITLES.get(problem.status, "Error"),
         "status": problem.status,
         "detail": problem.detail,
-        "instance": request.url.path,
+        "instance": path,
         **problem.extensions,
     }
     return Response(orjson.dumps(body), problem.status, headers=problem.headers, media_type=PROBLEM_JSON)
+
+
+def json_response(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY), status, headers=headers, media_type="application/json"
+    )
+
+
+def from_body(exc: BodyError) -> Problem:
+    extensions = dict(exc.extensions)
+    if exc.errors is not None:
+        extensions["errors"] = exc.errors
+    return Problem(exc.status, exc.slug, exc.detail, headers=exc.headers, **extensions)
+
+
+def render(exc: BaseException, method: str, path: str) -> Response:
+    """The problem+json response for any error raised while handling a request (logged as it deserves)."""
+    if isinstance(exc, Problem):
+        return _response(exc, path)
+    if isinstance(exc, BodyError):
+        return _response(from_body(exc), path)
+    if isinstance(exc, errors.ServiceError):
+        if isinstance(exc, errors.StoreUnavailable | errors.StoreFull):
+            log.warning("store unavailable: %s", exc)
+        elif isinstance(exc, errors.StoreError):
+            log.error("store error on %s %s: %s", method, path, exc)
+        return _response(from_domain(exc), path)
+    log.error("unhandled error on %s %s", method, path, exc_info=exc)
+    return _response(Problem(500, "internal", "unexpected server error; nothing was changed"), path)
 
 
 def from_domain(exc: errors.ServiceError) -> Problem:
@@ -143,17 +177,8 @@ def _allowed_methods(request: Request) -> str:
 def install(app: FastAPI) -> None:
     """Register the handlers that turn every error into problem+json."""
 
-    async def on_problem(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, Problem)
-        return problem_response(request, exc)
-
-    async def on_domain(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, errors.ServiceError)
-        if isinstance(exc, errors.StoreUnavailable | errors.StoreFull):
-            log.warning("store unavailable: %s", exc)
-        elif isinstance(exc, errors.StoreError):
-            log.error("store error on %s %s: %s", request.method, request.url.path, exc)
-        return problem_response(request, from_domain(exc))
+    async def on_error(request: Request, exc: Exception) -> Response:
+        return render(exc, request.method, request.url.path)
 
     async def on_validation(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, RequestValidationError)
@@ -174,12 +199,9 @@ def install(app: FastAPI) -> None:
             headers["Allow"] = _allowed_methods(request) or headers.get("Allow", "")
         return problem_response(request, Problem(exc.status_code, slug, str(exc.detail), headers=headers))
 
-    async def on_unexpected(request: Request, exc: Exception) -> Response:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return problem_response(request, Problem(500, "internal", "unexpected server error; nothing was changed"))
-
-    app.add_exception_handler(Problem, on_problem)
-    app.add_exception_handler(errors.ServiceError, on_domain)
+    app.add_exception_handler(Problem, on_error)
+    app.add_exception_handler(BodyError, on_error)
+    app.add_exception_handler(errors.ServiceError, on_error)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
-    app.add_exception_handler(Exception, on_unexpected)
+    app.add_exception_handler(Exception, on_error)

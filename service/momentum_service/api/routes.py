@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
-import zlib
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response
@@ -13,28 +11,19 @@ from pydantic.json_schema import SkipJsonSchema
 
 from .. import config as config_module
 from ..config import ModelConfig
-from ..engine import Idempotency, StepPending, StepResult
 from ..errors import listed
-from ..store import ModelRecord, ParamMeta, ParamRecord
-from . import schemas, wire
-from .body import (
-    TensorBody,
-    arrays_of,
-    check_count,
-    invalid_request,
-    json_response_bytes,
-    metadata_fields,
-    off_the_loop,
-    parse_json,
-    parse_tensor_body,
-    tensor_json,
-    to_array,
-    validate,
-)
-from .deps import ModelName, ParamPath, ServerDep, SettingsDep
-from .problems import Problem
+from ..store import ModelRecord, ParamMeta
+from . import codecs, schemas
+from .admission import body_of
+from .body import off_the_loop, parse_json
+from .codecs.checks import check_count
+from .codecs.safetensors import MEDIA_TYPE as SAFETENSORS
+from .deps import LimitsDep, ModelName, ParamPath, ServerDep
+from .problems import Problem, json_response
+from .responses import PartsResponse
 from .schemas import problem_responses
 from .security import ADMIN, READ, WRITE
+from .step import step_response
 
 # Every v1 route may answer 401/403 (API keys) and 503 (store unavailable, or the concurrency cap).
 # It may answer 422 too (a path parameter that does not match its pattern).
@@ -51,13 +40,13 @@ def _body_doc(model: type[BaseModel], binary: str | None = None) -> dict[str, An
     """
     content: dict[str, Any] = {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}
     if binary is not None:
-        content[wire.MEDIA_TYPE] = {"schema": {"type": "string", "format": "binary", "description": binary}}
+        content[SAFETENSORS] = {"schema": {"type": "string", "format": "binary", "description": binary}}
     return {"requestBody": {"required": True, "content": content}}
 
 
 def _binary_response(description: str) -> dict[str, Any]:
     """The safetensors alternative of a 200 response (asked for with ``Accept``)."""
-    return {wire.MEDIA_TYPE: {"schema": {"type": "string", "format": "binary", "description": description}}}
+    return {SAFETENSORS: {"schema": {"type": "string", "format": "binary", "description": description}}}
 
 
 _STEP_BINARY = (
@@ -76,18 +65,6 @@ _PARAMS_BINARY_OUT = (
 )
 
 
-def _safetensors(content: bytes, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(content, status, headers=headers, media_type=wire.MEDIA_TYPE)
-
-
-async def _values(body: TensorBody[Any], tensors: dict[str, Any] | None, settings: Any) -> dict[str, Any]:
-    """Parameter values from either form of a PUT body."""
-    if body.parsed is None:
-        return body.tensors
-    assert tensors is not None
-    return await arrays_of(tensors, "params", settings, len(body.raw))
-
-
 BODY_MODELS: list[type[BaseModel]] = [
     schemas.ModelPut,
     schemas.ModelPatch,
@@ -97,8 +74,7 @@ BODY_MODELS: list[type[BaseModel]] = [
 ]
 
 
-def _json(content: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(json_response_bytes(content), status, headers=headers, media_type="application/json")
+_json = json_response
 
 
 def _model_json(record: ModelRecord, params: list[ParamMeta]) -> dict[str, Any]:
@@ -107,13 +83,6 @@ def _model_json(record: ModelRecord, params: list[ParamMeta]) -> dict[str, Any]:
         **ModelConfig.from_dict(record.config).to_dict(),
         "params": {p.name: {"shape": list(p.shape), "dtype": p.dtype, "step": p.step} for p in params},
     }
-
-
-def _param_json(rec: ParamRecord, *, with_velocity: bool) -> dict[str, Any]:
-    out = {"name": rec.name, **tensor_json(rec.value), "step": rec.step}
-    if with_velocity:
-        out["velocity"] = None if rec.velocity is None else tensor_json(rec.velocity)
-    return out
 
 
 def _only_create(if_none_match: str | None) -> bool:
@@ -178,11 +147,11 @@ async def put_model(
     model: ModelName,
     request: Request,
     server: ServerDep,
-    settings: SettingsDep,
+    limits: LimitsDep,
     if_none_match: IfNoneMatchModel = None,
 ) -> Response:
     only_create = _only_create(if_none_match)
-    body = await parse_json(request, schemas.ModelPut, settings, explain=config_module.explain_put)
+    body = await parse_json(request, schemas.ModelPut, limits, explain=config_module.explain_put)
     config = ModelConfig.build(
         body.optimizer.model_dump(),
         body.schedule.model_dump() if body.schedule else None,
@@ -208,8 +177,8 @@ async def get_model(model: ModelName, server: ServerDep) -> Response:
     openapi_extra=_body_doc(schemas.ModelPatch),
     summary="Change some hyperparameters and/or the schedule; they apply from the next step",
 )
-async def patch_model(model: ModelName, request: Request, server: ServerDep, settings: SettingsDep) -> Response:
-    body = await parse_json(request, schemas.ModelPatch, settings, explain=config_module.explain_patch)
+async def patch_model(model: ModelName, request: Request, server: ServerDep, limits: LimitsDep) -> Response:
+    body = await parse_json(request, schemas.ModelPatch, limits, explain=config_module.explain_patch)
     nulls = sorted(k for k in body.model_fields_set if getattr(body, k) is None)
     if nulls:
         raise Problem(
@@ -261,22 +230,13 @@ async def put_param(
     name: ParamPath,
     request: Request,
     server: ServerDep,
-    settings: SettingsDep,
+    limits: LimitsDep,
     if_none_match: IfNoneMatch = None,
 ) -> Response:
     only_create = _only_create(if_none_match)
-    body = await parse_tensor_body(request, schemas.Tensor, settings)
-    if body.parsed is not None:
-        value = to_array(body.parsed, [], settings)
-    elif list(body.tensors) == [name]:
-        value = body.tensors[name]
-    else:
-        raise Problem(
-            422,
-            "invalid-request",
-            f"the safetensors body must hold exactly one tensor, named {name!r}; it holds {sorted(body.tensors)}",
-            errors=[{"loc": ["body"], "msg": f"one tensor named {name!r}"}],
-        )
+    codec = codecs.for_request(request.headers.get("content-type"))
+    raw = body_of(request)
+    value = await off_the_loop(len(raw), codec.decode_value, raw, name, limits)
     created = await server.put_params(model, {name: value}, only_create=only_create)
     out = {"name": name, "shape": list(value.shape), "dtype": value.dtype.name, "step": 0}
     headers = {"Location": f"/v1/models/{model}/params/{name}"} if created[name] else None
@@ -293,29 +253,18 @@ async def put_param(
     summary="Set many parameters at once (all or nothing)",
 )
 async def put_params(
-    model: ModelName, request: Request, server: ServerDep, settings: SettingsDep, if_none_match: IfNoneMatch = None
+    model: ModelName, request: Request, server: ServerDep, limits: LimitsDep, if_none_match: IfNoneMatch = None
 ) -> Response:
     only_create = _only_create(if_none_match)
-    body = await parse_tensor_body(request, schemas.ParamsPut, settings)
-    values = await _values(body, body.parsed.params if body.parsed else None, settings)
-    if not values:
-        raise Problem(422, "invalid-request", "no parameters given", errors=[{"loc": ["body"], "msg": "empty"}])
+    codec = codecs.for_request(request.headers.get("content-type"))
+    raw = body_of(request)
+    values = await off_the_loop(len(raw), codec.decode_values, raw, limits)
     created = await server.put_params(model, values, only_create=only_create)
     out = {
         name: {"shape": list(v.shape), "dtype": v.dtype.name, "step": 0, "created": created[name]}
         for name, v in values.items()
     }
     return _json({"params": out}, 201 if all(created.values()) else 200)
-
-
-def _params_safetensors(params: dict[str, ParamRecord], with_velocity: bool) -> Response:
-    tensors: dict[str, Any] = {}
-    for name, rec in params.items():
-        tensors[name] = rec.value
-        if with_velocity and rec.velocity is not None:
-            tensors[f"{name}@velocity"] = rec.velocity
-    meta = {"params": {name: {"step": rec.step} for name, rec in params.items()}}
-    return _safetensors(wire.encode(tensors, meta))
 
 
 @router.get(
@@ -329,9 +278,8 @@ async def get_param(
 ) -> Response:
     with_velocity = _with_velocity(include)
     params = await server.get_params(model, [name], with_velocity=with_velocity)
-    if wire.wants_safetensors(request.headers.get("accept")):
-        return _params_safetensors(params, with_velocity)
-    return _json(_param_json(params[name], with_velocity=with_velocity))
+    codec = codecs.for_response(request.headers.get("accept"))
+    return PartsResponse(codec.encode_param(params[name], with_velocity))
 
 
 @router.get(
@@ -344,7 +292,7 @@ async def get_params(
     model: ModelName,
     request: Request,
     server: ServerDep,
-    settings: SettingsDep,
+    limits: LimitsDep,
     names: Annotated[
         Annotated[str, StringConstraints(pattern=schemas.NAMES_PATTERN)] | SkipJsonSchema[None],
         Query(description="Comma-separated parameter names; all when absent."),
@@ -355,7 +303,7 @@ async def get_params(
     wanted = None
     if names is not None:
         wanted = list(dict.fromkeys(n.strip() for n in names.split(",") if n.strip()))
-        check_count(len(wanted), settings, "names")
+        check_count(len(wanted), limits, "names")
         bad = [n for n in wanted if not _PARAM_NAME.fullmatch(n)]
         if bad or not wanted:
             raise Problem(
@@ -365,29 +313,14 @@ async def get_params(
                 errors=[{"loc": ["query", "names"], "msg": "comma-separated parameter names"}],
             )
     params = await server.get_params(model, wanted, with_velocity=with_velocity)
-    if wire.wants_safetensors(request.headers.get("accept")):
-        return _params_safetensors(params, with_velocity)
-    return _json({"params": {n: _param_json(p, with_velocity=with_velocity) for n, p in params.items()}})
+    codec = codecs.for_response(request.headers.get("accept"))
+    return PartsResponse(codec.encode_params(params, with_velocity))
 
 
 @router.delete("/models/{model}/params/{name}", dependencies=[ADMIN], status_code=204, responses=problem_responses(404))
 async def delete_param(model: ModelName, name: ParamPath, server: ServerDep) -> Response:
     await server.delete_param(model, name)
     return Response(status_code=204)
-
-
-_STEP_OPTIONS = ("return_params", "expected_steps", "worker_id", "base_step")
-
-
-def _one_key(request: Request) -> None:
-    """Two Idempotency-Key headers would make the step's identity ambiguous: 422, not the first one."""
-    if len(request.headers.getlist("idempotency-key")) > 1:
-        raise Problem(
-            422,
-            "invalid-idempotency-key",
-            "the request has more than one Idempotency-Key header; send exactly one",
-            errors=[{"loc": ["header", "Idempotency-Key"], "msg": "sent more than once"}],
-        )
 
 
 IdempotencyKey = Annotated[
@@ -401,57 +334,6 @@ IdempotencyKey = Annotated[
         '(`"..."`, as in the IETF draft) is accepted too.',
     ),
 ]
-
-_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
-
-
-def _idempotency(key: str | None, request: Request, raw: memoryview) -> Idempotency | None:
-    if key is None:
-        return None
-    if len(key) >= 2 and key[0] == key[-1] == '"':
-        key = key[1:-1]
-    if not _KEY.match(key):
-        raise Problem(
-            422,
-            "invalid-idempotency-key",
-            "Idempotency-Key must be 1 to 255 visible ASCII characters",
-            errors=[{"loc": ["header", "Idempotency-Key"], "msg": "1 to 255 visible ASCII characters"}],
-        )
-    return Idempotency(key, fingerprint(request.method, request.url.path, request.headers.get("content-type", ""), raw))
-
-
-def fingerprint(method: str, path: str, content_type: str, raw: bytes | memoryview) -> str:
-    """What identifies a request under its Idempotency-Key: method, path, media type and body.
-
-    Small bodies are hashed whole with SHA-256. A large body (a gradient of megabytes, where
-    SHA-256 costs 0.6 ms per MB) is identified by its length, its CRC-32 (3x faster) and its
-    first and last 64 KiB: a retry that sends other bytes under the same key is still caught,
-    short of a CRC-32 collision at the same length and ends (a 1 in 2^32 chance). The key is
-    the client's own, so this only guards the client against its own mistakes.
-    """
-    digest = hashlib.sha256(f"{method}\n{path}\n{content_type}\n{len(raw)}\n".encode())
-    if len(raw) <= _WHOLE_HASH_LIMIT:
-        digest.update(raw)
-    else:
-        digest.update(zlib.crc32(raw).to_bytes(4, "little"))
-        digest.update(raw[: 1 << 16])
-        digest.update(raw[-(1 << 16) :])
-    return digest.hexdigest()[:32]  # 128 bits: ample to tell a client's two bodies apart, and half the bytes kept
-
-
-_WHOLE_HASH_LIMIT = 1 << 20
-
-
-def _step_json(r: StepResult, with_value: bool) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if with_value and r.value is not None:
-        out.update(tensor_json(r.value))
-    out["step"], out["lr"] = r.step, r.lr
-    if r.current_step is not None:
-        out["current_step"] = r.current_step
-    if r.staleness is not None:
-        out["staleness"] = r.staleness
-    return out
 
 
 @router.post(
@@ -470,58 +352,12 @@ async def step(
     model: ModelName,
     request: Request,
     server: ServerDep,
-    settings: SettingsDep,
+    limits: LimitsDep,
     idempotency_key: IdempotencyKey = None,
 ) -> Response:
-    _one_key(request)
-    received = await parse_tensor_body(request, schemas.StepRequest, settings, dtypes=wire.GRADIENT_DTYPES)
-    idempotency = await off_the_loop(len(received.raw), _idempotency, idempotency_key, request, received.raw)
-    body: schemas.StepOptions
-    if received.parsed is not None:
-        body = received.parsed
-        grads = await arrays_of(received.parsed.gradients, "gradients", settings, len(received.raw))
-    else:
-        fields = metadata_fields(received.metadata, _STEP_OPTIONS, settings)
-        body = validate(schemas.StepOptions, fields, ["body", "__metadata__"])
-        grads = received.tensors
-        if not grads:
-            raise Problem(422, "invalid-request", "no gradients given", errors=[{"loc": ["body"], "msg": "empty"}])
-    if body.expected_steps is not None:
-        extra = sorted(set(body.expected_steps) - set(grads))
-        if extra:
-            raise invalid_request(
-                [
-                    {"loc": ["body", "expected_steps", n], "msg": f"expected_steps names {n!r}, which has no gradient"}
-                    for n in extra
-                ]
-            )
-    results = await server.step(
-        model,
-        grads,
-        expected_steps=body.expected_steps,
-        idempotency=idempotency,
-        worker_id=body.worker_id,
-        base_step=body.base_step,
-    )
-    if isinstance(results, StepPending):
-        pending = {
-            "status": "pending",
-            "base_step": results.base_step,
-            "workers": results.workers,
-            "contributions": results.counts,
-            "detail": "not all workers have contributed to this step yet; send the same push again to wait for "
-            "the result (it is not counted twice)",
-        }
-        location = f"/v1/models/{model}/params?names={','.join(grads)}"
-        return _json(pending, 202, headers={"Location": location, "Retry-After": "0"})
-    replayed = any(r.replayed for r in results.values())
-    headers = {"Idempotent-Replayed": "true"} if replayed else None
-    if wire.wants_safetensors(request.headers.get("accept")):
-        tensors = {n: r.value for n, r in results.items() if body.return_params and r.value is not None}
-        meta = {"params": {n: _step_json(r, False) for n, r in results.items()}}
-        return _safetensors(wire.encode(tensors, meta), headers=headers)
-    out = {n: _step_json(r, body.return_params) for n, r in results.items()}
-    return _json({"params": out}, headers=headers)
+    """Answered by :func:`.step.serve_step` from the admission middleware (this route documents it, and
+    answers the same way through :func:`.step.step_response` if ever reached)."""
+    return await step_response(model, request.url.path, request.headers, body_of(request), server, limits)
 
 
 health = APIRouter()
