@@ -886,15 +886,17 @@ async def test_own_httpx_clients_are_closed_and_retry_connects(monkeypatch: pyte
 
         return make
 
-    monkeypatch.setattr(httpx, "HTTPTransport", spy(httpx.HTTPTransport))
-    monkeypatch.setattr(httpx, "AsyncHTTPTransport", spy(httpx.AsyncHTTPTransport))
+    from momentum_client import _async_client, _client, _transport
+
+    monkeypatch.setattr(_client, "ZeroCopyTransport", spy(_transport.ZeroCopyTransport))
+    monkeypatch.setattr(_async_client, "AsyncZeroCopyTransport", spy(_transport.AsyncZeroCopyTransport))
     with mc.Client(BASE) as client:
         pass
     assert client._http.is_closed
     async with mc.AsyncClient(BASE) as aclient:
         pass
     assert aclient._http.is_closed
-    assert made == [("HTTPTransport", 2), ("AsyncHTTPTransport", 2)]
+    assert made == [("ZeroCopyTransport", 2), ("AsyncZeroCopyTransport", 2)]
 
 
 @pytest.mark.parametrize("url", ["momentum.test:8000", "/v1", "ftp://x", "http://x/?q=1"])

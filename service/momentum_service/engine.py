@@ -522,10 +522,15 @@ def _compute(
         rec = params[name]
         with np.errstate(over="ignore", invalid="ignore"):  # a non-finite result is rejected just below
             value, velocity = rule.update(rec.value, rec.velocity, grad, lrs[name])
-        if not np.isfinite(value).all() or (velocity is not None and not np.isfinite(velocity).all()):
+        if not _finite(value) or (velocity is not None and not _finite(velocity)):
             raise NonFiniteResult(f"the update of {name!r} overflows to a non-finite value; nothing was applied")
         updates.append(ParamUpdate(name, rec.etag, value, velocity, rec.step + 1, f"{commit}.{index}"))
     return updates
+
+
+def _finite(a: Array) -> bool:
+    """Whether every element is finite, without allocating: min and max carry any NaN or infinity."""
+    return a.size == 0 or bool(np.isfinite(a.min()) and np.isfinite(a.max()))
 
 
 def _check_staleness(model: str, current: Mapping[str, int], base_step: int | None, max_staleness: int | None) -> None:

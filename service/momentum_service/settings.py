@@ -20,6 +20,12 @@ class Settings(BaseSettings):
     redis_timeout_s: float = Field(
         default=2.0, gt=0, description="Socket timeout of a Redis command; a request gets 503 within ~3x this."
     )
+    buffer_pool_bytes: int = Field(
+        default=256 << 20,
+        ge=0,
+        description="Memory kept for reuse by large step outputs and request bodies (recycled arrays avoid "
+        "page faults on every step); 0 disables the pool.",
+    )
     cache_bytes: int = Field(
         default=512 << 20,
         ge=0,

@@ -27,6 +27,7 @@ import httpx
 import numpy as np
 import numpy.typing as npt
 
+from . import _safetensors
 from ._exceptions import (
     APIError,
     ModelConfigWarning,
@@ -45,10 +46,9 @@ from ._tensors import (
     SAFETENSORS,
     Array,
     as_float_array,
-    decode_safetensors,
+    as_wire_array,
     decode_tensor,
     dumps,
-    encode_safetensors,
     encode_tensor,
     loads,
 )
@@ -56,6 +56,7 @@ from ._version import __version__
 
 T = TypeVar("T")
 
+Buffer: TypeAlias = bytes | memoryview
 Wire: TypeAlias = Literal["safetensors", "json"]
 """How tensors travel: ``"safetensors"`` (binary, the default) or ``"json"``."""
 
@@ -76,16 +77,25 @@ class Request:
     path: str
     params: Mapping[str, str] = field(default_factory=dict)
     headers: Mapping[str, str] = field(default_factory=dict)
-    content: bytes | None = None
+    content: tuple[Buffer, ...] = ()
+    """The body as parts (a safetensors header, then the arrays' buffers), sent as they are."""
+
+    @property
+    def length(self) -> int:
+        return sum(memoryview(p).nbytes for p in self.content)
 
 
 @dataclass(frozen=True, slots=True)
 class Response:
-    """The parts of an HTTP response a flow looks at, plus what was requested (for messages)."""
+    """The parts of an HTTP response a flow looks at, plus what was requested (for messages).
+
+    ``content`` is the body: bytes, or (from the SDK's own transport) a view of the one buffer it
+    was read into, from which safetensors arrays are taken without a copy.
+    """
 
     status: int
     headers: httpx.Headers
-    content: bytes
+    content: Buffer | npt.NDArray[np.uint8]
     method: str
     url: str
 
@@ -195,13 +205,13 @@ def error_from_response(response: Response) -> APIError:
     """The :class:`APIError` subclass instance for an error response (problem+json or not)."""
     problem: dict[str, Any] = {}
     try:
-        body = loads(response.content) if response.content else None
+        body = loads(response.content) if len(response.content) else None
     except ValueError:
         body = None
     if isinstance(body, dict):
         problem = body
     else:
-        text = response.content.decode("utf-8", "replace").strip()
+        text = bytes(response.content).decode("utf-8", "replace").strip()
         if text:
             problem = {"detail": text[:500]}
     return api_error(response.status, problem, headers=response.headers, method=response.method, url=response.url)
@@ -331,7 +341,7 @@ def parse_entries(response: Response) -> Entries:
         return parse(response, from_json)
     raise_for_status(response)
     try:
-        arrays, metadata = decode_safetensors(response.content)
+        arrays, metadata = _safetensors.decode(response.content)
         fields = _object(metadata["params"])
         return {
             _str(name): (arrays.get(name), arrays.get(f"{name}@velocity"), _object(p)) for name, p in fields.items()
@@ -353,14 +363,15 @@ def _tensor_request(
     if wire == "json":
         key = "gradients" if what == "gradient" else "params"
         return _json(method, path, {key: _encode_all(tensors, what), **fields}, headers)
-    for name in tensors:
+    arrays = {}
+    for name, value in tensors.items():
         _segment(name, what)
-    content = encode_safetensors(tensors, fields, what, half=what == "gradient")
+        arrays[name] = as_wire_array(value, f"{what} {name!r}", half=what == "gradient")
     return Request(
         method,
         path,
         headers={"Content-Type": SAFETENSORS, "Accept": _BINARY_ACCEPT, **(headers or {})},
-        content=content,
+        content=_safetensors.encode(arrays, fields),
     )
 
 
@@ -380,7 +391,9 @@ def _model_path(model: str) -> str:
 
 
 def _json(method: str, path: str, body: Any, headers: Mapping[str, str] | None = None) -> Request:
-    return Request(method, path, headers={"Content-Type": "application/json", **(headers or {})}, content=dumps(body))
+    return Request(
+        method, path, headers={"Content-Type": "application/json", **(headers or {})}, content=(dumps(body),)
+    )
 
 
 def _optimizer_json(values: Mapping[str, object]) -> dict[str, object]:

@@ -17,6 +17,7 @@ from ._base import Flow, Request, Response, Sleep
 from ._exceptions import RequestTimeout, TransportError
 from ._models import ModelInfo, OptimizerConfig, OptimizerUpdate, ParamState, StepResult
 from ._tensors import Array
+from ._transport import BODY, PARTS, ZeroCopyTransport
 
 T = TypeVar("T")
 
@@ -77,8 +78,10 @@ class Client:
         self._random = random.Random()
         self._clock: Callable[[], float] = time.monotonic
         self._owns_http = client is None
+        # The SDK's own transport takes a body as parts and gives an answer as one buffer (no copies).
+        self._zero_copy = client is None and transport is None
         if client is None:
-            client = httpx.Client(transport=transport or httpx.HTTPTransport(retries=2), timeout=timeout)
+            client = httpx.Client(transport=transport or ZeroCopyTransport(retries=2), timeout=timeout)
         self._http = client
 
     @property
@@ -302,16 +305,26 @@ class Client:
 
     def _send(self, request: Request) -> Response:
         url = self._base_url + request.path
+        own = self._zero_copy
+        content = None if own else b"".join(request.content)
+        extensions = {PARTS: request.content} if own else {}
+        headers = {**self._headers, **request.headers}
+        if request.content or request.method not in ("GET", "HEAD", "DELETE"):
+            headers["Content-Length"] = str(request.length)
         try:
-            reply = self._http.request(
-                request.method,
-                url,
-                params=request.params,
-                headers={**self._headers, **request.headers},
-                content=request.content,
+            built = self._http.build_request(
+                request.method, url, params=request.params, headers=headers, content=content, extensions=extensions
             )
+            reply = self._http.send(built, stream=True)
+            try:
+                stream = reply.extensions.get(BODY)
+                body = stream.take() if stream is not None else None
+                if body is None:
+                    body = reply.read()
+            finally:
+                reply.close()
         except httpx.TimeoutException as exc:
             raise RequestTimeout(f"{request.method} {url} timed out: {exc!r}", method=request.method, url=url) from exc
         except httpx.RequestError as exc:
             raise TransportError(f"{request.method} {url} failed: {exc!r}", method=request.method, url=url) from exc
-        return Response(reply.status_code, reply.headers, reply.content, request.method, url)
+        return Response(reply.status_code, reply.headers, body, request.method, url)

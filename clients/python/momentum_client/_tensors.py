@@ -1,8 +1,6 @@
-"""numpy arrays <-> the API's tensors, in JSON or in safetensors, and the JSON codec.
+"""numpy arrays (and torch tensors) <-> the API's tensors in JSON, and the JSON codec.
 
-The binary wire format (the default) is safetensors: tensors named after their parameters,
-other fields as JSON text in ``__metadata__``. It is written and read with the
-``safetensors`` library; the metadata is read from the header here, as the library drops it.
+The binary wire format (the default) is safetensors, written and read in ``_safetensors.py``.
 
 A tensor in JSON is ``{"shape": [...], "dtype": "float32"|"float64", "data": [flat row-major]}``.
 Values travel as float64 decimals with round-trip precision: a float32 array is widened to
@@ -16,23 +14,19 @@ from __future__ import annotations
 import importlib
 import json
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import safetensors
-import safetensors.numpy
 
 __all__ = [
     "Array",
     "DTYPES",
     "SAFETENSORS",
     "as_float_array",
-    "decode_safetensors",
+    "as_wire_array",
     "decode_tensor",
     "dumps",
-    "encode_safetensors",
     "encode_tensor",
     "loads",
 ]
@@ -55,6 +49,10 @@ Array = npt.NDArray[np.floating[Any]]
 DTYPES = ("float32", "float64")
 
 
+def _is_torch(value: Any) -> bool:
+    return type(value).__module__.split(".", 1)[0] == "torch" and hasattr(value, "detach")
+
+
 def _from_torch(value: Any) -> Any:
     """A torch tensor as a numpy array without a copy where torch allows one; anything else as it is.
 
@@ -62,7 +60,7 @@ def _from_torch(value: Any) -> Any:
     bfloat16, which numpy lacks, is widened to float32, exactly (a bfloat16 is the top half of
     a float32). torch is never imported here: a tensor's own methods are used.
     """
-    if type(value).__module__.split(".", 1)[0] != "torch" or not hasattr(value, "detach"):
+    if not _is_torch(value):
         return value
     tensor = value.detach()
     if tensor.device.type != "cpu":
@@ -70,6 +68,21 @@ def _from_torch(value: Any) -> Any:
     if str(tensor.dtype) == "torch.bfloat16":
         tensor = tensor.float()
     return tensor.numpy()
+
+
+def as_wire_array(value: Any, what: str, *, half: bool = False) -> Any:
+    """``value`` for the binary wire: :func:`as_float_array`, except that a torch bfloat16 gradient
+    (``half``) goes as its raw bits (``_safetensors.Bfloat16``), at half the bytes of float32."""
+    if half and _is_torch(value) and str(value.dtype) == "torch.bfloat16":
+        import torch  # the caller has it: the value is a torch tensor
+
+        from ._safetensors import Bfloat16
+
+        tensor = value.detach()
+        if tensor.device.type != "cpu":
+            tensor = tensor.cpu()
+        return Bfloat16(tensor.contiguous().view(torch.int16).numpy().view(np.uint16))
+    return as_float_array(value, what, half=half)
 
 
 def as_float_array(value: npt.ArrayLike, what: str, *, half: bool = False) -> Array:
@@ -147,43 +160,8 @@ def _to_list(value: object) -> Any:
     raise TypeError(f"cannot encode {type(value).__name__} as JSON")
 
 
-def loads(content: bytes) -> Any:
-    """Decode a response body."""
+def loads(content: Any) -> Any:
+    """Decode a response body (bytes, or a buffer of them)."""
     if _orjson is not None:
-        return _orjson.loads(content)
-    return json.loads(content)
-
-
-def encode_safetensors(
-    tensors: Mapping[str, npt.ArrayLike], metadata: Mapping[str, Any], what: str, *, half: bool = False
-) -> bytes:
-    """A safetensors body: the tensors, and each metadata value as JSON text.
-
-    ``half`` also accepts float16 arrays (gradients: the server widens them exactly to float32).
-    NaN and infinity are left for the server to refuse (it answers 422).
-    """
-    arrays = {
-        name: np.ascontiguousarray(as_float_array(v, f"{what} {name!r}", half=half)) for name, v in tensors.items()
-    }
-    text = {key: dumps(value).decode() for key, value in metadata.items()}
-    content: bytes = safetensors.numpy.save(arrays, metadata=text or None)
-    return content
-
-
-def decode_safetensors(content: bytes) -> tuple[dict[str, Array], dict[str, Any]]:
-    """The arrays and the metadata (each value decoded from JSON text) of a safetensors body.
-
-    Raises ``ValueError`` when the body is malformed.
-    """
-    if len(content) < 8:
-        raise ValueError(f"a safetensors body has at least 8 bytes, got {len(content)}")
-    n = int.from_bytes(content[:8], "little")
-    try:
-        header = loads(content[8 : 8 + n])
-        arrays: dict[str, Array] = safetensors.numpy.load(content)
-    except safetensors.SafetensorError as exc:
-        raise ValueError(f"malformed safetensors body: {exc}") from exc
-    metadata = header.get("__metadata__") if isinstance(header, dict) else None
-    if not isinstance(metadata, dict):
-        metadata = {}
-    return arrays, {str(key): loads(value.encode()) for key, value in metadata.items()}
+        return _orjson.loads(content if isinstance(content, bytes | memoryview) else memoryview(content))
+    return json.loads(bytes(content))

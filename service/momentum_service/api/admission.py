@@ -38,6 +38,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..auth import ApiKey, KeyRing
+from ..kernels.buffers import POOL
 from .problems import PROBLEM_JSON, Problem
 from .security import authenticate
 
@@ -213,7 +214,8 @@ class Admission:
     async def _receive_all(self, receive: Receive, declared: int | None, ledger: list[int]) -> memoryview:
         """The whole body in one buffer: preallocated from Content-Length (pages are only touched as
         bytes arrive), or grown geometrically for a chunked body, within the size limit."""
-        buffer = np.empty(declared if declared is not None else 0, np.uint8)
+        # A declared length recurs (a model's steps): its buffer comes from the pool. A chunked body grows.
+        buffer = POOL.empty(declared, np.uint8) if declared is not None else np.empty(0, np.uint8)
         size = 0
         while True:
             message = await receive()

@@ -15,6 +15,7 @@ from pydantic.json_schema import models_json_schema
 from .. import __version__
 from ..auth import KeyRing
 from ..engine import ParameterServer
+from ..kernels.buffers import POOL
 from ..settings import Settings
 from ..store import MemoryStore, Store
 from . import problems
@@ -88,6 +89,7 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None) 
         fast_step=serve_step,
     )
     app.state.settings = settings
+    POOL.max_bytes = settings.buffer_pool_bytes
     app.state.limits = Limits.of(settings)
     app.state.server = ParameterServer(
         store,

@@ -39,6 +39,7 @@ from typing import Any, ClassVar
 import numpy as np
 import numpy.typing as npt
 
+from .buffers import POOL
 from .errors import FieldError
 from .fma import fma
 
@@ -152,13 +153,14 @@ def _check_operands(value: Array, velocity: Array | None, grad: Array) -> None:
 def _update_native(
     kernel: NativeKernel, config: SGDConfig, lr: float, value: Array, velocity: Array | None, grad: Array
 ) -> tuple[Array, Array | None]:
-    """The one-pass C kernel: flat C-contiguous operands (copies only where needed), fresh outputs."""
+    """The one-pass C kernel: flat C-contiguous operands (copies only where needed), new outputs (from
+    :data:`.buffers.POOL`: memory of outputs nobody holds any more)."""
     shape = value.shape
     v, g = np.ravel(value), np.ravel(grad)
     momentum = config.momentum != 0
     b = np.ravel(velocity) if momentum and velocity is not None else None
-    new_value = np.empty_like(v)
-    new_velocity = np.empty_like(v) if momentum else None
+    new_value = POOL.empty(v.size, v.dtype)  # recycled memory: no page faults on first write
+    new_velocity = POOL.empty(v.size, v.dtype) if momentum else None
     kernel(
         v,
         b,

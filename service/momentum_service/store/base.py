@@ -199,6 +199,9 @@ class Store(Protocol):
     ) -> CommitOutcome:
         """Apply every update, or none if the model's rev or any parameter's etag changed.
 
+        The store takes the updates' arrays as they are (the caller must not change them after):
+        a step's new state is not copied again to be kept.
+
         ``conflict`` tells the caller to re-read and recompute. With a ``claim``, the check of
         the key's record, the updates and the record becoming *done* (with ``summary``) are
         one atomic operation, so a step is never applied twice under one key, whatever is

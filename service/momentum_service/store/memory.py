@@ -165,8 +165,8 @@ class MemoryStore:
             if rec_p is None or rec_p.etag != u.expected_etag:
                 return CommitOutcome("conflict")
         for u in updates:
-            velocity = None if u.velocity is None else _frozen(u.velocity)
-            m.params[u.name] = ParamRecord(u.name, _frozen(u.value), velocity, u.step, u.etag)
+            velocity = None if u.velocity is None else _owned(u.velocity)
+            m.params[u.name] = ParamRecord(u.name, _owned(u.value), velocity, u.step, u.etag)
         if claim is not None:
             expires = time.monotonic() + claim.ttl_ms / 1000
             m.idem[claim.key] = _Idem("done", claim.fingerprint, claim.owner, summary, expires)
@@ -255,3 +255,9 @@ def _frozen(a: Array) -> Array:
     out: Array = np.array(a, copy=True)
     out.flags.writeable = False
     return out
+
+
+def _owned(a: Array) -> Array:
+    """A committed state, kept as it is (the store owns it from the commit on: no copy), read-only."""
+    a.flags.writeable = False
+    return a
