@@ -15,7 +15,7 @@ from .helpers import ROOT
 def test_base_dependencies_are_client_only() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     names = {dep.split(">")[0].split("=")[0].split("[")[0].strip().lower() for dep in project["dependencies"]}
-    assert names == {"numpy", "httpx", "safetensors"}
+    assert names == {"numpy", "httpx"}
     server = {dep.split(">")[0].split("[")[0].lower() for dep in project["optional-dependencies"]["server"]}
     assert {"fastapi", "uvicorn", "pydantic", "pydantic-settings", "redis"} <= server
     assert "torch==2.13.0" in project["optional-dependencies"]["dev"]
@@ -49,7 +49,7 @@ def test_serving_without_the_server_extra_says_what_to_install() -> None:
 
 @pytest.mark.slow
 def test_a_client_only_install_in_a_fresh_virtualenv(tmp_path: Path) -> None:
-    """`pip install .`: the SDK and its three dependencies, no server stack, no build warnings."""
+    """`pip install .`: the SDK and its two dependencies, no server stack, no build warnings."""
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     pip = subprocess.run(
