@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 import threading
 import time
@@ -260,3 +261,54 @@ async def test_no_answer_a_missing_server_and_an_answer_that_is_not_http(kind: s
     finally:
         silent.close()
         garbage.close()
+
+
+# -- how a body may arrive ----------------------------------------------------------------------------
+
+
+def _raw_step(port: int, head: bytes, pieces: list[bytes], pause: float = 0.0) -> tuple[int, bytes]:
+    """Send a step's head and body pieces one by one (``pause`` between), then read the answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head)
+        for piece in pieces:
+            sock.sendall(piece)
+            if pause:
+                time.sleep(pause)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += sock.recv(65536)
+        head_part, _, rest = data.partition(b"\r\n\r\n")
+        length = int(
+            next(
+                v for k, _, v in (h.partition(b":") for h in head_part.split(b"\r\n")) if k.lower() == b"content-length"
+            )
+        )
+        while len(rest) < length:
+            rest += sock.recv(65536)
+        return int(head_part.split()[1]), rest
+
+
+def test_a_body_chunked_byte_by_byte_or_cut_short(server: ServerProcess) -> None:
+    """The same step sent whole, chunked, and one byte per write: the same answers; cut short: no change."""
+    body = b'{"gradients":{"w":{"shape":[2],"dtype":"float32","data":[0.5,0.5]}}}'
+    with mc.Client(server.url) as client:
+        client.create_model("arrive", lr=0.1, exist_ok=True)
+        client.init_params("arrive", {"w": np.zeros(2, np.float32)})
+        path = b"POST /v1/models/arrive/step HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        answers = []
+        whole = path + b"content-length: %d\r\n\r\n" % len(body)
+        answers.append(_raw_step(server.port, whole, [body]))
+        chunks = [b"%x\r\n%s\r\n" % (len(body[i : i + 5]), body[i : i + 5]) for i in range(0, len(body), 5)] + [
+            b"0\r\n\r\n"
+        ]
+        answers.append(_raw_step(server.port, path + b"transfer-encoding: chunked\r\n\r\n", chunks))
+        answers.append(_raw_step(server.port, whole, [body[i : i + 1] for i in range(len(body))], pause=0.001))
+        steps = [json.loads(content)["params"]["w"]["step"] for status, content in answers if status == 200]
+        assert steps == [1, 2, 3], answers
+        # Cut short: the client leaves after half its body; nothing is applied, and the server carries on.
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(whole + body[: len(body) // 2])
+        time.sleep(0.3)
+        assert client.get_param_state("arrive", "w").step == 3
+        assert "Traceback" not in server.log()
+        client.delete_model("arrive")

@@ -7,8 +7,9 @@ A request goes through, in order:
 2. **Its key's share**: at most ``max_concurrent_per_key`` requests of one key are in the server
    at a time (reading their bodies or being handled); beyond, 503 with ``Retry-After``. One
    tenant, however busy or hostile, cannot take every slot from the others.
-3. **Its body, read once**, into one buffer sized from ``Content-Length`` (a chunked body grows
-   its buffer as it arrives), before the request takes a processing slot: a slow sender holds a
+3. **Its body, read once**, into one buffer sized from ``Content-Length`` (by the HTTP protocol
+   itself, see :mod:`.protocol`, or here from ``receive``; a chunked body grows its buffer as it
+   arrives), before the request takes a processing slot: a slow sender holds a
    connection and its own buffer, not a slot that fast requests need. The body is bounded by
    size (413, from ``Content-Length`` before reading), by time (``body_timeout_s``: 408, and the
    connection is closed) and, over all bodies being read at once, by memory (``max_body_bytes``
@@ -40,6 +41,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ..auth import ApiKey, KeyRing
 from ..kernels.buffers import POOL
 from .problems import PROBLEM_JSON, Problem
+from .protocol import BODY_BUFFER, BodyBuffer
 from .security import authenticate
 
 BODY = "momentum.body"
@@ -196,8 +198,14 @@ class Admission:
             )
         ledger = [reserved]  # what this body holds of the budget (a chunked body adds as it grows)
         self.reading += reserved
+        read_by_protocol: BodyBuffer | None = scope.get("extensions", {}).get(BODY_BUFFER)
         try:
             async with asyncio.timeout(self.body_timeout):
+                if read_by_protocol is not None:  # read by the HTTP protocol into one buffer already
+                    await read_by_protocol.arrived.wait()
+                    if read_by_protocol.error is not None:
+                        raise _Refused(400, "incomplete-body", "Bad request", read_by_protocol.error, [])
+                    return read_by_protocol.view()
                 return await self._receive_all(receive, declared, ledger)
         except TimeoutError:
             raise _Refused(
