@@ -210,7 +210,7 @@ class Agent:
         def on_request(request: Any) -> None:
             seen["request_content_type"] = request.headers.get("content-type")
             seen["request_accept"] = request.headers.get("accept")
-            seen["request_bytes"] = len(request.content)
+            seen["request_bytes"] = int(request.headers.get("content-length", len(request.content)))
 
         def on_response(response: Any) -> None:
             seen["response_content_type"] = response.headers.get("content-type")
