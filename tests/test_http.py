@@ -478,3 +478,17 @@ async def test_store_unreachable_is_503(redis_prefix: str) -> None:
         assert_problem(r, 503)
         assert r.headers["retry-after"] == "1"
         assert_problem(await api.put("/v1/models/m", json={"optimizer": OPT}), 503)
+
+
+async def test_an_unexpected_error_before_the_routes_is_still_problem_json(
+    api: httpx.AsyncClient, model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in admission (here: the buffer pool raising) is a 500 problem+json, not a dropped connection."""
+    from momentum_service.api import admission
+
+    def broken(n: int, dtype: Any) -> Any:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(admission.POOL, "empty", broken)
+    r = await api.post(f"/v1/models/{model}/step", json={"gradients": {"w": tensor([[1, 1], [1, 1]])}})
+    assert_problem(r, 500, "internal")

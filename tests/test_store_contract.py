@@ -315,3 +315,26 @@ def test_the_state_cache_counts_what_it_really_holds() -> None:
     data = 5_000 * 16
     assert used > 10 * data  # the data is the least of it
     assert 0.75 * used <= cache.bytes <= 1.5 * used, (cache.bytes, used)
+
+
+def test_the_buffer_pool_recycles_and_evicts_only_free_arrays() -> None:
+    from momentum_service.kernels.buffers import BufferPool
+
+    pool = BufferPool(max_bytes=10 << 20, min_bytes=1 << 20)
+    a, b = pool.empty(1 << 20, np.uint8), pool.empty(1 << 20, np.uint8)
+    assert a is not b and pool.bytes == 2 << 20
+    held = a.reshape(1024, 1024)  # a view keeps its base in use
+    del a
+    c = pool.empty(1 << 20, np.uint8)
+    assert c is not held.base and c is not b and pool.bytes == 3 << 20
+    del c
+    again = pool.empty(1 << 20, np.uint8)  # the one freed just now
+    assert pool.bytes == 3 << 20
+    full = pool.empty(8 << 20, np.uint8)  # no room, and every pooled array in use: allocated plainly
+    assert pool.bytes == 3 << 20 and full.nbytes == 8 << 20
+    del b, full
+    big = pool.empty(8 << 20, np.uint8)  # needs room: evicts the free 1 MiB array, not the ones in use
+    assert pool.bytes == 10 << 20 and big.nbytes == 8 << 20
+    assert held.base is not None and again.nbytes == 1 << 20
+    small = pool.empty(1000, np.uint8)  # under min_bytes: not pooled
+    assert pool.bytes == 10 << 20 and small.nbytes == 1000

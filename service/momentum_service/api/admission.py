@@ -40,7 +40,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..auth import ApiKey, KeyRing
 from ..kernels.buffers import POOL
-from .problems import PROBLEM_JSON, Problem
+from .problems import PROBLEM_JSON, Problem, render
 from .protocol import BODY_BUFFER, BodyBuffer
 from .security import authenticate
 
@@ -109,10 +109,22 @@ class Admission:
         if scope["type"] != "http" or scope["path"] in _UNLIMITED:
             await self.app(scope, receive, send)
             return
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
         try:
-            await self._admit(scope, receive, send)
+            await self._admit(scope, receive, tracked)
         except _Refused as refused:
             await _reply(send, refused, scope["path"])
+        except Exception as exc:  # a bug: answered as problem+json like any other error, never a bare 500
+            if started:
+                raise
+            response = render(exc, scope["method"], scope["path"])
+            await response(scope, receive, send)
 
     async def _admit(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]

@@ -64,13 +64,16 @@ class BufferPool:
                 return
             if key == keep:
                 continue
-            arrays = self._arrays[key]
-            for a in list(arrays):
-                if need > 0 and _free(a, held=2):  # held by the list and by ``list(arrays)``
-                    arrays.remove(a)
+            kept = []
+            for a in self._arrays[key]:
+                if need > 0 and _free(a, held=1):
                     self.bytes -= a.nbytes
                     need -= a.nbytes
-            if not arrays:
+                else:
+                    kept.append(a)
+            if kept:
+                self._arrays[key] = kept
+            else:
                 del self._arrays[key]
 
     def clear(self) -> None:
