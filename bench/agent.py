@@ -203,28 +203,25 @@ class Agent:
         return out
 
     def probe_wire(self, system: str, step: Step) -> tuple[dict[str, Any], object]:
-        """Run the first step with httpx event hooks that note what the SDK sent and received."""
+        """Run the first step noting what the SDK sent and received (around the client's one send method)."""
         seen: dict[str, Any] = {}
-        http = getattr(self.client(system), "_http", None)
+        client = self.client(system)
+        send = client._send
 
-        def on_request(request: Any) -> None:
-            seen["request_content_type"] = request.headers.get("content-type")
-            seen["request_accept"] = request.headers.get("accept")
-            seen["request_bytes"] = int(request.headers.get("content-length", len(request.content)))
-
-        def on_response(response: Any) -> None:
+        def noting(request: Any) -> Any:
+            seen["request_content_type"] = request.headers.get("Content-Type")
+            seen["request_accept"] = request.headers.get("Accept")
+            seen["request_bytes"] = request.length
+            response = send(request)
             seen["response_content_type"] = response.headers.get("content-type")
             seen["response_bytes"] = int(response.headers.get("content-length", -1))
+            return response
 
-        hooks = None
-        if http is not None:
-            hooks = http.event_hooks
-            http.event_hooks = {"request": [on_request], "response": [on_response]}
+        client._send = noting
         try:
             first = step()
         finally:
-            if http is not None and hooks is not None:
-                http.event_hooks = hooks
+            del client._send  # the class's method again
         return seen, first
 
     def go(self, start_at: float, spec: LoopSpec) -> dict[str, Any]:

@@ -187,10 +187,13 @@ def test_momentum_sweep_modes_and_staleness(
     """Sync steps are the mean of one push per worker (staleness 0); async workers see stale steps."""
     prefix = _name(f"sweep-{mode}")
     argv = ["--url", server.url, "--out-dir", str(tmp_path), "--prefix", prefix, "--no-progress", "--keep-models"]
-    argv += ["--steps", "30", "--workers", str(workers), "--momenta", "0.9", "--mode", mode]
+    # Two models: the workers, spawned for the first, run the second's pushes side by side (the async
+    # case needs them to overlap, which a fast server and a slow process start could prevent).
+    steps = 30 if mode == "sync" else 300
+    argv += ["--steps", str(steps), "--workers", str(workers), "--momenta", "0.5", "0.9", "--mode", mode]
     assert sweep.main(argv) == 0
     cells = _parse_table((tmp_path / "momentum_sweep.md").read_text())[0.9]
-    assert int(cells[4]) == 30  # server steps, whatever the mode
+    assert int(cells[4]) == steps  # server steps, whatever the mode
     staleness = float(cells[5])
     info = client.get_model(sweep.model_name(prefix, 0.9))
     assert info.mode == mode
@@ -200,7 +203,8 @@ def test_momentum_sweep_modes_and_staleness(
         assert staleness <= 1.0  # the limit: a push more than 1 step stale was refused and recomputed
     else:
         assert staleness > 0.0
-    client.delete_model(info.name)
+    for momentum in (0.5, 0.9):
+        client.delete_model(sweep.model_name(prefix, momentum))
 
 
 def test_an_example_run_writes_no_tracked_file(tmp_path: Path) -> None:

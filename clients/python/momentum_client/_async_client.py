@@ -18,7 +18,7 @@ from ._base import Flow, Request, Response, Sleep
 from ._exceptions import RequestTimeout, TransportError
 from ._models import ModelInfo, OptimizerConfig, OptimizerUpdate, ParamState, StepResult
 from ._tensors import Array
-from ._transport import BODY, PARTS, AsyncZeroCopyTransport
+from ._transport import BODY, PARTS, AsyncZeroCopyTransport, proxied
 
 T = TypeVar("T")
 
@@ -65,11 +65,18 @@ class AsyncClient:
         self._random = random.Random()
         self._clock: Callable[[], float] = time.monotonic
         self._owns_http = client is None
-        # The SDK's own transport takes a body as parts and gives an answer as one buffer (no copies).
-        self._zero_copy = client is None and transport is None
+        # The SDK's own transport takes a body as parts and gives an answer as one buffer (no copies);
+        # it is called directly (see _transport.direct) unless a proxy of the environment applies.
+        self._direct: AsyncZeroCopyTransport | None = None
         if client is None:
-            client = httpx.AsyncClient(transport=transport or AsyncZeroCopyTransport(retries=2), timeout=timeout)
+            own = AsyncZeroCopyTransport(retries=2) if transport is None else None
+            client = httpx.AsyncClient(transport=transport or own, timeout=timeout)
+            if own is not None and not proxied(self._base_url):
+                self._direct = own
         self._http = client
+        self._timeouts = (
+            httpx.Timeout(timeout).as_dict() if not isinstance(timeout, httpx.Timeout) else timeout.as_dict()
+        )
 
     @property
     def base_url(self) -> str:
@@ -292,22 +299,25 @@ class AsyncClient:
 
     async def _send(self, request: Request) -> Response:
         url = self._base_url + request.path
-        own = self._zero_copy
-        content = None if own else b"".join(request.content)
-        extensions = {PARTS: request.content} if own else {}
         headers = {**self._headers, **request.headers}
         if request.content or request.method not in ("GET", "HEAD", "DELETE"):
             headers["Content-Length"] = str(request.length)
         try:
-            built = self._http.build_request(
-                request.method, url, params=request.params, headers=headers, content=content, extensions=extensions
-            )
-            reply = await self._http.send(built, stream=True)
+            if self._direct is not None:  # the body as parts, the answer as one buffer, no httpx.Client layer
+                extensions = {PARTS: request.content, "timeout": self._timeouts}
+                built = httpx.Request(
+                    request.method, url, params=request.params, headers=headers, extensions=extensions
+                )
+                reply = await self._direct.handle_async_request(built)
+            else:
+                content = b"".join(request.content)
+                built = self._http.build_request(
+                    request.method, url, params=request.params, headers=headers, content=content
+                )
+                reply = await self._http.send(built, stream=True)
             try:
                 stream = reply.extensions.get(BODY)
-                body = stream.take() if stream is not None else None
-                if body is None:
-                    body = await reply.aread()
+                body = stream.take() if stream is not None else await reply.aread()
             finally:
                 await reply.aclose()
         except httpx.TimeoutException as exc:

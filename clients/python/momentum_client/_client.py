@@ -17,7 +17,7 @@ from ._base import Flow, Request, Response, Sleep
 from ._exceptions import RequestTimeout, TransportError
 from ._models import ModelInfo, OptimizerConfig, OptimizerUpdate, ParamState, StepResult
 from ._tensors import Array
-from ._transport import BODY, PARTS, ZeroCopyTransport
+from ._transport import BODY, PARTS, ZeroCopyTransport, proxied
 
 T = TypeVar("T")
 
@@ -78,11 +78,18 @@ class Client:
         self._random = random.Random()
         self._clock: Callable[[], float] = time.monotonic
         self._owns_http = client is None
-        # The SDK's own transport takes a body as parts and gives an answer as one buffer (no copies).
-        self._zero_copy = client is None and transport is None
+        # The SDK's own transport takes a body as parts and gives an answer as one buffer (no copies);
+        # it is called directly (see _transport.direct) unless a proxy of the environment applies.
+        self._direct: ZeroCopyTransport | None = None
         if client is None:
-            client = httpx.Client(transport=transport or ZeroCopyTransport(retries=2), timeout=timeout)
+            own = ZeroCopyTransport(retries=2) if transport is None else None
+            client = httpx.Client(transport=transport or own, timeout=timeout)
+            if own is not None and not proxied(self._base_url):
+                self._direct = own
         self._http = client
+        self._timeouts = (
+            httpx.Timeout(timeout).as_dict() if not isinstance(timeout, httpx.Timeout) else timeout.as_dict()
+        )
 
     @property
     def base_url(self) -> str:
@@ -305,22 +312,25 @@ class Client:
 
     def _send(self, request: Request) -> Response:
         url = self._base_url + request.path
-        own = self._zero_copy
-        content = None if own else b"".join(request.content)
-        extensions = {PARTS: request.content} if own else {}
         headers = {**self._headers, **request.headers}
         if request.content or request.method not in ("GET", "HEAD", "DELETE"):
             headers["Content-Length"] = str(request.length)
         try:
-            built = self._http.build_request(
-                request.method, url, params=request.params, headers=headers, content=content, extensions=extensions
-            )
-            reply = self._http.send(built, stream=True)
+            if self._direct is not None:  # the body as parts, the answer as one buffer, no httpx.Client layer
+                extensions = {PARTS: request.content, "timeout": self._timeouts}
+                built = httpx.Request(
+                    request.method, url, params=request.params, headers=headers, extensions=extensions
+                )
+                reply = self._direct.handle_request(built)
+            else:
+                content = b"".join(request.content)
+                built = self._http.build_request(
+                    request.method, url, params=request.params, headers=headers, content=content
+                )
+                reply = self._http.send(built, stream=True)
             try:
                 stream = reply.extensions.get(BODY)
-                body = stream.take() if stream is not None else None
-                if body is None:
-                    body = reply.read()
+                body = stream.take() if stream is not None else reply.read()
             finally:
                 reply.close()
         except httpx.TimeoutException as exc:

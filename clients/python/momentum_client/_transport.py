@@ -13,7 +13,11 @@ by h11 and joined again. Here:
   from which the SDK takes its arrays as views (``response.extensions["momentum.body"]``).
 
 A request made by the SDK carries its parts in ``extensions["momentum.parts"]`` (its
-``Content-Length`` counts them); any other request is sent with its own body. Connections are
+``Content-Length`` counts them); any other request is sent with its own body. The SDK calls its
+transport directly, with an ``httpx.Request``: ``httpx.Client.send`` (its URL merging, cookie
+jar, auth and redirect handling, none of which the SDK uses) costs about 60 µs a request here, a
+sixth of a small step's client time. It goes through ``httpx.Client`` when it was given a client
+or a transport, and for a URL that the environment's proxy settings route through a proxy. Connections are
 kept alive and reused (one pool per host); a failed connect is retried ``retries`` times, and a
 request on a pooled connection that the server had closed meanwhile is sent again on a fresh one
 (it never reached the server). ``https://`` goes to httpx's own transport.
@@ -26,6 +30,8 @@ import select
 import socket
 import threading
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import AsyncIterator, Iterator, Sequence
 
 import httpx
@@ -358,4 +364,14 @@ class AsyncZeroCopyTransport(httpx.AsyncBaseTransport):
             await self._fallback.aclose()
 
 
-__all__ = ["BODY", "PARTS", "AsyncZeroCopyTransport", "Body", "ZeroCopyTransport"]
+def proxied(url: str) -> bool:
+    """Whether the environment routes ``url`` through a proxy (``HTTP_PROXY``/``ALL_PROXY``, unless
+    ``NO_PROXY`` names the host), which httpx's client, not these transports, must handle."""
+    split = urllib.parse.urlsplit(url)
+    proxies = urllib.request.getproxies_environment()
+    if not (proxies.get(split.scheme) or proxies.get("all")):
+        return False
+    return not urllib.request.proxy_bypass(split.hostname or "")
+
+
+__all__ = ["BODY", "PARTS", "AsyncZeroCopyTransport", "Body", "ZeroCopyTransport", "proxied"]

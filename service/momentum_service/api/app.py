@@ -5,12 +5,16 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from importlib.resources import files
 from typing import Any
 
 from fastapi import FastAPI
-from fastapi_offline import FastAPIOffline
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html, get_swagger_ui_oauth2_redirect_html
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
+from starlette.responses import HTMLResponse
+from starlette.types import ASGIApp
 
 from .. import __version__
 from ..auth import KeyRing
@@ -51,6 +55,51 @@ def make_store(settings: Settings) -> Store:
     return MemoryStore()
 
 
+class MomentumAPI(FastAPI):
+    """FastAPI for the routes and the OpenAPI document, with :class:`.admission.Admission` as the outermost
+    layer (before Starlette's and FastAPI's own middleware, which a step served straight from admission
+    never passes through), and the API docs served from the package."""
+
+    def __init__(self, admission: dict[str, Any], **kwargs: Any) -> None:
+        super().__init__(docs_url=None, redoc_url=None, **kwargs)
+        self.admission = admission
+        _offline_docs(self)
+
+    def build_middleware_stack(self) -> ASGIApp:
+        return Admission(super().build_middleware_stack(), **self.admission)
+
+
+def _offline_docs(app: FastAPI) -> None:
+    """/docs (Swagger UI) and /redoc with their scripts and styles from the ``fastapi-offline`` package,
+    not a CDN: the docs work on a cluster without internet access."""
+    app.mount(DOCS_ASSETS, StaticFiles(directory=str(files("fastapi_offline") / "static")), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="momentum-service - Swagger UI",
+            oauth2_redirect_url="/docs/oauth2-redirect",
+            swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_ASSETS}/favicon.png",
+        )
+
+    @app.get("/docs/oauth2-redirect", include_in_schema=False)
+    async def swagger_ui_redirect() -> HTMLResponse:
+        return get_swagger_ui_oauth2_redirect_html()
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc() -> HTMLResponse:
+        return get_redoc_html(
+            openapi_url="/openapi.json",
+            title="momentum-service - ReDoc",
+            redoc_js_url=f"{DOCS_ASSETS}/redoc.standalone.js",
+            redoc_favicon_url=f"{DOCS_ASSETS}/favicon.png",
+            with_google_fonts=False,
+        )
+
+
 def create_app(settings: Settings | None = None, *, store: Store | None = None) -> FastAPI:
     """Build the application. Without ``store``, one is made from ``settings``."""
     settings = settings or Settings()
@@ -67,27 +116,21 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None) 
         finally:
             await store.close()
 
-    # /docs and /redoc with their assets served from the package (fastapi-offline), not a CDN: the
-    # docs work on a cluster without internet access.
-    app = FastAPIOffline(
-        title="momentum-service",
-        version=__version__,
-        description=DESCRIPTION,
-        lifespan=lifespan,
-        static_url=DOCS_ASSETS,
+    keys = KeyRing.load(settings.keys_file, settings.api_keys)
+    admission = {
+        "ring": keys,
+        "public_docs": settings.public_docs,
+        "max_concurrent": settings.max_concurrent_requests,
+        "max_concurrent_per_key": settings.max_concurrent_per_key,
+        "max_body_bytes": settings.max_body_bytes,
+        "body_timeout_s": settings.body_timeout_s,
+        "bodies_in_flight": settings.bodies_in_flight,
+        "fast_step": serve_step,
+    }
+    app = MomentumAPI(
+        admission, title="momentum-service", version=__version__, description=DESCRIPTION, lifespan=lifespan
     )
-    app.state.keys = keys = KeyRing.load(settings.keys_file, settings.api_keys)
-    app.add_middleware(
-        Admission,
-        ring=keys,
-        public_docs=settings.public_docs,
-        max_concurrent=settings.max_concurrent_requests,
-        max_concurrent_per_key=settings.max_concurrent_per_key,
-        max_body_bytes=settings.max_body_bytes,
-        body_timeout_s=settings.body_timeout_s,
-        bodies_in_flight=settings.bodies_in_flight,
-        fast_step=serve_step,
-    )
+    app.state.keys = keys
     app.state.settings = settings
     POOL.max_bytes = settings.buffer_pool_bytes
     app.state.limits = Limits.of(settings)
