@@ -312,3 +312,20 @@ def test_a_body_chunked_byte_by_byte_or_cut_short(server: ServerProcess) -> None
         assert client.get_param_state("arrive", "w").step == 3
         assert "Traceback" not in server.log()
         client.delete_model("arrive")
+
+
+def test_a_proxied_url_goes_through_the_httpx_client(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The SDK calls its transport directly only where no proxy of the environment applies."""
+    from momentum_client._transport import proxied
+
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    assert not proxied("http://10.0.0.5:8000")
+    with mc.Client("http://10.0.0.5:8000") as direct:
+        assert direct._direct is not None
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.example:3128")
+    assert proxied("http://10.0.0.5:8000")
+    with mc.Client("http://10.0.0.5:8000") as through:
+        assert through._direct is None  # httpx.Client.send, which routes through the proxy
+    monkeypatch.setenv("NO_PROXY", "10.0.0.5")
+    assert not proxied("http://10.0.0.5:8000")
