@@ -4,8 +4,8 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
-from momentum_service.store import MemoryStore, Store
-from momentum_service.store.redis import RedisStore
+from momentum_service.store import Journal, MemoryJournal
+from momentum_service.store.redis import RedisJournal
 
 from .helpers import RedisProcess
 
@@ -24,13 +24,13 @@ def redis_prefix() -> str:
 
 
 @pytest.fixture(params=["memory", "redis"])
-async def store(request: pytest.FixtureRequest, redis_prefix: str) -> AsyncIterator[Store]:
+async def store(request: pytest.FixtureRequest, redis_prefix: str) -> AsyncIterator[Journal]:
     """Every storage backend, so one contract suite runs on each."""
-    s: Store
+    s: Journal
     if request.param == "memory":
-        s = MemoryStore()
+        s = MemoryJournal()
     else:
         proc: RedisProcess = request.getfixturevalue("redis_proc")
-        s = RedisStore.from_url(proc.url, prefix=redis_prefix)
+        s = RedisJournal.from_url(proc.url, prefix=redis_prefix)
     yield s
     await s.close()

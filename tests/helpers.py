@@ -109,9 +109,13 @@ class RedisProcess:
 class ServerProcess:
     """``momentum-service serve`` in a subprocess."""
 
-    def __init__(self, *, redis_url: str | None = None, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, *, redis_url: str | None = None, env: dict[str, str] | None = None, unsafe: str | None = None
+    ) -> None:
+        """``unsafe``: run ``tests.unsafe_server`` with that safety switched off (negative controls only)."""
         self.port = free_port()
         self.redis_url = redis_url
+        self.unsafe = unsafe
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = Path(tempfile.mkstemp(prefix="momentum-server-", suffix=".log")[1])
@@ -121,7 +125,8 @@ class ServerProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> ServerProcess:
-        args = [sys.executable, "-m", "momentum_service", "serve", "--port", str(self.port)]
+        module = ["tests.unsafe_server", self.unsafe] if self.unsafe else ["momentum_service"]
+        args = [sys.executable, "-m", *module, "serve", "--port", str(self.port)]
         if self.redis_url:
             args += ["--redis-url", self.redis_url]
         with self.log_path.open("wb") as log:
@@ -137,6 +142,15 @@ class ServerProcess:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(10)
             self.proc = None
+
+    def pause(self) -> None:
+        """SIGSTOP: the process keeps its sockets (connections are accepted by the kernel) but runs nothing."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
 
     def stop(self) -> None:
         terminate(self.proc)

@@ -13,7 +13,7 @@ import pytest
 from momentum_service.api import create_app
 from momentum_service.auth import KeyRing, Scope, hash_key
 from momentum_service.settings import Settings
-from momentum_service.store import MemoryStore
+from momentum_service.store import MemoryJournal
 
 from .helpers import ROOT, free_port
 
@@ -59,7 +59,7 @@ def headers_for(identity: str) -> dict[str, str]:
 
 @pytest.fixture
 async def api() -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(Settings(api_keys=KEY_LINES), store=MemoryStore())
+    app = create_app(Settings(api_keys=KEY_LINES), journal=MemoryJournal())
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as client:
         root = {"Authorization": f"Bearer {KEYS['root']}"}
         for model in ("own-m", "other-m"):
@@ -195,7 +195,7 @@ def test_an_unreadable_keys_file_stops_the_server(tmp_path: Any) -> None:
 
 @pytest.mark.parametrize("kind", ["sync", "async"])
 async def test_the_sdk_sends_its_key(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    app = create_app(Settings(api_keys=KEY_LINES), store=MemoryStore())
+    app = create_app(Settings(api_keys=KEY_LINES), journal=MemoryJournal())
 
     async def call(**kwargs: Any) -> int:
         if kind == "sync":

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from .helpers import ROOT, RedisProcess, ServerProcess, free_port, wait_until
+from .helpers import ROOT, RedisProcess, ServerProcess
 
 WORKERS, PUSHES, SIZE, GRAD = 8, 100, 1000, 0.125
 OPT = {"lr": 0.01, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-4}
@@ -33,8 +33,9 @@ def redis_server() -> Iterator[RedisProcess]:
     proc.stop()
 
 
-def run_workers(urls: list[str]) -> list[int]:
-    """Start the workers at once, wait for all, and return every step they were given."""
+def run_workers(urls: list[str], *, strict: bool = True) -> list[int]:
+    """Start the workers at once, wait for all, and return every step they were given (a worker that
+    failed fails the test, unless not ``strict``: then it contributes what it printed, nothing)."""
     procs = [
         subprocess.Popen(
             [
@@ -56,8 +57,9 @@ def run_workers(urls: list[str]) -> list[int]:
     steps: list[int] = []
     for p in procs:
         out, _ = p.communicate(timeout=300)
-        assert p.returncode == 0
-        steps += json.loads(out)
+        if strict:
+            assert p.returncode == 0
+        steps += json.loads(out) if p.returncode == 0 else []
     return steps
 
 
@@ -103,30 +105,22 @@ def test_no_lost_update_across_processes(redis_server: RedisProcess) -> None:
 
 
 @pytest.mark.slow
-def test_negative_control_catches_lost_updates_without_atomicity(redis_server: RedisProcess) -> None:
-    env = {"MOMENTUM_REDIS_URL": redis_server.url}
-    ports = [free_port(), free_port()]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "tests.unsafe_app:app", "--port", str(port), "--log-level", "warning"],
-            cwd=ROOT,
-            env={**__import__("os").environ, **env},
-        )
-        for port in ports
-    ]
-    urls = [f"http://127.0.0.1:{port}" for port in ports]
+def test_negative_control_catches_lost_updates_without_leases_and_fences(redis_server: RedisProcess) -> None:
+    """Servers that each take the model (no lease against another) and write whatever happened meanwhile
+    (no fence): each serves its own copy, and the same checks fail. (Their journal is no longer one
+    history either: a rebuild from it finds entries that do not follow each other, and answers 500.)"""
+    servers = [ServerProcess(redis_url=redis_server.url, unsafe="no-fencing").start() for _ in range(2)]
     try:
-        for url in urls:
-            wait_until(lambda url=url: httpx.get(url + "/healthz").status_code == 200, what="unsafe server")
-        p0 = setup_model(urls[0])
-        steps = run_workers(urls)
-        step, value = final_state(urls[0])
+        p0 = setup_model(servers[0].url)
+        steps = run_workers([s.url for s in servers], strict=False)
         total = WORKERS * PUSHES
-        # The same three checks as above; without the compare-and-set they fail.
         assert sorted(steps) != list(range(1, total + 1))
-        assert step < total
-        assert value.tobytes() != torch_reference(p0, total).tobytes()
+        r = httpx.get(f"{servers[0].url}/v1/models/m/params/w")
+        if r.status_code == 200:
+            step, value = final_state(servers[0].url)
+            assert step < total or value.tobytes() != torch_reference(p0, total).tobytes()
+        else:
+            assert r.status_code == 500 and "log entry" in r.json()["detail"]
     finally:
-        for p in procs:
-            p.terminate()
-            p.wait(10)
+        for s in servers:
+            s.stop()

@@ -10,9 +10,9 @@ import httpx
 import numpy as np
 import pytest
 from momentum_service.api.step import fingerprint
-from momentum_service.engine import mean_gradient
+from momentum_service.engine import Idempotency, ParameterServer, mean_gradient
 from momentum_service.kernels import SGDConfig, sgd_update
-from momentum_service.store import Claim, Store, new_token
+from momentum_service.store import Journal
 
 from .test_http import array, assert_problem, make_client, tensor
 
@@ -20,7 +20,7 @@ OPT = {"lr": 0.1, "momentum": 0.9}
 
 
 @pytest.fixture
-async def api(store: Store) -> AsyncIterator[httpx.AsyncClient]:
+async def api(store: Journal) -> AsyncIterator[httpx.AsyncClient]:
     async with make_client(store, sync_timeout_s=2.0) as client:
         yield client
 
@@ -96,20 +96,21 @@ async def test_invalid_keys(api: httpx.AsyncClient, key: str) -> None:
     assert (await state(api))["params"]["w"]["step"] == 0
 
 
-async def test_a_retry_while_the_first_attempt_is_in_flight_is_a_409(api: httpx.AsyncClient, store: Store) -> None:
+async def test_a_retry_while_the_first_attempt_is_in_flight_is_a_409(api: httpx.AsyncClient) -> None:
     await make_model(api)
-    # Another attempt holds the key: claim it the way the engine does, with the request's fingerprint.
+    # Another attempt holds the key: claim it at the model's owner, with the request's fingerprint.
     body = httpx.Request("POST", "http://test/v1/models/m/step", json=push(3.0)).content
-    holder = Claim(
-        "busy", fingerprint("POST", "/v1/models/m/step", "application/json", body), new_token(), 60_000, 60_000
-    )
-    assert (await store.claim("m", holder)).status == "owned"
+    server: ParameterServer = api._transport.app.state.server  # type: ignore[attr-defined]
+    guard = (await server.owner("m")).guard
+    assert guard is not None
+    held = Idempotency("busy", fingerprint("POST", "/v1/models/m/step", "application/json", body))
+    assert await guard.begin(held) is None  # this attempt holds the key
     r = await api.post(
         "/v1/models/m/step", content=body, headers={"Idempotency-Key": "busy", "content-type": "application/json"}
     )
     assert_problem(r, 409, "idempotency-in-flight")
     assert r.headers["retry-after"] == "1"
-    await store.release("m", holder)
+    guard.abandon("busy")
     r = await api.post(
         "/v1/models/m/step", content=body, headers={"Idempotency-Key": "busy", "content-type": "application/json"}
     )
@@ -183,7 +184,7 @@ async def test_sync_mode_applies_the_mean_once_per_step(api: httpx.AsyncClient) 
             return await api.post("/v1/models/m/step", json=body)
 
         replies = await asyncio.gather(*(send(wid, g) for wid, g in grads.items()))
-        mean = mean_gradient({wid: g.tobytes() for wid, g in grads.items()}, w)
+        mean = mean_gradient(dict(grads))
         w, velocity = sgd_update(cfg, w, velocity, mean)
         for r in replies:
             assert r.status_code == 200, r.text
@@ -197,16 +198,15 @@ async def test_sync_mode_applies_the_mean_once_per_step(api: httpx.AsyncClient) 
 
 
 def test_the_mean_sums_in_worker_id_order() -> None:
-    like = np.zeros(1, np.float32)
     big, small = np.float32([2.0**24]), np.float32([1.0])
     # ((2^24 + 1) + 1) loses both ones in float32; (1 + 1) + 2^24 keeps them.
-    by_order = {1: small.tobytes(), 2: small.tobytes(), 3: big.tobytes()}
-    assert mean_gradient(by_order, like)[0] == np.float32((2.0**24 + 2) / 3)
-    swapped = {3: small.tobytes(), 2: small.tobytes(), 1: big.tobytes()}
-    assert mean_gradient(swapped, like)[0] == np.float32(np.float32(2.0**24) / 3)
+    by_order = {1: small, 2: small, 3: big}
+    assert mean_gradient(by_order)[0] == np.float32((2.0**24 + 2) / 3)
+    swapped = {3: small, 2: small, 1: big}
+    assert mean_gradient(swapped)[0] == np.float32(np.float32(2.0**24) / 3)
 
 
-async def test_sync_mode_duplicates_timeouts_and_required_fields(store: Store) -> None:
+async def test_sync_mode_duplicates_timeouts_and_required_fields(store: Journal) -> None:
     async with make_client(store, sync_timeout_s=0.3) as api:
         await make_model(api, mode="sync", workers=2)
         body = {"gradients": {"w": tensor([1.0, 1.0])}, "worker_id": 1, "base_step": 0}
@@ -231,7 +231,7 @@ async def test_sync_mode_duplicates_timeouts_and_required_fields(store: Store) -
         assert_problem(await api.post("/v1/models/m/step", json=push(worker_id=1)), 422, "mode-field-required")
 
 
-async def test_sync_worker_ids_are_0_to_workers_minus_1(store: Store) -> None:
+async def test_sync_worker_ids_are_0_to_workers_minus_1(store: Journal) -> None:
     """The mean of N is the mean of workers 0..N-1: a third id on a 2-worker model is refused, not averaged."""
     async with make_client(store, sync_timeout_s=0.2) as api:
         await make_model(api, mode="sync", workers=2)

@@ -1,11 +1,14 @@
-"""Consistency across workers and replicas, with real processes: 2 servers on one Redis.
+"""Consistency across workers and replicas, with real processes: 2 servers on one Redis (one owns
+the model, the other forwards to it).
 
 - 32 workers x 250 pushes of distinct gradients: the steps the pushes got are 1..8000, each
   once, and the final state equals replaying the gradients in that order with the kernel.
-  The negative control runs the same harness against servers without the compare-and-set.
-- 200 ambiguous failures (a client timeout shorter than a frozen Redis; a server killed
-  mid-request), each retried with the same Idempotency-Key on the other replica: every
-  push applied exactly once. Without keys, the same retries apply pushes twice.
+- 300 ambiguous failures (a client timeout shorter than a frozen Redis; the owner killed
+  mid-request; the owner killed while its writes wait in a frozen Redis, which applies them once
+  it thaws), each retried with the same Idempotency-Key on the other replica: every push applied
+  exactly once. Negative controls: without keys, the same retries apply pushes twice; with keys
+  but without the idempotency records written with the log (``no-dedup`` servers), the new owner
+  cannot know and applies them twice too.
 - 20 concurrent requests with one key, over both replicas: one applied.
 - Sync mode, 4 workers over 2 replicas, 50 steps: bitwise single-process training on the
   mean gradient.
@@ -14,7 +17,6 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import subprocess
@@ -31,13 +33,14 @@ import pytest
 from momentum_service.engine import mean_gradient
 from momentum_service.kernels import SGDConfig, sgd_update
 
-from .helpers import ROOT, RedisProcess, ServerProcess, free_port, terminate, wait_until
+from .helpers import ROOT, RedisProcess, ServerProcess
 from .step_worker import gradient, push
 
 pytestmark = pytest.mark.slow
 
 OPT = {"lr": 0.01, "momentum": 0.9, "nesterov": True}
-FAST_LEASE = {"MOMENTUM_IDEMPOTENCY_LEASE_S": "1"}
+FAST_LEASE = {"MOMENTUM_LEASE_MS": "2500"}  # a dead owner's models are taken over within 2.5 s; a frozen
+# Redis (< 1 s here) leaves the lease current, so the writes a killed owner left in its socket land
 
 
 @pytest.fixture
@@ -53,6 +56,17 @@ def replicas(redis_server: RedisProcess) -> Iterator[list[ServerProcess]]:
     yield servers
     for s in servers:
         s.stop()
+
+
+def owner_first(redis_server: RedisProcess, servers: list[ServerProcess], model: str = "m") -> list[ServerProcess]:
+    """The servers, the model's owner (by its lease in Redis) first."""
+    client = redis_server.client()
+    try:
+        url = client.hget(f"momentum:{{{model}}}:lease", "url")
+    finally:
+        client.close()
+    assert url is not None
+    return sorted(servers, key=lambda s: s.url != url.decode())
 
 
 def tensor(a: np.ndarray) -> dict[str, object]:
@@ -127,35 +141,6 @@ def test_32_workers_x_250_pushes_through_2_replicas(replicas: list[ServerProcess
     assert velocity.tobytes() == expected_velocity.tobytes()
 
 
-def test_negative_control_without_the_compare_and_set(redis_server: RedisProcess) -> None:
-    ports = [free_port(), free_port()]
-    env = {**os.environ, "MOMENTUM_REDIS_URL": redis_server.url}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "tests.unsafe_app:app", "--port", str(port), "--log-level", "warning"],
-            cwd=ROOT,
-            env=env,
-        )
-        for port in ports
-    ]
-    urls = [f"http://127.0.0.1:{port}" for port in ports]
-    try:
-        for url in urls:
-            wait_until(lambda url=url: httpx.get(url + "/healthz").status_code == 200, what="unsafe server")
-        p0 = np.linspace(-1, 1, SIZE, dtype=np.float32)
-        create(urls[0], OPT, p0)
-        records = run_pushes(urls, 8, 50)
-        steps = sorted(r[0] for r in records)
-        step, value, _ = read(urls[0])
-        # The same checks as above; without the compare-and-set they fail.
-        assert steps != list(range(1, len(records) + 1))
-        assert step < len(records)
-        assert value.tobytes() != replay(p0, records)[0].tobytes()
-    finally:
-        for p in procs:
-            terminate(p)
-
-
 # -- ambiguous failures, retried with the same key on the other replica --------------------------
 
 SLOTS = 220  # one slot per push: push i subtracts 1 from slot i only (lr 1, plain SGD)
@@ -217,12 +202,15 @@ def frozen_redis_rounds(
     return failures
 
 
-def killed_server_rounds(servers: list[ServerProcess], first: int, rounds: int, use_keys: bool = True) -> int:
-    """Push to A, SIGKILL A mid-request, retry everything on B, restart A. Returns failures seen."""
+def killed_server_rounds(
+    redis_server: RedisProcess, servers: list[ServerProcess], first: int, rounds: int, use_keys: bool = True
+) -> int:
+    """Push to the owner A, SIGKILL A mid-request, retry everything on B (which takes the model over
+    once A's lease expires), restart A. Returns failures seen."""
     failures, i = 0, first
     rng = random.Random(4)
     for _ in range(rounds):
-        a, b = servers
+        a, b = owner_first(redis_server, servers)
         bodies = {uuid.uuid4().hex: one_hot(i + k) for k in range(10)}
         i += 10
         killer = threading.Timer(rng.uniform(0.0, 0.03), a.kill)
@@ -232,7 +220,31 @@ def killed_server_rounds(servers: list[ServerProcess], first: int, rounds: int, 
         failures += sum(v != "ok" for v in outcome.values())
         retry_all(b.url, bodies, use_keys)
         a.start()
-        servers.reverse()
+    return failures
+
+
+def dead_owner_rounds(
+    redis_server: RedisProcess, servers: list[ServerProcess], first: int, rounds: int, use_keys: bool = True
+) -> int:
+    """Freeze Redis, push to the owner A (its writes wait in Redis's socket), SIGKILL A, thaw Redis
+    (which applies A's writes: its lease is still current), retry everything on B (which takes the
+    model over once A's lease expires and knows the keys only from the journal). Returns failures."""
+    failures, i = 0, first
+    assert redis_server.proc is not None
+    for _ in range(rounds):
+        a, b = owner_first(redis_server, servers)
+        bodies = {uuid.uuid4().hex: one_hot(i + k) for k in range(10)}
+        i += 10
+        redis_server.proc.send_signal(signal.SIGSTOP)
+        try:
+            outcome = fire(a.url, bodies, timeout=0.3, use_keys=use_keys)
+            a.kill()
+            time.sleep(0.1)  # A's socket to Redis closes with its last writes in it (its lease still current)
+        finally:
+            redis_server.proc.send_signal(signal.SIGCONT)
+        failures += sum(v != "ok" for v in outcome.values())
+        retry_all(b.url, bodies, use_keys)
+        a.start()
     return failures
 
 
@@ -241,8 +253,9 @@ def test_200_ambiguous_failures_each_applied_exactly_once(
 ) -> None:
     a, b = replicas
     create(a.url, {"lr": 1.0}, np.zeros(SLOTS))
-    failures = frozen_redis_rounds(redis_server, a.url, b.url, 0, 10)
-    failures += killed_server_rounds(replicas, 100, 10)
+    failures = frozen_redis_rounds(redis_server, a.url, b.url, 0, 8)
+    failures += killed_server_rounds(redis_server, replicas, 80, 6)
+    failures += dead_owner_rounds(redis_server, replicas, 140, 6)
     step, value, _ = read(replicas[0].url)
     assert value[:200].tolist() == [-1.0] * 200, f"pushes applied {sorted(set(value[:200].tolist()))} times"
     assert step == 200
@@ -259,6 +272,20 @@ def test_negative_control_retries_without_keys_apply_twice(
     time.sleep(0.5)  # let A's abandoned requests finish
     _, value, _ = read(b.url)
     assert (value[:20] == -2.0).any(), "without keys, a timed-out push that was applied is applied again"
+
+
+def test_negative_control_without_the_idempotency_records_a_new_owner_applies_twice(
+    redis_server: RedisProcess,
+) -> None:
+    servers = [ServerProcess(redis_url=redis_server.url, env=FAST_LEASE, unsafe="no-dedup").start() for _ in range(2)]
+    try:
+        create(servers[0].url, {"lr": 1.0}, np.zeros(SLOTS))
+        dead_owner_rounds(redis_server, servers, 0, 2)
+        _, value, _ = read(servers[0].url)
+        assert (value[:20] == -2.0).any(), "without the records, the new owner cannot know the pushes were applied"
+    finally:
+        for s in servers:
+            s.stop()
 
 
 def test_20_concurrent_requests_with_one_key_over_2_replicas(replicas: list[ServerProcess]) -> None:
@@ -310,7 +337,7 @@ def test_sync_4_workers_over_2_replicas_equal_training_on_the_mean(replicas: lis
         list(pool.map(worker, workers))
     cfg, value, velocity = SGDConfig(**OPT), p0, None  # type: ignore[arg-type]
     for k in range(steps):
-        mean = mean_gradient({w: grads[w][k].tobytes() for w in workers}, value)
+        mean = mean_gradient({w: grads[w][k] for w in workers})
         value, velocity = sgd_update(cfg, value, velocity, mean)
         assert all(seen[w][k] == value.tobytes() for w in workers), f"step {k}"
     step, final, _ = read(replicas[1].url)

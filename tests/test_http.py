@@ -12,8 +12,8 @@ import pytest
 from momentum_service.api import create_app
 from momentum_service.kernels import SGDConfig, sgd_update
 from momentum_service.settings import Settings
-from momentum_service.store import Store
-from momentum_service.store.redis import RedisStore
+from momentum_service.store import Journal
+from momentum_service.store.redis import RedisJournal
 
 from .helpers import free_port
 
@@ -32,13 +32,13 @@ def array(t: dict[str, Any]) -> np.ndarray:
     return np.asarray(t["data"], dtype=np.float64).astype(t["dtype"]).reshape(t["shape"])
 
 
-def make_client(store: Store, **settings: Any) -> httpx.AsyncClient:
-    app = create_app(Settings(**settings), store=store)
+def make_client(store: Journal, **settings: Any) -> httpx.AsyncClient:
+    app = create_app(Settings(**settings), journal=store)
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test")
 
 
 @pytest.fixture
-async def api(store: Store) -> AsyncIterator[httpx.AsyncClient]:
+async def api(store: Journal) -> AsyncIterator[httpx.AsyncClient]:
     async with make_client(store) as client:
         yield client
 
@@ -80,6 +80,7 @@ async def test_put_model_creates_then_replaces(api: httpx.AsyncClient, model: st
         "optimizer": {**OPT_OUT, "lr": 0.5, "momentum": 0.0},
         "schedule": CONSTANT,
         "mode": "async",
+        "durability": "step",
         "params": {},
     }
     r = await api.put(f"/v1/models/{model}", json={"optimizer": {"lr": 0.2, "momentum": 0.5}})
@@ -96,7 +97,7 @@ async def test_put_model_if_none_match_only_creates(api: httpx.AsyncClient, mode
     before = await snapshot(api, model)
     r = await api.put(f"/v1/models/{model}", json={"optimizer": {"lr": 0.5}}, headers={"if-none-match": "*"})
     body = assert_problem(r, 412, "model-exists")
-    assert body["existing"] == {"optimizer": OPT_OUT, "schedule": CONSTANT, "mode": "async"}
+    assert body["existing"] == {"optimizer": OPT_OUT, "schedule": CONSTANT, "mode": "async", "durability": "step"}
     assert "PATCH" in body["detail"]
     assert await snapshot(api, model) == before  # momentum still 0.9, every step and velocity kept
     r = await api.put("/v1/models/fresh", json={"optimizer": {"lr": 0.5}}, headers={"if-none-match": "*"})
@@ -113,6 +114,7 @@ async def test_get_model(api: httpx.AsyncClient, model: str) -> None:
         "optimizer": OPT_OUT,
         "schedule": CONSTANT,
         "mode": "async",
+        "durability": "step",
         "params": {
             "b": {"shape": [1], "dtype": "float32", "step": 0},
             "w": {"shape": [2, 2], "dtype": "float32", "step": 0},
@@ -412,7 +414,7 @@ async def test_unsupported_media_type(api: httpx.AsyncClient, model: str) -> Non
     assert r.status_code == 200  # any +json media type is JSON
 
 
-async def test_body_over_the_limit(store: Store) -> None:
+async def test_body_over_the_limit(store: Journal) -> None:
     async with make_client(store, max_body_bytes=1000) as api:
         await api.put("/v1/models/m", json={"optimizer": OPT})
         await api.put("/v1/models/m/params/w", json=tensor(np.zeros(10)))
@@ -429,7 +431,7 @@ async def test_body_over_the_limit(store: Store) -> None:
         assert (await api.get("/v1/models/m/params/w")).json()["step"] == 0
 
 
-async def test_tensor_over_the_element_cap(store: Store) -> None:
+async def test_tensor_over_the_element_cap(store: Journal) -> None:
     async with make_client(store, max_tensor_elements=100) as api:
         await api.put("/v1/models/m", json={"optimizer": OPT})
         assert_problem(await api.put("/v1/models/m/params/w", json=tensor(np.zeros(101))), 413, "tensor-too-large")
@@ -469,7 +471,7 @@ async def test_unknown_routes_and_methods_are_problems(api: httpx.AsyncClient) -
 
 
 async def test_store_unreachable_is_503(redis_prefix: str) -> None:
-    dead = RedisStore.from_url(f"redis://127.0.0.1:{free_port()}/0", prefix=redis_prefix, timeout=0.5)
+    dead = RedisJournal.from_url(f"redis://127.0.0.1:{free_port()}/0", prefix=redis_prefix, timeout=0.5)
     async with make_client(dead) as api:
         assert (await api.get("/healthz")).status_code == 200
         body = assert_problem(await api.get("/readyz"), 503, "store-unavailable")

@@ -13,14 +13,14 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from momentum_service.store import Store
-from momentum_service.store.redis import RedisStore
+from momentum_service.store import Journal
+from momentum_service.store.redis import RedisJournal
 
 from .test_http import array, make_client, tensor
 
 
 @pytest.fixture
-async def api(store: Store) -> AsyncIterator[httpx.AsyncClient]:
+async def api(store: Journal) -> AsyncIterator[httpx.AsyncClient]:
     async with make_client(store, sync_timeout_s=0.2) as client:
         yield client
 
@@ -91,8 +91,9 @@ async def test_a_parameter_deleted_with_its_model_is_not_there_after_re_creation
 
 
 async def test_redis_keeps_no_key_of_a_deleted_model(redis_proc, redis_prefix: str) -> None:  # type: ignore[no-untyped-def]
-    """Parameters, idempotency records and sync steps: all unlinked by the DELETE itself."""
-    store = RedisStore.from_url(redis_proc.url, prefix=redis_prefix)
+    """The log, the snapshots and the idempotency records: all unlinked by the DELETE itself (the lease,
+    the model name's, stays: its fencing token must keep growing)."""
+    store = RedisJournal.from_url(redis_proc.url, prefix=redis_prefix)
     client = redis_proc.client()
     try:
         async with make_client(store, sync_timeout_s=0.05) as api:
@@ -112,12 +113,17 @@ async def test_redis_keeps_no_key_of_a_deleted_model(redis_proc, redis_prefix: s
             )
             assert r.status_code == 202
             before = {k.decode() for k in client.scan_iter(match=f"{redis_prefix}:*")}
-            assert any(k.endswith(":idem") for k in before) and any(":sync:0" in k for k in before)
+            assert any(k.endswith(":idem") for k in before) and any(":log:" in k for k in before)
 
             for model in ("m", "s"):
                 assert (await api.delete(f"/v1/models/{model}")).status_code == 204
-            left = [k.decode() for k in client.scan_iter(match=f"{redis_prefix}:*")]
-            assert left == []
+            left = sorted(k.decode() for k in client.scan_iter(match=f"{redis_prefix}:*"))
+            assert left == [
+                f"{redis_prefix}:{{m}}:lease",
+                f"{redis_prefix}:{{replicas}}:live",
+                f"{redis_prefix}:{{replicas}}:urls",
+                f"{redis_prefix}:{{s}}:lease",
+            ] or left == [f"{redis_prefix}:{{m}}:lease", f"{redis_prefix}:{{s}}:lease"]
     finally:
         client.close()
         await store.close()

@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
-from momentum_service.store import MemoryStore
+from momentum_service.store import MemoryJournal
 
 from .helpers import ROOT
 from .test_http import assert_problem, make_client, tensor
@@ -110,7 +110,7 @@ LEAKS = re.compile(r"Input should|Extra inputs|constrained-|tagged-union|Optimiz
 
 @pytest.fixture
 async def api() -> AsyncIterator[httpx.AsyncClient]:
-    async with make_client(MemoryStore()) as client:
+    async with make_client(MemoryJournal()) as client:
         r = await client.put("/v1/models/existing", json={"optimizer": {"lr": 0.1}})
         assert r.status_code == 201
         yield client

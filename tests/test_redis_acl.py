@@ -31,7 +31,7 @@ import safetensors.numpy
 import yaml
 from momentum_service.auth import hash_key, new_key
 from momentum_service.errors import StoreUnavailable
-from momentum_service.store.redis import RedisStore
+from momentum_service.store.redis import RedisJournal
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
@@ -118,6 +118,7 @@ def service(acl_redis: AclRedis) -> Iterator[ServerProcess]:
         "MOMENTUM_API_KEYS": f"{hash_key(KEY)} admin:*",
         "MOMENTUM_REDIS_PREFIX": acl_redis.prefix,
         "MOMENTUM_SYNC_TIMEOUT_S": "0.2",  # the first of two sync workers gets its 202 without waiting 5 s
+        "MOMENTUM_SNAPSHOT_LOG_RATIO": "0.5",  # a 1.2 MB parameter is snapshotted at once (the log >= 1 MiB)
     }
     server = ServerProcess(redis_url=acl_redis.url, env=env).start()
     try:
@@ -187,12 +188,17 @@ def test_the_whole_api_works_through_the_acl_user(acl_redis: AclRedis, service: 
         ok(api.put("/v1/models/bounded", json=bounded), 201)
         ok(api.put("/v1/models/bounded/params/w", json=tensor([1.0])), 201)
         ok(api.post("/v1/models/bounded/step", json={"gradients": {"w": tensor([1.0])}, "base_step": 0}), 200)
+        # a snapshot (staged buffers renamed into place by the commit script)
+        big = safetensors.numpy.save({"w": np.ones(300_000, np.float32)})
+        ok(api.put("/v1/models/bounded/params", content=big, headers={"content-type": ST}), 200)
+        assert ok(api.get("/v1/models/bounded"), 200).json()["params"]["w"]["shape"] == [300_000]
 
         keys = [k.decode() for k in acl_redis.inspector().scan_iter(count=1000)]
         assert keys and all(k.startswith(f"{acl_redis.prefix}:") for k in keys), keys
-        assert any(k.endswith(":idem") for k in keys) and any(":sync:" in k for k in keys), keys
+        assert any(k.endswith(":idem") for k in keys) and any(":log:" in k for k in keys), keys
+        assert any(k.endswith(":lease") for k in keys) and any(":snap:" in k for k in keys), keys
 
-        # deletes (a parameter; models: WATCH/MULTI/EXEC)
+        # deletes (a parameter: a log entry; models: a script)
         ok(api.delete("/v1/models/net/params/b"), 204)
         ok(api.get("/v1/models/net/params/b"), 404)
         for model in ("net", "sync", "bounded"):
@@ -218,7 +224,7 @@ def test_wrong_password_and_default_user_are_refused(acl_redis: AclRedis) -> Non
 
 
 async def test_the_service_with_a_wrong_password_gets_503s(acl_redis: AclRedis) -> None:
-    store = RedisStore.from_url(acl_redis.url.replace(PASSWORD, "0" * 64), prefix=acl_redis.prefix, timeout=2)
+    store = RedisJournal.from_url(acl_redis.url.replace(PASSWORD, "0" * 64), prefix=acl_redis.prefix, timeout=2)
     try:
         with pytest.raises(StoreUnavailable, match=r"(?i)invalid username-password|WRONGPASS|authentication"):
             await store.ping()
@@ -268,14 +274,13 @@ DANGEROUS = [
     ("SWAPDB", "0", "1"),
     ("PUBLISH", "channel", "x"),
     ("SUBSCRIBE", "channel"),
-    ("GET", "momentum:x"),  # not a command the service needs, even on its own keys
-    ("SET", "momentum:x", "1"),
-    ("RENAME", "momentum:x", "other"),
+    ("RENAME", "momentum:x", "other"),  # out of the prefix (RENAME within it is the service's)
     ("DUMP", "momentum:x"),
     ("DEL", "momentum:x"),  # UNLINK is what the service uses
     ("WATCH", "momentum:x"),
-    ("MULTI",),
     ("OBJECT", "ENCODING", "momentum:x"),
+    ("GETDEL", "momentum:x"),
+    ("APPEND", "momentum:x", "1"),
 ]
 
 
@@ -299,7 +304,8 @@ def test_the_acl_user_is_refused(acl_redis: AclRedis, command: tuple[str, ...]) 
         "return redis.call('FLUSHALL')",
         "return redis.call('CONFIG', 'GET', '*')",
         "return redis.call('KEYS', '*')",
-        "return redis.call('SET', KEYS[1], '1')",
+        "return redis.call('DEL', KEYS[1])",
+        "return redis.call('GETDEL', KEYS[1])",
     ],
 )
 def test_a_script_of_its_own_runs_under_the_same_acl(acl_redis: AclRedis, script: str) -> None:

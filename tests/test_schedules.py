@@ -14,9 +14,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from momentum_service.config import ModelConfig
 from momentum_service.kernels import rule_from_dict, schedule_from_dict
 from momentum_service.kernels.schedules import LRTable
-from momentum_service.store import Store
+from momentum_service.store import Journal, Lease, Replica
 from torch.optim import lr_scheduler as L
 
 from .test_http import array, assert_problem, make_client, tensor
@@ -209,7 +210,7 @@ def test_schedules_round_trip() -> None:
 
 
 @pytest.fixture
-async def api(store: Store) -> AsyncIterator[httpx.AsyncClient]:
+async def api(store: Journal) -> AsyncIterator[httpx.AsyncClient]:
     async with make_client(store) as client:
         yield client
 
@@ -351,20 +352,27 @@ async def test_rule_and_schedule_errors(api: httpx.AsyncClient) -> None:
     assert r.status_code == 200 and r.json()["params"]["w"]["lr"] == 0.2
 
 
-async def test_a_config_stored_before_rules_reads_as_pytorch(store: Store) -> None:
-    await store.put_model(
-        "old",
-        {
-            "optimizer": {
-                "lr": 0.1,
-                "momentum": 0.9,
-                "dampening": 0.0,
-                "nesterov": False,
-                "weight_decay": 0.0,
-                "maximize": False,
-            }
-        },
-    )
+async def test_a_config_stored_before_rules_reads_as_pytorch(store: Journal) -> None:
+    """A model whose journal holds a config from before rules, schedules, modes and durability."""
+    legacy = {
+        "optimizer": {
+            "lr": 0.1,
+            "momentum": 0.9,
+            "dampening": 0.0,
+            "nesterov": False,
+            "weight_decay": 0.0,
+            "maximize": False,
+        }
+    }
+    config = ModelConfig.from_dict(legacy)
+    assert config.rule.name == "pytorch" and config.mode.kind == "async" and config.durability.flush_ms is None
+    if not store.durable:
+        return
+    got = await store.acquire("old", Replica("r", "http://r"), 5000)
+    assert isinstance(got, Lease)
+    await store.create(got, "old", legacy, "rev", "inc")
+    await store.release(got)
     async with make_client(store) as api:
         body = (await api.get("/v1/models/old")).json()
         assert body["optimizer"]["rule"] == "pytorch" and body["schedule"] == {"type": "constant"}
+        assert body["mode"] == "async" and body["durability"] == "step"

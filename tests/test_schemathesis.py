@@ -31,7 +31,7 @@ from momentum_service.api import create_app
 from momentum_service.api.codecs.safetensors import MEDIA_TYPE as SAFETENSORS
 from momentum_service.auth import hash_key
 from momentum_service.settings import Settings
-from momentum_service.store import MemoryStore
+from momentum_service.store import MemoryJournal
 from schemathesis.core.parameters import ParameterLocation
 from schemathesis.transport.serialization import Binary
 
@@ -103,7 +103,7 @@ def valid_data_passes_validation(
 SETTINGS = Settings(api_keys=f"{hash_key(KEY)} admin:*", sync_timeout_s=0.01)
 # The schema is loaded when the module is imported: schemathesis' lazy ``from_fixture`` loader fails
 # under pytest 9 (it reads ``request.node._nodeid``).
-APP = create_app(SETTINGS, store=MemoryStore())
+APP = create_app(SETTINGS, journal=MemoryJournal())
 schema = schemathesis.openapi.from_asgi("/openapi.json", APP, headers=AUTH, config=_config())
 
 
@@ -311,7 +311,7 @@ class APIWorkflow(linked_schema.as_state_machine()):  # type: ignore[misc]
     server, so that a replayed example meets the same state. Tensors are made consistent as above."""
 
     def setup(self) -> None:
-        self.app = create_app(SETTINGS, store=MemoryStore())
+        self.app = create_app(SETTINGS, journal=MemoryJournal())
 
     def get_call_kwargs(self, case: schemathesis.Case) -> dict[str, Any]:
         return {"headers": AUTH, "app": self.app}
@@ -335,7 +335,7 @@ TestAPIWorkflow.settings = settings(
 
 
 async def test_found_405_lists_every_method_of_the_path() -> None:
-    async with make_client(MemoryStore(), api_keys=SETTINGS.api_keys) as api:
+    async with make_client(MemoryJournal(), api_keys=SETTINGS.api_keys) as api:
         r = await api.request("OPTIONS", "/v1/models/m", headers=AUTH)
         assert_problem(r, 405)
         assert r.headers["allow"] == "DELETE, GET, PATCH, PUT"  # Starlette's own said only "PUT"
@@ -343,7 +343,7 @@ async def test_found_405_lists_every_method_of_the_path() -> None:
 
 
 async def test_found_empty_tensors_with_huge_dimensions_are_refused_not_500() -> None:
-    async with make_client(MemoryStore(), api_keys=SETTINGS.api_keys) as api:
+    async with make_client(MemoryJournal(), api_keys=SETTINGS.api_keys) as api:
         assert (await api.put("/v1/models/m", json={"optimizer": {"lr": 0.1}}, headers=AUTH)).status_code == 201
         huge = {"shape": [0, 2**62], "dtype": "float32", "data": []}
         assert_problem(await api.put("/v1/models/m/params/w", json=huge, headers=AUTH), 413, "tensor-too-large")
@@ -354,7 +354,7 @@ async def test_found_empty_tensors_with_huge_dimensions_are_refused_not_500() ->
 
 
 async def test_found_integers_written_as_floats_are_integers() -> None:
-    async with make_client(MemoryStore(), api_keys=SETTINGS.api_keys) as api:
+    async with make_client(MemoryJournal(), api_keys=SETTINGS.api_keys) as api:
         body = {
             "optimizer": {"lr": 0.1},
             "mode": "sync",
@@ -372,7 +372,7 @@ async def test_found_integers_written_as_floats_are_integers() -> None:
 
 
 async def test_found_a_tensor_name_ending_in_a_newline_is_refused() -> None:
-    async with make_client(MemoryStore(), api_keys=SETTINGS.api_keys) as api:
+    async with make_client(MemoryJournal(), api_keys=SETTINGS.api_keys) as api:
         assert (await api.put("/v1/models/m", json={"optimizer": {"lr": 0.1}}, headers=AUTH)).status_code == 201
         raw = safetensors.numpy.save({"w\n": np.ones(2, np.float32)})  # no URL could name that parameter
         r = await api.put("/v1/models/m/params", content=raw, headers={**AUTH, "content-type": SAFETENSORS})
@@ -388,7 +388,8 @@ def test_found_the_document_says_what_the_server_checks() -> None:
     names = document["components"]["schemas"]["StepRequest"]["properties"]["gradients"]
     assert "patternProperties" not in names and names["propertyNames"]["pattern"]  # every key, not some
     patch = document["components"]["schemas"]["ModelPatch"]
-    assert patch["minProperties"] == 1 and all("anyOf" not in p for p in patch["properties"].values())
+    assert patch["minProperties"] == 1  # and no field may be null (leaving it out keeps it):
+    assert all(all(a.get("type") != "null" for a in p.get("anyOf", [])) for p in patch["properties"].values())
     for status in ("401", "404", "422"):
         content = document["paths"]["/v1/models/{model}"]["get"]["responses"][status]["content"]
         assert list(content) == ["application/problem+json"] and content["application/problem+json"]["schema"]

@@ -38,7 +38,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 from momentum_service.kernels import SGDConfig, sgd_update
-from momentum_service.store import Store
+from momentum_service.store import Journal
 
 from .test_http import assert_problem, make_client
 
@@ -216,6 +216,7 @@ def machine(call: Callable[..., httpx.Response]) -> type[RuleBasedStateMachine]:
                 "optimizer": {"rule": "pytorch", **m.hyper},
                 "schedule": {"type": "constant"},
                 "mode": "async",
+                "durability": "step",
                 "params": {
                     n: {"shape": list(p.value.shape), "dtype": p.value.dtype.name, "step": p.step}
                     for n, p in sorted(m.params.items())
@@ -662,7 +663,7 @@ def machine(call: Callable[..., httpx.Response]) -> type[RuleBasedStateMachine]:
     return API
 
 
-async def test_api_state_machine(store: Store) -> None:
+async def test_api_state_machine(store: Journal) -> None:
     loop = asyncio.get_running_loop()
     async with make_client(store) as client:
 
@@ -674,7 +675,7 @@ async def test_api_state_machine(store: Store) -> None:
 
 
 # Found by this machine (an engine bug, fixed): a retry checked expected_steps before its key.
-async def test_a_retried_step_with_expected_steps_is_replayed(store: Store) -> None:
+async def test_a_retried_step_with_expected_steps_is_replayed(store: Journal) -> None:
     async with make_client(store) as api:
         assert (await api.put("/v1/models/m", json={"optimizer": {"lr": 0.1, "momentum": 0.9}})).status_code == 201
         value = {"shape": [1], "dtype": "float32", "data": [1.0]}
@@ -691,7 +692,7 @@ async def test_a_retried_step_with_expected_steps_is_replayed(store: Store) -> N
 
 
 # Found by this machine (a wire bug, fixed): np.ascontiguousarray made 0-d tensors 1-d.
-async def test_a_scalar_parameter_reads_back_as_a_scalar_in_safetensors(store: Store) -> None:
+async def test_a_scalar_parameter_reads_back_as_a_scalar_in_safetensors(store: Journal) -> None:
     async with make_client(store) as api:
         assert (await api.put("/v1/models/m", json={"optimizer": {"lr": 0.1}})).status_code == 201
         scalar = {"shape": [], "dtype": "float32", "data": [2.0]}

@@ -3,6 +3,8 @@ the service configured through its environment. Crashing either loses nothing.""
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import numpy as np
 import pytest
@@ -37,10 +39,18 @@ def test_state_survives_killing_redis_and_the_service(tmp_path) -> None:  # type
         redis_proc.start()  # same port, same directory: replays the AOF
         assert httpx.get(f"{url}/v1/models/net/params/w", params={"include": "velocity"}).json() == before
 
-        # SIGKILL the service; a new process serves the same state.
+        # SIGKILL the service; a new process serves the same state, once the dead one's lease on the
+        # model has expired (until then it answers 503 owner-unreachable, with Retry-After).
         server.kill()
         server = ServerProcess(env={"MOMENTUM_REDIS_URL": redis_proc.url, "MOMENTUM_REDIS_PREFIX": "prod"}).start()
-        assert httpx.get(f"{server.url}/v1/models/net/params/w", params={"include": "velocity"}).json() == before
+        deadline = time.monotonic() + 5 + 5  # the lease (MOMENTUM_LEASE_MS 5000), and some slack
+        while True:
+            r = httpx.get(f"{server.url}/v1/models/net/params/w", params={"include": "velocity"})
+            if r.status_code != 503 or time.monotonic() > deadline:
+                break
+            assert r.json()["type"].endswith(":owner-unreachable")
+            time.sleep(0.2)
+        assert r.json() == before
         after = httpx.post(f"{server.url}/v1/models/net/step", json=grad).json()["params"]["w"]
         assert after["step"] == 6
         assert redis_proc.client().config_get("appendfsync") == {"appendfsync": "always"}
@@ -84,16 +94,16 @@ def test_redacted_url_in_logs() -> None:
 
 
 def test_store_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    from momentum_service.api.app import make_store
+    from momentum_service.api.app import make_journal
     from momentum_service.settings import Settings
 
     monkeypatch.setenv("MOMENTUM_REDIS_URL", "redis://127.0.0.1:1/0")
     monkeypatch.setenv("MOMENTUM_MAX_BODY_BYTES", "1234")
     s = Settings()
     assert s.redis_url == "redis://127.0.0.1:1/0" and s.max_body_bytes == 1234
-    assert make_store(s).kind == "redis"
+    assert make_journal(s).kind == "redis"
     monkeypatch.delenv("MOMENTUM_REDIS_URL")
-    assert make_store(Settings()).kind == "memory"
+    assert make_journal(Settings()).kind == "memory"
     np.testing.assert_equal(Settings().max_tensor_elements, 1 << 25)
 
 
@@ -105,11 +115,11 @@ async def test_frozen_redis_gives_503_in_bounded_time(tmp_path) -> None:  # type
 
     from momentum_service.api import create_app
     from momentum_service.settings import Settings
-    from momentum_service.store.redis import RedisStore
+    from momentum_service.store.redis import RedisJournal
 
     redis_proc = RedisProcess(directory=str(tmp_path)).start()
-    store = RedisStore.from_url(redis_proc.url, prefix="frozen", timeout=0.3)
-    app = create_app(Settings(), store=store)
+    store = RedisJournal.from_url(redis_proc.url, prefix="frozen", timeout=0.3)
+    app = create_app(Settings(), journal=store)
     try:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as api:
             assert (await api.put("/v1/models/m", json={"optimizer": OPT})).status_code == 201

@@ -18,7 +18,7 @@ from momentum_service.api.codecs import BodyError, Limits
 from momentum_service.api.codecs import safetensors as wire
 from momentum_service.kernels import SGDConfig, sgd_update
 from momentum_service.settings import Settings
-from momentum_service.store import Store
+from momentum_service.store import Journal
 
 from .test_http import array, assert_problem, make_client, tensor
 
@@ -39,7 +39,7 @@ def read_st(content: bytes) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
 
 
 @pytest.fixture
-async def api(store: Store) -> AsyncIterator[httpx.AsyncClient]:
+async def api(store: Journal) -> AsyncIterator[httpx.AsyncClient]:
     async with make_client(store) as client:
         yield client
 
@@ -233,12 +233,12 @@ def test_mutated_bodies_never_crash_the_parser(data: st.DataObject) -> None:
         assert list(ours[name].shape) == spec["shape"]
 
 
-async def test_the_sdk_speaks_safetensors_by_default(store: Store) -> None:
+async def test_the_sdk_speaks_safetensors_by_default(store: Journal) -> None:
     import momentum_client as mc
     from momentum_service.api import create_app
 
     seen: list[httpx.Request] = []
-    app = create_app(Settings(), store=store)
+    app = create_app(Settings(), journal=store)
 
     class Spy(httpx.ASGITransport):
         async def handle_async_request(self, request: httpx.Request) -> httpx.Response:

@@ -1,7 +1,8 @@
 """A model's config: its momentum rule, learning-rate schedule and mode (domain, no HTTP).
 
 Stored as JSON ``{"optimizer": {"rule": ..., ...}, "schedule": {"type": ..., ...},
-"mode": "async"|"sync"|"bounded", "workers": n, "max_staleness": s}``;
+"mode": "async"|"sync"|"bounded", "workers": n, "max_staleness": s,
+"durability": "step"|{"flush_ms": n}}``;
 a config written before rules and schedules existed reads as the ``pytorch`` rule with a
 constant schedule in async mode.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from .errors import InvalidConfig
 from .kernels import Rule, Schedule, rule_from_dict, schedule_from_dict
@@ -19,7 +20,7 @@ from .kernels.errors import FieldError
 from .kernels.schedules import ConstantSchedule
 from .kernels.sgd import check_bool, check_number
 
-__all__ = ["MODE_FIELDS", "Mode", "ModelConfig"]
+__all__ = ["Durability", "MODE_FIELDS", "Mode", "ModelConfig"]
 
 
 MAX_WORKERS = 1024
@@ -84,6 +85,39 @@ class Mode:
 
 
 MODE_FIELDS = ("mode", "workers", "max_staleness")
+MAX_FLUSH_MS = 60_000
+
+
+@dataclass(frozen=True, slots=True)
+class Durability:
+    """When a step is acknowledged, against when it is in the journal (Redis).
+
+    ``step`` (``flush_ms`` None): once its log entry is written. ``{"flush_ms": n}``: at once,
+    from the owner's memory; the log reaches the journal within ``n`` ms, so a crash of the
+    owner loses at most the steps of the last ``n`` ms (plus the lease period).
+    """
+
+    flush_ms: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.flush_ms is not None:
+            _count("durability.flush_ms", self.flush_ms, 1, MAX_FLUSH_MS)
+
+    @classmethod
+    def parse(cls, value: Any) -> Durability:
+        if value is None or value == "step":
+            return cls()
+        if isinstance(value, Mapping) and set(value) == {"flush_ms"}:
+            return cls(_integral(value["flush_ms"]))
+        raise FieldError(
+            f'durability must be "step" or {{"flush_ms": n}} (n from 1 to {MAX_FLUSH_MS}), got {value!r}', "durability"
+        )
+
+    def to_json(self) -> Any:
+        return "step" if self.flush_ms is None else {"flush_ms": self.flush_ms}
+
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +125,7 @@ class ModelConfig:
     rule: Rule
     schedule: Schedule
     mode: Mode = Mode()
+    durability: Durability = Durability()
 
     @classmethod
     def build(
@@ -98,6 +133,7 @@ class ModelConfig:
         optimizer: Mapping[str, Any],
         schedule: Mapping[str, Any] | None = None,
         mode: Mapping[str, Any] | None = None,
+        durability: Any = None,
     ) -> ModelConfig:
         """Validate a config from its parts; :class:`InvalidConfig` names the part at fault."""
         try:
@@ -108,19 +144,35 @@ class ModelConfig:
             sched = ConstantSchedule() if schedule is None else schedule_from_dict(dict(schedule))
         except (TypeError, ValueError) as exc:
             raise _invalid(exc, "schedule") from None
-        return cls(rule, sched, _mode(lambda: Mode.from_fields(mode or {})))
+        return cls(
+            rule, sched, _mode(lambda: Mode.from_fields(mode or {})), _mode(lambda: Durability.parse(durability))
+        )
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelConfig:
-        return cls.build(data["optimizer"], data.get("schedule"), {k: data[k] for k in MODE_FIELDS if k in data})
+        return cls.build(
+            data["optimizer"],
+            data.get("schedule"),
+            {k: data[k] for k in MODE_FIELDS if k in data},
+            data.get("durability"),
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.rule.to_dict(), "schedule": self.schedule.to_dict(), **self.mode.to_dict()}
+        return {
+            "optimizer": self.rule.to_dict(),
+            "schedule": self.schedule.to_dict(),
+            **self.mode.to_dict(),
+            "durability": self.durability.to_json(),
+        }
 
     def patched(
-        self, optimizer: Mapping[str, Any], schedule: Mapping[str, Any] | None, mode: Mapping[str, Any] | None = None
+        self,
+        optimizer: Mapping[str, Any],
+        schedule: Mapping[str, Any] | None,
+        mode: Mapping[str, Any] | None = None,
+        durability: Any = None,
     ) -> ModelConfig:
-        """This config with some hyperparameters, the schedule and/or the mode changed, validated."""
+        """This config with some hyperparameters, the schedule, the mode and/or the durability changed, validated."""
         changes = {k: v for k, v in optimizer.items() if k != "rule"}
         try:
             rule = self.rule.updated(**changes)
@@ -130,10 +182,11 @@ class ModelConfig:
             raise _invalid(exc, "optimizer") from None
         new_schedule = self.schedule if schedule is None else ModelConfig.build(rule.to_dict(), schedule).schedule
         new_mode = self.mode if not mode else _mode(lambda: self.mode.patched(mode))
-        return ModelConfig(rule, new_schedule, new_mode)
+        new_durability = self.durability if durability is None else _mode(lambda: Durability.parse(durability))
+        return ModelConfig(rule, new_schedule, new_mode, new_durability)
 
 
-def _mode(make: Callable[[], Mode]) -> Mode:
+def _mode(make: Callable[[], _T]) -> _T:
     try:
         return make()
     except (TypeError, ValueError) as exc:
@@ -161,7 +214,9 @@ def explain_put(body: Any) -> None:
     schedule = body.get("schedule")
     mode = {k: _integral(body[k]) for k in MODE_FIELDS if k in body and body[k] is not None}
     with contextlib.suppress(TypeError):
-        ModelConfig.build(body["optimizer"], schedule if isinstance(schedule, dict) else None, mode)
+        ModelConfig.build(
+            body["optimizer"], schedule if isinstance(schedule, dict) else None, mode, body.get("durability")
+        )
 
 
 _PATCHABLE = {
@@ -205,6 +260,11 @@ def explain_patch(body: Any) -> None:
             schedule_from_dict(schedule)
         except (TypeError, ValueError) as exc:
             raise _invalid(exc, "schedule") from None
+    if body.get("durability") is not None:
+        try:
+            Durability.parse(body["durability"])
+        except (TypeError, ValueError) as exc:
+            raise _invalid(exc, None) from None
     fields = {k: _integral(body[k]) for k in MODE_FIELDS if body.get(k) is not None}
     if "mode" in fields and fields["mode"] not in MODES:
         raise InvalidConfig(f"mode must be one of {', '.join(MODES)}, got {fields['mode']!r}", "mode")

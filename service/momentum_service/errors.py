@@ -197,3 +197,38 @@ class WorkerOutOfRange(ServiceError):
             f"model {model!r} is in sync mode with {workers} worker(s): worker_id must be between 0 and "
             f"{workers - 1}, got {worker_id}"
         )
+
+
+class OwnerLost(StoreUnavailable):
+    """This server stopped serving the model (its lease lapsed or was taken over, or a write to the
+    journal failed): retry, and the model's current owner answers."""
+
+
+class NotOwner(ServiceError):
+    """The model is served by another server (the HTTP layer forwards requests to it)."""
+
+    def __init__(self, model: str, url: str, replica: str) -> None:
+        super().__init__(f"model {model!r} is served by another server ({url})")
+        self.model, self.url, self.replica = model, url, replica
+
+
+class OwnerUnreachable(StoreUnavailable):
+    """The server that owns the model did not answer a forwarded request."""
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class Fenced(ServiceError):
+    """A write refused because the writer's lease is no longer the model's current one: another
+    process owns the model now (or the model's head moved on). Nothing was written."""
+
+
+class KeyTaken(ServiceError):
+    """A batch carried an idempotency key that the journal already has as applied (written by an
+    earlier owner): nothing of the batch was written."""
+
+    def __init__(self, key: str, fingerprint: str, summary: str) -> None:
+        super().__init__(f"idempotency key {key!r} was applied already")
+        self.key, self.fingerprint, self.summary = key, fingerprint, summary

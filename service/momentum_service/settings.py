@@ -26,22 +26,17 @@ class Settings(BaseSettings):
         description="Memory kept for reuse by large step outputs and request bodies (recycled arrays avoid "
         "page faults on every step); 0 disables the pool.",
     )
-    cache_bytes: int = Field(
-        default=512 << 20,
-        ge=0,
-        description="Parameter states kept in this process, validated by etag, so steps need not re-read "
-        "them from Redis (0 disables the cache).",
-    )
     max_body_bytes: int = Field(default=64 * 1024 * 1024, gt=0, description="Largest accepted request body (413).")
     max_tensor_elements: int = Field(default=1 << 25, gt=0, description="Largest tensor, in elements (413).")
     max_tensor_dims: int = Field(default=32, gt=0)
     idempotency_ttl_s: float = Field(
         default=86400.0, gt=0, description="How long a step's Idempotency-Key is remembered (default 24 h)."
     )
-    idempotency_lease_s: float = Field(
-        default=10.0,
+    idempotency_memory_keys: int = Field(
+        default=100_000,
         gt=0,
-        description="How long a key stays in flight (409 to retries) when the attempt holding it dies.",
+        description="Idempotency keys an owner keeps in memory per model (with Redis; the rest are looked up "
+        "there). The embedded store keeps every key for the TTL.",
     )
     sync_timeout_s: float = Field(
         default=5.0,
@@ -50,6 +45,29 @@ class Settings(BaseSettings):
     )
     sync_ttl_s: float = Field(
         default=3600.0, gt=0, description="How long an unfinished sync step's gradients are kept."
+    )
+    advertise_url: str | None = Field(
+        default=None,
+        description="The URL other replicas reach this one at, to forward requests for the models it owns "
+        "(default: http://<host>:<port>, with the machine's hostname for 0.0.0.0).",
+    )
+    lease_ms: int = Field(
+        default=5000,
+        ge=100,
+        le=600_000,
+        description="How long a model's owner holds it without renewing (renewed every third of it): when a "
+        "replica dies, another takes its models over after this long.",
+    )
+    snapshot_log_ratio: float = Field(
+        default=4.0,
+        gt=0,
+        description="A model's state is snapshotted (and its log dropped) once its log since the last snapshot "
+        "exceeds this many times the state's size (and 1 MiB).",
+    )
+    flush_max_pending_bytes: int = Field(
+        default=256 << 20,
+        gt=0,
+        description="A flush_ms model's log not yet written, beyond which steps wait for the flush (back-pressure).",
     )
     keys_file: str | None = Field(
         default=None, description="File of API keys (SHA-256 hashes and scopes, one per line); see auth.py."

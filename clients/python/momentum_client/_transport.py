@@ -128,6 +128,14 @@ def _error(exc: BaseException, phase: str, request: httpx.Request) -> httpx.Tran
     return kinds[(phase, timeout)](f"{type(exc).__name__}: {exc}", request=request)
 
 
+def _resent(request: httpx.Request, length: int) -> bytes:
+    """The head of a request sent again on a fresh connection: the server may have seen the first one
+    after all (a connection can die after the request reached it), so its key is no longer fresh."""
+    if "momentum-fresh-key" in request.headers:
+        del request.headers["momentum-fresh-key"]
+    return request_head(request.method, _target(request.url), _host(request.url), request.headers.raw, length)
+
+
 class _Unanswered(Exception):
     """A pooled connection the server had closed: the request never reached it (send it again)."""
 
@@ -154,6 +162,7 @@ class ZeroCopyTransport(httpx.BaseTransport):
                 reader = self._exchange(sock, [head, *parts], request, timeouts, pooled)
             except _Unanswered:
                 sock.close()
+                head = _resent(request, length)
                 continue
             except BaseException:
                 sock.close()
@@ -271,6 +280,7 @@ class AsyncZeroCopyTransport(httpx.AsyncBaseTransport):
                 reader = await self._exchange(sock, [head, *parts], request, timeouts, pooled)
             except _Unanswered:
                 sock.close()
+                head = _resent(request, length)
                 continue
             except BaseException:
                 sock.close()

@@ -16,7 +16,9 @@ A request goes through, in order:
    times ``bodies_in_flight``: beyond, 503).
 4. **A processing slot**: at most ``max_concurrent`` requests are handled at once; beyond, 503
    with ``Retry-After``.
-5. **Dispatch**: a step goes to ``fast_step`` (:func:`.step.serve_step`), straight from ASGI;
+5. **Routing** (with several replicas, see :mod:`.forward`): a request about a model that another
+   replica owns is forwarded there, and its answer relayed.
+6. **Dispatch**: a step goes to ``fast_step`` (:func:`.step.serve_step`), straight from ASGI;
    everything else to the FastAPI application.
 
 The body is handed to the routes as ``scope["state"]["momentum.body"]`` (a read-only
@@ -50,6 +52,8 @@ KEY = "momentum.key"
 STEP_PATH = re.compile(r"^/v1/models/(?P<model>[^/]+)/step$")
 FastStep = Callable[[Scope, Receive, Send, str, memoryview, ApiKey | None], Awaitable[None]]
 """Serves ``POST /v1/models/{model}/step`` from ASGI, given the model, the body and the key (see :mod:`.step`)."""
+Router = Callable[[Scope, Receive, Send, memoryview], Awaitable[bool]]
+"""Forwards a request about a model another replica owns (True), or leaves it to this one (False)."""
 
 _DOCS = ("/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
 _UNLIMITED = ("/healthz", "/readyz")
@@ -95,9 +99,10 @@ class Admission:
         body_timeout_s: float,
         bodies_in_flight: int,
         fast_step: FastStep | None = None,
+        router: Router | None = None,
     ) -> None:
         self.app, self.ring, self.public_docs = app, ring, public_docs
-        self.fast_step = fast_step
+        self.fast_step, self.router = fast_step, router
         self.max_concurrent, self.max_per_key = max_concurrent, max_concurrent_per_key
         self.max_body, self.body_timeout = max_body_bytes, body_timeout_s
         self.body_budget = max_body_bytes * bodies_in_flight
@@ -156,6 +161,8 @@ class Admission:
             state[BODY], state[KEY] = body, key
             self.active += 1
             try:
+                if self.router is not None and await self.router(scope, receive, send, body):
+                    return
                 step = STEP_PATH.match(path) if scope["method"] == "POST" and self.fast_step else None
                 if step is not None and self.fast_step is not None:  # the hot path, without FastAPI's machinery
                     await self.fast_step(scope, receive, send, step.group("model"), body, key)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib.resources import files
@@ -14,17 +15,19 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 from starlette.responses import HTMLResponse
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .. import __version__
 from ..auth import KeyRing
-from ..engine import ParameterServer
+from ..engine import EngineOptions, ParameterServer, Remote
+from ..engine.writer import SnapshotPolicy
 from ..kernels.buffers import POOL
 from ..settings import Settings
-from ..store import MemoryStore, Store
+from ..store import Journal, MemoryJournal
 from . import problems
 from .admission import Admission
 from .codecs import Limits
+from .forward import Forwarder, hops, model_of
 from .routes import BODY_MODELS, health, router
 from .schemas import ProblemDetails
 from .step import serve_step
@@ -34,7 +37,7 @@ log = logging.getLogger("momentum_service")
 DOCS_ASSETS = "/docs/assets"  # Swagger UI's and ReDoc's files (public: they hold nothing of the server's)
 
 DESCRIPTION = """
-Optimizer as a service: the server keeps every parameter and its momentum velocity and
+Optimizer as a service: the server keeps every parameter and its momentum state and
 applies pushed gradients under `torch.optim.SGD`'s momentum rule, bitwise as torch 2.13
 does on CPU. Tensors travel as `{"shape": [...], "dtype": "float32"|"float64", "data": [...]}`;
 numbers are sent with full float64 precision, so float32 values survive the trip exactly.
@@ -42,17 +45,36 @@ Errors are RFC 9457 `application/problem+json`.
 """
 
 
-def make_store(settings: Settings) -> Store:
+def make_journal(settings: Settings) -> Journal:
     if settings.redis_url:
-        from ..store.redis import RedisStore
+        from ..store.redis import RedisJournal
 
-        return RedisStore.from_url(
-            settings.redis_url,
-            prefix=settings.redis_prefix,
-            timeout=settings.redis_timeout_s,
-            cache_bytes=settings.cache_bytes,
-        )
-    return MemoryStore()
+        return RedisJournal.from_url(settings.redis_url, prefix=settings.redis_prefix, timeout=settings.redis_timeout_s)
+    return MemoryJournal()
+
+
+def advertised_url(settings: Settings) -> str:
+    """The URL other replicas forward requests to this one at."""
+    if settings.advertise_url:
+        return settings.advertise_url.rstrip("/")
+    host = settings.host
+    if host in ("0.0.0.0", "::", ""):
+        host = socket.gethostname()
+    elif ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{settings.port}"
+
+
+def make_server(journal: Journal, settings: Settings) -> ParameterServer:
+    options = EngineOptions(
+        idempotency_ttl_s=settings.idempotency_ttl_s,
+        idempotency_memory_keys=settings.idempotency_memory_keys,
+        sync_timeout_s=settings.sync_timeout_s,
+        sync_ttl_s=settings.sync_ttl_s,
+        snapshots=SnapshotPolicy(ratio=settings.snapshot_log_ratio),
+        max_pending_bytes=settings.flush_max_pending_bytes,
+    )
+    return ParameterServer(journal, url=advertised_url(settings), lease_ms=settings.lease_ms, options=options)
 
 
 class MomentumAPI(FastAPI):
@@ -100,21 +122,42 @@ def _offline_docs(app: FastAPI) -> None:
         )
 
 
-def create_app(settings: Settings | None = None, *, store: Store | None = None) -> FastAPI:
-    """Build the application. Without ``store``, one is made from ``settings``."""
+def create_app(settings: Settings | None = None, *, journal: Journal | None = None) -> FastAPI:
+    """Build the application. Without ``journal``, one is made from ``settings``."""
     settings = settings or Settings()
-    store = store or make_store(settings)
+    journal = journal or make_journal(settings)
+    server = make_server(journal, settings)
+    forwarder = Forwarder(server)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if store.kind == "memory":
+        if journal.kind == "memory":
             log.warning("using the embedded in-memory store: state is lost when the process stops")
         else:
-            log.info("using the %s store (prefix %r)", store.kind, settings.redis_prefix)
+            log.info(
+                "using the %s store (prefix %r); this replica is %s at %s",
+                journal.kind,
+                settings.redis_prefix,
+                server.cluster.me.id,
+                server.cluster.me.url,
+            )
+        await server.start()
         try:
             yield
         finally:
-            await store.close()
+            await server.close()
+            await forwarder.aclose()
+            await journal.close()
+
+    async def route(scope: Scope, receive: Receive, send: Send, body: memoryview) -> bool:
+        model = model_of(scope["path"])
+        if model is None:
+            return False
+        routed = await server.route(model, forwarded=hops(scope) > 0)
+        if isinstance(routed, Remote):
+            await forwarder(scope, receive, send, model, body, routed)
+            return True
+        return False
 
     keys = KeyRing.load(settings.keys_file, settings.api_keys)
     admission = {
@@ -126,6 +169,7 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None) 
         "body_timeout_s": settings.body_timeout_s,
         "bodies_in_flight": settings.bodies_in_flight,
         "fast_step": serve_step,
+        "router": None if server.cluster.single else route,
     }
     app = MomentumAPI(
         admission, title="momentum-service", version=__version__, description=DESCRIPTION, lifespan=lifespan
@@ -134,13 +178,7 @@ def create_app(settings: Settings | None = None, *, store: Store | None = None) 
     app.state.settings = settings
     POOL.max_bytes = settings.buffer_pool_bytes
     app.state.limits = Limits.of(settings)
-    app.state.server = ParameterServer(
-        store,
-        idempotency_ttl_s=settings.idempotency_ttl_s,
-        idempotency_lease_s=settings.idempotency_lease_s,
-        sync_timeout_s=settings.sync_timeout_s,
-        sync_ttl_s=settings.sync_ttl_s,
-    )
+    app.state.server = server
     problems.install(app)
     app.include_router(health)
     app.include_router(router)

@@ -22,7 +22,7 @@ PATTERN_HELP = {
     "name": "1 to 256 letters, digits, '.', '_', ':' or '-', starting with a letter, digit or '_'",
     "names": "a comma-separated list of parameter names (each 1 to 256 letters, digits, '.', '_', ':' or '-', "
     "starting with a letter, digit or '_')",
-    "include": "'velocity' (the only value it takes)",
+    "include": "'state' and/or 'velocity', comma-separated",
     "If-None-Match": "'*' (create only)",
 }
 

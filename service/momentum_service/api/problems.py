@@ -145,6 +145,10 @@ def from_domain(exc: errors.ServiceError) -> Problem:
             return Problem(422, "non-finite-result", str(exc))
         case errors.Contention():
             return Problem(503, "contention", str(exc), headers={"Retry-After": "1"})
+        case errors.OwnerUnreachable():
+            return Problem(503, "owner-unreachable", str(exc), headers={"Retry-After": f"{exc.retry_after:.0f}"})
+        case errors.OwnerLost() | errors.NotOwner() | errors.Fenced() | errors.KeyTaken():
+            return Problem(503, "owner-moved", str(exc), headers={"Retry-After": "0"})
         case errors.StoreUnavailable():
             return Problem(503, "store-unavailable", str(exc), headers={"Retry-After": "1"})
         case errors.StoreFull():

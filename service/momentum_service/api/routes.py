@@ -11,8 +11,8 @@ from pydantic.json_schema import SkipJsonSchema
 
 from .. import config as config_module
 from ..config import ModelConfig
+from ..engine import ModelRecord, ParamMeta
 from ..errors import listed
-from ..store import ModelRecord, ParamMeta
 from . import codecs, schemas
 from .admission import body_of
 from .body import off_the_loop, parse_json
@@ -60,8 +60,9 @@ _STEP_BINARY_OUT = (
 )
 _PARAMS_BINARY = "safetensors: one tensor per parameter, named after it (F32 or F64)."
 _PARAMS_BINARY_OUT = (
-    "With `Accept: application/x-safetensors`: one tensor per parameter, plus `<name>@velocity` with "
-    '`?include=velocity` (when it exists), and `__metadata__.params`: JSON text `{name: {"step"}}`.'
+    "With `Accept: application/x-safetensors`: one tensor per parameter, plus `<name>@<buffer>` for each state "
+    "buffer with `?include=state` (`<name>@velocity` alone with `?include=velocity`; none before the first "
+    'update), and `__metadata__.params`: JSON text `{name: {"step"}}`.'
 )
 
 
@@ -85,6 +86,11 @@ def _model_json(record: ModelRecord, params: list[ParamMeta]) -> dict[str, Any]:
     }
 
 
+def _durability(value: Any) -> Any:
+    """The durability field as the domain takes it: ``"step"`` or ``{"flush_ms": n}`` (None: not given)."""
+    return value.model_dump() if isinstance(value, BaseModel) else value
+
+
 def _only_create(if_none_match: str | None) -> bool:
     if if_none_match is None:
         return False
@@ -98,17 +104,20 @@ def _only_create(if_none_match: str | None) -> bool:
     )
 
 
-def _with_velocity(include: str | None) -> bool:
+_INCLUDE = ("state", "velocity")
+
+
+def _include(include: str | None) -> frozenset[str]:
     parts = {p.strip() for p in (include or "").split(",") if p.strip()}
-    unknown = parts - {"velocity"}
+    unknown = parts - set(_INCLUDE)
     if unknown:
         raise Problem(
             422,
             "invalid-request",
-            f"unknown include value(s): {', '.join(sorted(unknown))}; supported: velocity",
-            errors=[{"loc": ["query", "include"], "msg": "supported: velocity"}],
+            f"unknown include value(s): {', '.join(sorted(unknown))}; supported: {', '.join(_INCLUDE)}",
+            errors=[{"loc": ["query", "include"], "msg": f"supported: {', '.join(_INCLUDE)}"}],
         )
-    return "velocity" in parts
+    return frozenset(parts)
 
 
 # Optional headers and query parameters are ``X | SkipJsonSchema[None]``: absent is not ``null``. A
@@ -126,7 +135,10 @@ IfNoneMatchModel = Annotated[
 ]
 Include = Annotated[
     Annotated[str, StringConstraints(pattern=schemas.INCLUDE_PATTERN)] | SkipJsonSchema[None],
-    Query(description="`velocity` adds each parameter's momentum buffer."),
+    Query(
+        description="`state` adds each parameter's rule state, every named buffer (`velocity` for the momentum "
+        "rules); `velocity` adds that one buffer as a field of its own (as before named buffers)."
+    ),
 ]
 
 
@@ -156,6 +168,7 @@ async def put_model(
         body.optimizer.model_dump(),
         body.schedule.model_dump() if body.schedule else None,
         body.model_dump(include={"mode", "workers", "max_staleness"}, exclude_none=True),
+        _durability(body.durability),
     )
     record, created = await server.put_model(model, config, only_create=only_create)
     params = await server.list_params(model)
@@ -188,12 +201,14 @@ async def patch_model(model: ModelName, request: Request, server: ServerDep, lim
             errors=[{"loc": ["body", k], "msg": "null is not a value"} for k in nulls],
         )
     mode = body.model_dump(include={"mode", "workers", "max_staleness"}, exclude_unset=True)
-    if body.optimizer is None and body.schedule is None and not mode:
+    if body.optimizer is None and body.schedule is None and not mode and body.durability is None:
         raise Problem(
             422,
             "invalid-request",
-            "nothing to change: give optimizer (some hyperparameters), schedule and/or mode fields",
-            errors=[{"loc": ["body"], "msg": "optimizer, schedule, mode, workers or max_staleness is required"}],
+            "nothing to change: give optimizer (some hyperparameters), schedule, mode fields and/or durability",
+            errors=[
+                {"loc": ["body"], "msg": "optimizer, schedule, mode, workers, max_staleness or durability is required"}
+            ],
         )
     changes = body.optimizer.model_dump(exclude_unset=True) if body.optimizer else {}
     nulls = sorted(k for k, v in changes.items() if v is None)
@@ -205,7 +220,7 @@ async def patch_model(model: ModelName, request: Request, server: ServerDep, lim
             errors=[{"loc": ["body", "optimizer", k], "msg": "null is not a value"} for k in nulls],
         )
     schedule = body.schedule.model_dump() if body.schedule else None
-    record = await server.patch_model(model, changes, schedule, mode)
+    record = await server.patch_model(model, changes, schedule, mode, _durability(body.durability))
     params = await server.list_params(model)
     return _json(_model_json(record, params))
 
@@ -276,10 +291,10 @@ async def put_params(
 async def get_param(
     model: ModelName, name: ParamPath, request: Request, server: ServerDep, include: Include = None
 ) -> Response:
-    with_velocity = _with_velocity(include)
-    params = await server.get_params(model, [name], with_velocity=with_velocity)
+    wanted = _include(include)
+    params = await server.get_params(model, [name], with_state=bool(wanted))
     codec = codecs.for_response(request.headers.get("accept"))
-    return PartsResponse(codec.encode_param(params[name], with_velocity))
+    return PartsResponse(codec.encode_param(params[name], wanted))
 
 
 @router.get(
@@ -299,7 +314,7 @@ async def get_params(
     ] = None,
     include: Include = None,
 ) -> Response:
-    with_velocity = _with_velocity(include)
+    include_set = _include(include)
     wanted = None
     if names is not None:
         wanted = list(dict.fromkeys(n.strip() for n in names.split(",") if n.strip()))
@@ -312,9 +327,9 @@ async def get_params(
                 f"invalid parameter name(s) in names: {listed(bad)}" if bad else "names is empty",
                 errors=[{"loc": ["query", "names"], "msg": "comma-separated parameter names"}],
             )
-    params = await server.get_params(model, wanted, with_velocity=with_velocity)
+    params = await server.get_params(model, wanted, with_state=bool(include_set))
     codec = codecs.for_response(request.headers.get("accept"))
-    return PartsResponse(codec.encode_params(params, with_velocity))
+    return PartsResponse(codec.encode_params(params, include_set))
 
 
 @router.delete("/models/{model}/params/{name}", dependencies=[ADMIN], status_code=204, responses=problem_responses(404))

@@ -15,7 +15,7 @@ ParamName = Annotated[str, StringConstraints(pattern=PARAM_NAME_PATTERN)]
 _NAME = PARAM_NAME_PATTERN[1:-1]
 # ``?names=``: at least one parameter name, comma-separated (spaces and empty items are ignored).
 NAMES_PATTERN = rf"^[ ,]*{_NAME} *(, *({_NAME} *)?)*$"
-INCLUDE_PATTERN = r"^ *(velocity *)?(, *(velocity *)?)*$"
+INCLUDE_PATTERN = r"^ *((state|velocity) *)?(, *((state|velocity) *)?)*$"
 DType = Literal["float32", "float64"]
 
 
@@ -271,6 +271,22 @@ _MODE_DOC = (
 )
 
 
+class FlushDurability(_Strict):
+    """Acknowledged from the owner's memory; logged to Redis within `flush_ms` milliseconds."""
+
+    flush_ms: Annotated[int, Field(ge=1, le=60_000), _INTEGRAL]
+
+
+Durability = Literal["step"] | FlushDurability
+_DURABILITY_DOC = (
+    '`"step"` (default): a step is acknowledged once its log entry is in Redis (with `appendfsync always`, an '
+    'acknowledged step survives the crash of any process). `{"flush_ms": n}`: acknowledged from the owner\'s '
+    "memory, logged to Redis within n ms: a crash of the owner loses at most the steps of the last n ms plus the "
+    "lease period (the parameters' steps then go back, which the SDK reports). The embedded store keeps "
+    "everything in the process's memory either way."
+)
+
+
 class ModelPut(_Strict):
     """A model's config. The lr of a parameter's update k is `schedule(lr, k)`."""
 
@@ -281,6 +297,7 @@ class ModelPut(_Strict):
     max_staleness: Int31 | None = Field(
         default=None, description="Largest accepted staleness, in steps (`bounded` only)."
     )
+    durability: Durability = Field(default="step", description=_DURABILITY_DOC)
 
 
 class ModelPatch(_Strict):
@@ -297,6 +314,7 @@ class ModelPatch(_Strict):
     mode: ModeName | _Absent = _keep()
     workers: WorkerCount | _Absent = _keep()
     max_staleness: Int31 | _Absent = _keep()
+    durability: Durability | _Absent = _keep()
 
 
 def _by_name(schema: dict[str, Any]) -> None:
@@ -351,6 +369,7 @@ class ModelOut(BaseModel):
     mode: ModeName
     workers: int | None = None
     max_staleness: int | None = None
+    durability: Durability
     params: dict[str, ParamSummary]
 
 
@@ -372,6 +391,11 @@ class ParamOut(ParamSummary):
     velocity: Tensor | None = Field(
         default=None,
         description="Only with ?include=velocity; null until the first update with momentum.",
+    )
+    state: dict[str, Tensor] | None = Field(
+        default=None,
+        description="Only with ?include=state: the rule's state buffers by name (`velocity` for the momentum "
+        "rules); empty until the first update that creates them.",
     )
 
 

@@ -47,6 +47,11 @@ def fingerprint(method: str, path: str, content_type: str, raw: bytes | memoryvi
     return digest.hexdigest()
 
 
+FRESH_KEY = "momentum-fresh-key"
+"""A request header: the SDK made the Idempotency-Key up for this push and sends it for the first time,
+so no earlier owner of the model can have seen it (the owner skips looking it up in the journal)."""
+
+
 def idempotency(headers: Headers, path: str, raw: memoryview) -> Idempotency | None:
     """The request's Idempotency-Key and fingerprint; 422 for two keys or a malformed one."""
     keys = headers.getlist("idempotency-key")
@@ -69,7 +74,8 @@ def idempotency(headers: Headers, path: str, raw: memoryview) -> Idempotency | N
             "Idempotency-Key must be 1 to 255 visible ASCII characters",
             errors=[{"loc": ["header", "Idempotency-Key"], "msg": "1 to 255 visible ASCII characters"}],
         )
-    return Idempotency(key, fingerprint("POST", path, headers.get("content-type", ""), raw))
+    fresh = headers.get(FRESH_KEY, "").strip().lower() in ("1", "true")
+    return Idempotency(key, fingerprint("POST", path, headers.get("content-type", ""), raw), fresh)
 
 
 async def step_response(
@@ -83,6 +89,7 @@ async def step_response(
     results = await server.step(
         model,
         received.grads,
+        received=received.received,
         expected_steps=options.expected_steps,
         idempotency=key,
         worker_id=options.worker_id,

@@ -6,6 +6,11 @@ inputs never modified. ``lr`` is the learning rate of this update (the schedule'
 see :mod:`.schedules`); the ``lr`` field is the base learning rate the schedule scales.
 ``velocity`` is the rule's one state buffer, ``None`` until the rule first creates it.
 
+Everything above the kernels sees a rule's state as *named buffers*: ``buffers`` names them,
+and ``apply(value, state, grad, lr) -> (value, state)`` takes and returns ``{name: array}``
+(empty before the first update). The engine, the journal, the wire and the SDK carry state
+that way, so a rule with two buffers is this module plus its test, not a change to each layer.
+
 The rules differ in where the learning rate sits, which decides what a change of lr does:
 
 * **lr outside the velocity** (``pytorch``, ``tf1``, ``ema``): the velocity accumulates
@@ -33,6 +38,7 @@ rule               reference                                rounding
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any, ClassVar, Protocol, Self
 
@@ -40,7 +46,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .errors import FieldError
-from .sgd import SGDConfig
+from .sgd import SGDConfig, with_velocity
 from .sgd import check_bool as _check_bool
 from .sgd import check_number as _check_number
 
@@ -62,6 +68,8 @@ class Rule(Protocol):
     """What every momentum rule provides."""
 
     name: ClassVar[str]
+    buffers: ClassVar[tuple[str, ...]]
+    """The names of the rule's state buffers (each the parameter's shape and dtype)."""
 
     @property
     def lr(self) -> float:
@@ -80,6 +88,10 @@ class Rule(Protocol):
         """One step with learning rate ``lr``: ``(new_value, new_velocity)``."""
         ...
 
+    def apply(self, value: Array, state: Mapping[str, Array], grad: Array, lr: float) -> tuple[Array, dict[str, Array]]:
+        """One step over named state: ``(new_value, new_state)``; the inputs are not modified."""
+        ...
+
 
 def _via_float32(x: float, dtype: np.dtype[Any]) -> np.floating[Any]:
     """``x`` as the frameworks that keep hyperparameters in float32 tensors see it, in ``dtype``."""
@@ -91,6 +103,7 @@ class _RuleBase:
     """Shared plumbing: dict conversion and validated copies."""
 
     name: ClassVar[str]
+    buffers: ClassVar[tuple[str, ...]] = ("velocity",)
 
     def to_dict(self) -> dict[str, Any]:
         return {"rule": self.name, **{f.name: getattr(self, f.name) for f in fields(self)}}  # type: ignore[arg-type]
@@ -105,6 +118,9 @@ class _RuleBase:
         flat_velocity = None if velocity is None else velocity.reshape(-1)
         new_value, new_velocity = self._update(value.reshape(-1), flat_velocity, grad.reshape(-1), lr)
         return new_value.reshape(shape), None if new_velocity is None else new_velocity.reshape(shape)
+
+    def apply(self, value: Array, state: Mapping[str, Array], grad: Array, lr: float) -> tuple[Array, dict[str, Array]]:
+        return with_velocity(self.update, value, state, grad, lr)
 
     def _update(self, value: Array, velocity: Array | None, grad: Array, lr: float) -> tuple[Array, Array | None]:
         raise NotImplementedError

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any, ClassVar
 
@@ -71,6 +71,7 @@ class SGDConfig:
     """Hyperparameters of the ``pytorch`` rule, validated like ``torch.optim.SGD``'s constructor."""
 
     name: ClassVar[str] = "pytorch"
+    buffers: ClassVar[tuple[str, ...]] = ("velocity",)
     lr: float
     momentum: float = 0.0
     dampening: float = 0.0
@@ -100,6 +101,22 @@ class SGDConfig:
     def update(self, value: Array, velocity: Array | None, grad: Array, lr: float) -> tuple[Array, Array | None]:
         """One step with learning rate ``lr`` (see :func:`sgd_update`)."""
         return sgd_update(self, value, velocity, grad, lr=lr)
+
+    def apply(self, value: Array, state: Mapping[str, Array], grad: Array, lr: float) -> tuple[Array, dict[str, Array]]:
+        """One step over the rule's named state (``{"velocity": ...}``, empty before the first)."""
+        return with_velocity(self.update, value, state, grad, lr)
+
+
+def with_velocity(
+    update: Callable[[Array, Array | None, Array, float], tuple[Array, Array | None]],
+    value: Array,
+    state: Mapping[str, Array],
+    grad: Array,
+    lr: float,
+) -> tuple[Array, dict[str, Array]]:
+    """A one-buffer rule's ``update(value, velocity, grad, lr)`` over named state ``{"velocity": v}``."""
+    new_value, velocity = update(value, state.get("velocity"), grad, lr)
+    return new_value, {} if velocity is None else {"velocity": velocity}
 
 
 NativeKernel = Callable[..., None]

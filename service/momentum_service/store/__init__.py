@@ -1,29 +1,33 @@
-"""Storage: one protocol, an embedded in-memory backend and a Redis backend."""
+"""Storage: the journal protocol, the embedded journal and the Redis journal."""
 
 from .base import (
-    Claim,
-    ClaimState,
-    CommitOutcome,
-    Contribution,
-    ModelRecord,
-    ParamMeta,
-    ParamRecord,
-    ParamUpdate,
-    Store,
+    Batch,
+    Fenced,
+    Head,
+    Holder,
+    Journal,
+    KeyRecord,
+    KeyTaken,
+    Lease,
+    Loaded,
+    Record,
+    Replica,
     new_token,
 )
-from .memory import MemoryStore
+from .memory import MemoryJournal
 
 __all__ = [
-    "Claim",
-    "ClaimState",
-    "CommitOutcome",
-    "Contribution",
-    "MemoryStore",
-    "ModelRecord",
-    "ParamMeta",
-    "ParamRecord",
-    "ParamUpdate",
-    "Store",
+    "Batch",
+    "Fenced",
+    "Head",
+    "Holder",
+    "Journal",
+    "KeyRecord",
+    "KeyTaken",
+    "Lease",
+    "Loaded",
+    "MemoryJournal",
+    "Record",
+    "Replica",
     "new_token",
 ]

@@ -1,240 +1,198 @@
-"""The store protocol: what the engine needs from a place that keeps parameters.
+"""The journal protocol: what the engine needs from the place that keeps a model durably.
 
-A store keeps, per model, its config (a JSON-able dict) with a revision token, and per
-parameter its value, momentum velocity (absent until the first momentum update), step
-count and an etag that changes with every write. Updates are optimistic: the engine
-reads records, computes, and calls :meth:`Store.commit_step`, which applies all the
-updates of one request at once, or none if any record (or the model config) changed
-since it was read.
+A model is served from memory by one *owner* (see :mod:`..engine`); its journal is the durable
+record from which any server process can rebuild it, bitwise:
+
+- a **head** per model: its config (JSON) and revision, its *incarnation* (a model deleted and
+  created again is a new one, sharing nothing with the old) and ``seq``, the number of changes
+  made to it;
+- a **log** of those changes (a step's gradients as received, with the steps and learning
+  rates it used; parameters set or deleted; a new config), each a :class:`Record` of JSON
+  metadata and data buffers, numbered ``1..seq``;
+- now and then a **snapshot**: the whole state at some ``seq`` (the log up to it is dropped);
+- the **idempotency records** of applied steps (key, fingerprint, summary), kept for a TTL;
+- **leases**: which process owns each model, with a *fencing token* that only grows. Every
+  write carries the writer's lease and is refused (:class:`Fenced`) unless the lease is still
+  the current one, so a process that lost its lease (paused, partitioned, slow) can never write
+  again, whatever it still believes;
+- the **replicas**: the live server processes and their URLs, so that requests can be
+  forwarded to a model's owner and new models spread over them.
+
+A :class:`Batch` of changes is written in one atomic operation together with the fencing check
+and the idempotency records of its steps. The embedded journal (:mod:`.memory`) keeps nothing:
+the process is the only owner and its memory the only copy.
 """
 
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
-from typing import Any, Literal, Protocol, runtime_checkable
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
 
+from ..errors import Fenced, KeyTaken
+
 __all__ = [
-    "Claim",
-    "ClaimState",
-    "CommitOutcome",
-    "Contribution",
-    "ModelRecord",
-    "ParamMeta",
-    "ParamRecord",
-    "ParamUpdate",
-    "Store",
+    "Array",
+    "Batch",
+    "Buffer",
+    "Fenced",
+    "Head",
+    "Holder",
+    "Journal",
+    "KeyRecord",
+    "KeyTaken",
+    "Lease",
+    "Loaded",
+    "Record",
+    "Replica",
     "new_token",
 ]
 
 Array = npt.NDArray[np.floating]
+Buffer = bytes | bytearray | memoryview
 
 
 def new_token() -> str:
-    """A fresh revision/etag token: 96 random bits, so concurrent writers never collide."""
+    """A fresh revision/incarnation token: 96 random bits, so concurrent writers never collide."""
     return secrets.token_hex(12)
 
 
 @dataclass(frozen=True, slots=True)
-class ModelRecord:
-    name: str
+class Replica:
+    """A server process: a random id per start, and the URL other replicas reach it at."""
+
+    id: str
+    url: str
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """The proof that ``replica`` owns ``model``: its fencing token (a number that only grows per model)."""
+
+    model: str
+    fence: int
+    replica: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Holder:
+    """Another replica's live lease on a model, with the time it has left."""
+
+    replica: str
+    url: str
+    fence: int
+    remaining_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
     config: dict[str, Any]
     rev: str
+    inc: str
+    seq: int
 
 
 @dataclass(frozen=True, slots=True)
-class ParamMeta:
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-    step: int
+class Record:
+    """A log entry or a snapshot: JSON metadata and data buffers (each at most :data:`MAX_CHUNK` bytes)."""
 
-
-@dataclass(frozen=True, slots=True)
-class ParamRecord:
-    name: str
-    value: Array
-    velocity: Array | None
-    step: int
-    etag: str
+    meta: dict[str, Any]
+    data: tuple[Buffer, ...] = ()
 
     @property
-    def meta(self) -> ParamMeta:
-        return ParamMeta(self.name, tuple(self.value.shape), self.value.dtype.name, self.step)
+    def nbytes(self) -> int:
+        return sum(memoryview(b).nbytes for b in self.data)
+
+
+MAX_CHUNK = 256 << 20
+"""The largest buffer of a record (Redis takes at most 512 MB per value)."""
 
 
 @dataclass(frozen=True, slots=True)
-class ParamUpdate:
-    """The new state of one parameter, valid only if its etag is still ``expected_etag``."""
-
-    name: str
-    expected_etag: str
-    value: Array
-    velocity: Array | None
-    step: int
-    etag: str
-
-
-@dataclass(frozen=True, slots=True)
-class Claim:
-    """One attempt's claim on an idempotency key (the ``Idempotency-Key`` header of a step).
-
-    A key's record is *pending* (an attempt holds it, for ``lease_ms`` unless renewed) or
-    *done* (the step was applied; kept ``ttl_ms``, with the ``summary`` the engine stored).
-    ``fingerprint`` identifies the request the key was first used with.
-    """
+class KeyRecord:
+    """An applied step's idempotency key: the request's fingerprint and the step's summary."""
 
     key: str
     fingerprint: str
-    owner: str
-    lease_ms: int
-    ttl_ms: int
+    summary: str
 
 
 @dataclass(frozen=True, slots=True)
-class ClaimState:
-    """What :meth:`Store.claim` found.
+class Loaded:
+    """What the journal holds of a model: its head, the latest snapshot (``meta["seq"]`` is its
+    seq) and the log entries after it, in order (``seq`` of the snapshot + 1 .. ``head.seq``)."""
 
-    ``owned``: this attempt holds the key (new, or renewed); ``in_flight``: another attempt
-    holds it; ``mismatch``: the key was used with another request; ``done``: applied already,
-    by ``owner``, with ``summary``.
-    """
-
-    status: Literal["owned", "in_flight", "mismatch", "done"]
-    owner: str | None = None
-    summary: str | None = None
+    head: Head
+    snapshot: Record | None
+    log: list[Record]
 
 
 @dataclass(frozen=True, slots=True)
-class CommitOutcome:
-    """What :meth:`Store.commit_step` did.
+class Batch:
+    """Changes written at once, after ``base_seq`` (the head's seq they follow), up to ``seq``.
 
-    ``applied``; ``conflict`` (nothing applied: the model or a parameter changed since the
-    read); or, for a claimed step, the :class:`ClaimState` that stopped it (``done``: the key's
-    step was applied already, maybe by this very attempt if ``claim.owner == owner``).
+    ``entries`` are the log entries ``base_seq + 1 .. seq``, or none when ``snapshot`` (the
+    state at ``seq``) stands for them; a snapshot also drops the log up to ``seq``. ``keys`` are
+    the idempotency records of the steps, ``config`` the head's new ``(config, rev)``.
     """
 
-    status: Literal["applied", "conflict", "in_flight", "mismatch", "done"]
-    owner: str | None = None
-    summary: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Contribution:
-    """What :meth:`Store.contribute` did.
-
-    ``added`` (or ``duplicate``: this worker had contributed to that step already, and is not
-    counted twice), with ``counts``: the number of distinct workers per parameter so far; or
-    ``moved``: some parameter is not at the step (nothing was added), with their ``steps``.
-    """
-
-    status: Literal["added", "duplicate", "moved"]
-    counts: dict[str, int]
-    steps: dict[str, int]
+    inc: str
+    base_seq: int
+    seq: int
+    entries: Sequence[Record] = ()
+    snapshot: Record | None = None
+    keys: Sequence[KeyRecord] = ()
+    config: tuple[dict[str, Any], str] | None = None
+    nbytes: int = field(default=0, compare=False)
+    key_ttl_ms: int = 86_400_000
 
 
 @runtime_checkable
-class Store(Protocol):
-    """Where models and parameters live. Every method is atomic on its own."""
-
+class Journal(Protocol):
     kind: str
+    durable: bool
+    """Whether anything outlives the process (False for the embedded journal)."""
 
     async def ping(self) -> None:
-        """Raise :class:`~momentum_service.errors.StoreUnavailable` if the store cannot serve."""
+        """Raise :class:`~momentum_service.errors.StoreUnavailable` if the journal cannot serve."""
 
     async def close(self) -> None: ...
 
-    async def put_model(
-        self, model: str, config: dict[str, Any], *, only_create: bool = False
-    ) -> tuple[ModelRecord, bool]:
-        """Create the model or replace its config (parameters are kept). Returns (record, created).
+    # Replicas and leases.
 
-        With ``only_create``, an existing model is left as it is: ModelExists carries its config.
-        A model created after a delete of the same name is a new *incarnation*: nothing of the old
-        one (parameters, idempotency records, sync contributions) is ever read again.
-        """
+    async def heartbeat(self, replica: Replica, ttl_ms: int) -> list[Replica]:
+        """Say this replica is alive for ``ttl_ms`` more; the live replicas, this one included."""
 
-    async def get_model(self, model: str) -> ModelRecord | None: ...
+    async def acquire(self, model: str, replica: Replica, lease_ms: int) -> Lease | Holder:
+        """A new lease on ``model`` (with a fencing token greater than any before), unless another
+        replica's lease is live: then that :class:`Holder`."""
 
-    async def replace_config(self, model: str, expected_rev: str, config: dict[str, Any]) -> ModelRecord | None:
-        """Compare-and-set the config. ``None`` if the revision changed; ModelNotFound if gone."""
+    async def renew(self, leases: Sequence[Lease], lease_ms: int) -> list[bool]:
+        """Extend each lease that is still current; False for each that is not (lost)."""
 
-    async def delete_model(self, model: str) -> bool:
-        """Delete the model and everything of it (parameters, idempotency records, sync
-        contributions), all unreachable at once. False if it did not exist. Works even when the
-        store is full."""
+    async def release(self, lease: Lease) -> None:
+        """End the lease now if it is still current (another replica may take the model at once)."""
 
-    async def list_params(self, model: str) -> list[ParamMeta]:
-        """Metadata of every parameter, sorted by name. ModelNotFound if the model does not exist."""
+    async def holder(self, model: str) -> Holder | None:
+        """The live lease on ``model``, if any."""
 
-    async def read(
-        self, model: str, names: list[str] | None, *, with_velocity: bool
-    ) -> tuple[ModelRecord, dict[str, ParamRecord]]:
-        """The model and the named parameters (all when ``names`` is None), read together.
+    # A model's durable record. Writes are fenced by the lease.
 
-        Raises ModelNotFound, or ParamNotFound naming every missing parameter. Without
-        ``with_velocity`` the records' velocity is None.
-        """
+    async def load(self, model: str) -> Loaded | None:
+        """The model's head, latest snapshot and log after it; None if the model does not exist."""
 
-    async def put_params(self, model: str, values: dict[str, Array], *, only_create: bool) -> dict[str, bool]:
-        """Set values, resetting velocity and step; returns {name: created}.
+    async def create(self, lease: Lease, model: str, config: dict[str, Any], rev: str, inc: str) -> None:
+        """Create the model's head (a new incarnation, seq 0). The caller has checked it does not exist."""
 
-        With ``only_create`` nothing is written if any parameter exists (ParamsExist names them).
-        Raises ModelNotFound.
-        """
+    async def commit(self, lease: Lease, model: str, batch: Batch) -> None:
+        """Write the batch atomically: all of it, or (Fenced, KeyTaken) nothing."""
 
-    async def delete_param(self, model: str, name: str) -> bool:
-        """False if the parameter did not exist; ModelNotFound if the model does not."""
+    async def delete(self, lease: Lease, model: str) -> None:
+        """Delete the model and everything of it, at once. Works even when the store is full."""
 
-    async def commit_step(
-        self,
-        model: str,
-        expected_rev: str,
-        updates: list[ParamUpdate],
-        claim: Claim | None = None,
-        summary: str = "",
-    ) -> CommitOutcome:
-        """Apply every update, or none if the model's rev or any parameter's etag changed.
-
-        The store takes the updates' arrays as they are (the caller must not change them after):
-        a step's new state is not copied again to be kept.
-
-        ``conflict`` tells the caller to re-read and recompute. With a ``claim``, the check of
-        the key's record, the updates and the record becoming *done* (with ``summary``) are
-        one atomic operation, so a step is never applied twice under one key, whatever is
-        re-sent or retried. Raises ModelNotFound if the model is gone.
-        """
-
-    async def claim(self, model: str, claim: Claim) -> ClaimState:
-        """Take (or renew) the key's lease unless it is done, held by another attempt, or mismatched.
-
-        Keys are per model incarnation. Raises ModelNotFound without the model."""
-
-    async def release(self, model: str, claim: Claim) -> None:
-        """Drop the key's record if it is still pending under this claim (the attempt failed)."""
-
-    # Synchronous training: gradients gathered per parameter and step, until enough workers sent theirs.
-
-    async def contribute(
-        self, model: str, step: int, worker: int, grads: dict[str, Array], ttl_ms: int
-    ) -> Contribution:
-        """Add a worker's gradients for ``step``, atomically, if every parameter is at that step.
-
-        The first contribution of a worker to a step counts; a repeat changes nothing. Raises
-        ModelNotFound or ParamNotFound.
-        """
-
-    async def contributions(self, model: str, step: int, names: list[str]) -> dict[str, dict[int, bytes]]:
-        """Every worker's gradient bytes (little-endian) per parameter for ``step``."""
-
-    async def contributors(self, model: str, step: int, names: list[str]) -> dict[str, set[int]]:
-        """The workers that contributed to ``step`` (remembered after the gradients are dropped)."""
-
-    async def drop_contributions(self, model: str, step: int, names: list[str]) -> None:
-        """Forget the gradients of an applied step (its contributors stay known until they expire)."""
-
-    async def steps(self, model: str, names: list[str]) -> dict[str, int]:
-        """The parameters' current steps (a cheap read to wait on). Raises ParamNotFound."""
+    async def lookup(self, model: str, inc: str, key: str) -> KeyRecord | None:
+        """The live idempotency record of ``key`` in the incarnation, if any."""

@@ -1,25 +1,26 @@
-"""The Redis store: state lives in Redis, shared by every server process that uses it.
+"""The Redis journal: every model's durable record, shared by every server process that uses it.
 
-Writes are Lua scripts from :mod:`.scripts` (atomic, all-or-nothing, refused before they run
-when Redis is full). Reads are pipelined into one round trip. Redis errors become domain
-errors by what a client should do about them (see :func:`_guard`).
+Writes are the Lua scripts of :mod:`.scripts`, each behind one typed method here (atomic,
+fenced, all-or-nothing, refused before they run when Redis is full). A batch is one ``MULTI``:
+its data buffers sent by ``SET`` as they are (redis-py sends a ``memoryview`` without copying
+it), then the ``COMMIT`` script. Redis errors become domain errors by what a client should do
+about them (see :func:`_guard`).
 """
 
 from __future__ import annotations
 
 import json
-import sys
-from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
-import numpy as np
+import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import (
     ClusterDownError,
+    NoScriptError,
     OutOfMemoryError,
     ReadOnlyError,
     RedisError,
@@ -33,25 +34,19 @@ from redis.exceptions import (
     TimeoutError as RedisTimeoutError,
 )
 
-from ..errors import ModelExists, ModelNotFound, ParamNotFound, ParamsExist, StoreError, StoreFull, StoreUnavailable
+from ..errors import Fenced, KeyTaken, StoreError, StoreFull, StoreUnavailable
 from . import scripts
-from .base import (
-    Array,
-    Claim,
-    ClaimState,
-    CommitOutcome,
-    Contribution,
-    ModelRecord,
-    ParamMeta,
-    ParamRecord,
-    ParamUpdate,
-    new_token,
-)
-from .keys import Keys, parse_sync_field
+from .base import Batch, Buffer, Head, Holder, KeyRecord, Lease, Loaded, Record, Replica
+from .keys import Keys
 
-# Stored little-endian whatever the host; decoded to native order (a no-op on x86 and ARM).
-_DTYPES: dict[str, np.dtype[Any]] = {"float32": np.dtype("<f4"), "float64": np.dtype("<f8")}
-_PARAM_FIELDS = ("shape", "dtype", "step", "etag", "value")
+INLINE_BYTES = 256 << 10
+"""A batch whose buffers total at most this many bytes passes them to ``COMMIT`` as arguments (one command);
+a larger one sends them by ``SET`` in a transaction with the script, which renames them into the log
+(Redis copies a script's arguments once more, which costs more than the extra commands past this size)."""
+
+
+class JournalCorrupt(StoreError):
+    """What Redis holds of a model is not a journal this service wrote (a missing entry, say)."""
 
 
 @asynccontextmanager
@@ -73,8 +68,11 @@ async def _guard() -> AsyncIterator[None]:
     except (RedisConnectionError, RedisTimeoutError, ReadOnlyError, ClusterDownError, TryAgainError) as exc:
         raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
     except ResponseError as exc:
-        if str(exc).startswith(("BUSY", "LOADING", "MASTERDOWN")):
+        text = str(exc)
+        if text.startswith(("BUSY", "LOADING", "MASTERDOWN")):
             raise StoreUnavailable(f"redis: {exc}") from exc
+        if text.startswith("OOM") or "OOM command not allowed" in text:
+            raise StoreFull(f"Redis is at its memory limit (maxmemory); nothing was changed: {exc}") from exc
         raise StoreError(f"redis answered an error: {type(exc).__name__}: {exc}") from exc
     except RedisError as exc:
         raise StoreError(f"redis: {type(exc).__name__}: {exc}") from exc
@@ -82,117 +80,36 @@ async def _guard() -> AsyncIterator[None]:
         raise StoreUnavailable(f"redis: {exc}") from exc
 
 
-def _encode(a: Array) -> memoryview:
-    """The array's little-endian bytes, without a copy when it already is contiguous little-endian."""
-    contiguous: Any = a if a.flags.c_contiguous and a.dtype.byteorder in _LITTLE else _little(a)
-    return memoryview(contiguous).cast("B")
+def _text(raw: Any) -> str:
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
 
 
-_LITTLE = ("<", "=", "|") if np.little_endian else ("<", "|")
-
-
-def _little(a: Array) -> Array:
-    out: Array = np.ascontiguousarray(a, dtype=_DTYPES[a.dtype.name])
-    return out
-
-
-def _decode(raw: bytes, dtype: str, shape: tuple[int, ...]) -> Array:
-    a: Array = np.frombuffer(raw, dtype=_DTYPES[dtype]).reshape(shape)
-    return a.astype(a.dtype.newbyteorder("="), copy=False)  # read-only when no copy was needed
-
-
-# An OrderedDict entry (hash, key and value pointers, links) and its key, a (model, name) tuple.
-_ENTRY_OVERHEAD = 160
-# The bytes object that a view's data lives in (from Redis), besides its data.
-_BYTES_OVERHEAD = sys.getsizeof(b"")
-
-
-class StateCache:
-    """Parameter states this process holds, least recently used first out, within a byte budget.
-
-    An entry is only ever used when its etag is the one Redis has, so a stale entry is never
-    served: it is replaced at the next read.
-    """
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self.bytes = 0
-        self._entries: OrderedDict[tuple[str, str], ParamRecord] = OrderedDict()
-
-    @staticmethod
-    def _size(rec: ParamRecord) -> int:
-        """What an entry really holds: the arrays (data and objects), the record, its strings, the
-        dict entry and its key. A tiny parameter costs several hundred bytes besides its data."""
-        size = sys.getsizeof(rec) + sys.getsizeof(rec.name) * 2 + sys.getsizeof(rec.etag) + _ENTRY_OVERHEAD
-        for a in (rec.value, rec.velocity):
-            if a is not None:
-                size += sys.getsizeof(a) + (0 if a.flags.owndata else a.nbytes + _BYTES_OVERHEAD)
-        return size
-
-    def get(self, model: str, name: str, etag: str) -> ParamRecord | None:
-        rec = self._entries.get((model, name))
-        if rec is None or rec.etag != etag:
-            return None
-        self._entries.move_to_end((model, name))
-        return rec
-
-    def put(self, model: str, rec: ParamRecord) -> None:
-        self.drop(model, rec.name)
-        size = self._size(rec)
-        if size > self.max_bytes:
-            return
-        for a in (rec.value, rec.velocity):
-            if a is not None and a.flags.writeable:
-                a.flags.writeable = False  # shared with callers: nobody may change it in place
-        self._entries[(model, rec.name)] = rec
-        self.bytes += size
-        while self.bytes > self.max_bytes:
-            _, old = self._entries.popitem(last=False)
-            self.bytes -= self._size(old)
-
-    def drop(self, model: str, name: str | None = None) -> None:
-        keys = [(model, name)] if name is not None else [k for k in self._entries if k[0] == model]
-        for key in keys:
-            old = self._entries.pop(key, None)
-            if old is not None:
-                self.bytes -= self._size(old)
-
-
-class RedisStore:
+class RedisJournal:
     kind = "redis"
+    durable = True
 
-    def __init__(self, client: aioredis.Redis, prefix: str = "momentum", *, cache_bytes: int = 512 << 20) -> None:
+    def __init__(self, client: aioredis.Redis, prefix: str = "momentum") -> None:
         self._redis = client
-        self._cache = StateCache(cache_bytes)
         self.keys = Keys(prefix)
-        # Each model's current incarnation as last read from its head (every key but the head
-        # carries it; scripts check it, and a mismatch makes the store read the head again).
-        self._incs: dict[str, str] = {}
-        self._put_model = client.register_script(scripts.PUT_MODEL)
-        self._replace_config = client.register_script(scripts.REPLACE_CONFIG)
-        self._put_params = client.register_script(scripts.PUT_PARAMS)
-        self._commit_step = client.register_script(scripts.COMMIT_STEP)
-        self._delete_param = client.register_script(scripts.DELETE_PARAM)
-        self._delete_model = client.register_script(scripts.DELETE_MODEL)
-        self._claim = client.register_script(scripts.CLAIM)
-        self._release = client.register_script(scripts.RELEASE)
-        self._contribute = client.register_script(scripts.CONTRIBUTE)
-        self._drop_contributions = client.register_script(scripts.DROP_CONTRIBUTIONS)
-        self._read_meta = client.register_script(scripts.READ_META)
+        self._scripts = {
+            name: client.register_script(getattr(scripts, name))
+            for name in ("HEARTBEAT", "ACQUIRE", "RENEW", "RELEASE", "HOLDER", "CREATE", "DELETE", "LOOKUP")
+        }
+        self._commit = client.register_script(scripts.COMMIT)
+        self._commit_small = client.register_script(scripts.COMMIT_SMALL)
 
     @classmethod
-    def from_url(
-        cls, url: str, *, prefix: str = "momentum", timeout: float = 2.0, cache_bytes: int = 512 << 20
-    ) -> RedisStore:
-        """A store on a new connection pool.
+    def from_url(cls, url: str, *, prefix: str = "momentum", timeout: float = 2.0) -> RedisJournal:
+        """A journal on a new connection pool.
 
         redis-py's default policy retries a failed command 10 times with growing pauses, which
         turns an unresponsive Redis into a request that hangs for a minute. Here a command is
         tried at most 3 times, 25-100 ms apart: a request gets its 503 within about
-        ``3 * timeout + 0.2`` seconds. Re-sent writes are harmless (see :mod:`.scripts`).
-        No periodic health check: its PING runs under the same retry policy *inside* each
-        attempt, so on a new or idle connection a frozen Redis took up to 9 timeouts; a stale
-        connection fails its command instead, which is retried on a fresh one.
+        ``3 * timeout + 0.2`` seconds. Re-sent writes are harmless (a batch re-sent after its first
+        attempt landed finds the head at its own seq). No periodic health check: its PING runs under
+        the same retry policy *inside* each attempt, so on a new or idle connection a frozen Redis
+        took up to 9 timeouts; a stale connection fails its command instead, which is retried on a
+        fresh one.
         """
         client = aioredis.Redis.from_url(
             url,
@@ -201,7 +118,7 @@ class RedisStore:
             health_check_interval=0,
             retry=Retry(ExponentialBackoff(cap=0.1, base=0.025), retries=2),
         )
-        return cls(client, prefix, cache_bytes=cache_bytes)
+        return cls(client, prefix)
 
     async def ping(self) -> None:
         async with _guard():
@@ -210,353 +127,204 @@ class RedisStore:
     async def close(self) -> None:
         await self._redis.aclose()
 
-    async def _inc(self, model: str, *, fresh: bool = False) -> str:
-        """The model's current incarnation (ModelNotFound without the model)."""
-        inc = None if fresh else self._incs.get(model)
-        if inc is None:
-            async with _guard():
-                raw = await self._redis.hget(self.keys.model(model), "inc")
-            if raw is None:
-                self._forget(model)
-                raise ModelNotFound(model)
-            inc = self._incs[model] = _text(raw)
-        return inc
-
-    def _forget(self, model: str) -> None:
-        self._incs.pop(model, None)
-        self._cache.drop(model)
-
-    async def put_model(
-        self, model: str, config: dict[str, Any], *, only_create: bool = False
-    ) -> tuple[ModelRecord, bool]:
-        rev, inc = new_token(), new_token()
-        args = [json.dumps(config), rev, inc, "1" if only_create else "0"]
+    async def _run(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
         async with _guard():
-            res = await self._put_model(keys=[self.keys.model(model)], args=args)
-        code = int(res[0])
-        if code == 0:
-            raise ModelExists(model, json.loads(res[1]))
-        if self._incs.get(model) != _text(res[1]):
-            self._forget(model)
-        self._incs[model] = _text(res[1])
-        return ModelRecord(model, config, rev), code == 1
+            return await self._scripts[name](keys=list(keys), args=list(args))
 
-    async def get_model(self, model: str) -> ModelRecord | None:
-        async with _guard():
-            raw = await self._redis.hmget(self.keys.model(model), ["config", "rev"])
-        return _model_record(model, raw)
+    # Replicas and leases.
 
-    async def replace_config(self, model: str, expected_rev: str, config: dict[str, Any]) -> ModelRecord | None:
-        rev = new_token()
-        async with _guard():
-            res = await self._replace_config(
-                keys=[self.keys.model(model)], args=[expected_rev, json.dumps(config), rev]
-            )
-        if res == -1:
-            raise ModelNotFound(model)
-        return ModelRecord(model, config, rev) if res == 1 else None
+    async def heartbeat(self, replica: Replica, ttl_ms: int) -> list[Replica]:
+        flat = await self._run(
+            "HEARTBEAT", [self.keys.replicas(), self.keys.replica_urls()], [replica.id, replica.url, ttl_ms]
+        )
+        return [Replica(_text(flat[i]), _text(flat[i + 1])) for i in range(0, len(flat), 2)]
 
-    async def delete_model(self, model: str) -> bool:
-        """Drop the head (everything of the model is unreachable at once) and unlink every key of it."""
-        async with _guard():
-            res = await self._delete_model(keys=[self.keys.model(model)], args=[self.keys.incarnations(model)])
-        self._forget(model)
-        return bool(res)
+    async def acquire(self, model: str, replica: Replica, lease_ms: int) -> Lease | Holder:
+        res = await self._run("ACQUIRE", [self.keys.lease(model)], [replica.id, replica.url, lease_ms])
+        if int(res[0]) == 1:
+            return Lease(model, int(_text(res[1])), replica.id)
+        return Holder(_text(res[1]), _text(res[2]), int(_text(res[3])), int(res[4]))
 
-    async def list_params(self, model: str) -> list[ParamMeta]:
-        for _ in range(_INC_TRIES):
-            inc = await self._inc(model)
-            async with _guard():
-                names = await self._names(model, inc)
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    pipe.hget(self.keys.model(model), "inc")
-                    for name in names:
-                        pipe.hmget(self.keys.param(model, inc, name), ["shape", "dtype", "step"])
-                    head, *rows = await pipe.execute()
-            if head is None or _text(head) != inc:
-                await self._inc(model, fresh=True)
-                continue
-            out = []
-            for name, (shape, dtype, step) in zip(names, rows, strict=True):
-                if shape is not None:  # deleted since the index was read
-                    out.append(ParamMeta(name, tuple(json.loads(shape)), dtype.decode(), int(step)))
-            return out
-        raise _moving(model)
-
-    async def _names(self, model: str, inc: str) -> list[str]:
-        names = await self._redis.smembers(self.keys.param_index(model, inc))
-        return sorted(_text(n) for n in names)
-
-    async def read(
-        self, model: str, names: list[str] | None, *, with_velocity: bool
-    ) -> tuple[ModelRecord, dict[str, ParamRecord]]:
-        """One round trip for the metadata and etags; a second only for what the cache lacks.
-
-        The cache holds the states this process last wrote or read, keyed by etag: a fresh
-        token per write, so a cached state whose etag is still in Redis is the current one.
-        """
-        for _ in range(_INC_TRIES):
-            inc = await self._inc(model)
-            async with _guard():
-                wanted = await self._names(model, inc) if names is None else names
-                flat = await self._read_meta(
-                    keys=[self.keys.model(model), *(self.keys.param(model, inc, n) for n in wanted)], args=[inc]
+    async def renew(self, leases: Sequence[Lease], lease_ms: int) -> list[bool]:
+        async with _guard(), self._redis.pipeline(transaction=False) as pipe:
+            for lease in leases:
+                await self._scripts["RENEW"](
+                    keys=[self.keys.lease(lease.model)], args=[lease.replica, lease.fence, lease_ms], client=pipe
                 )
-            record = _model_record(model, flat[:2])
-            if record is None:
-                self._forget(model)
-                raise ModelNotFound(model)
-            if _text(flat[2]) != inc:  # deleted and created again since: read the new incarnation
-                await self._inc(model, fresh=True)
-                continue
-            rows = [flat[i : i + 4] for i in range(3, len(flat), 4)]
-            missing = [n for n, row in zip(wanted, rows, strict=True) if not row[0]]
-            if missing:
-                raise ParamNotFound(model, missing)
-            params: dict[str, ParamRecord] = {}
-            stale = []
-            for name, (_, _, _, etag) in zip(wanted, rows, strict=True):
-                cached = self._cache.get(model, name, etag.decode())
-                if cached is not None:
-                    params[name] = cached
-                else:
-                    stale.append(name)
-            if stale:
-                async with _guard():
-                    await self._fetch(model, inc, stale, params)
-            if with_velocity:
-                return record, {name: params[name] for name in wanted}
-            return record, {
-                name: ParamRecord(name, params[name].value, None, params[name].step, params[name].etag)
-                for name in wanted
-            }
-        raise _moving(model)
+            results = await pipe.execute()
+        return [int(r) == 1 for r in results]
 
-    async def _fetch(self, model: str, inc: str, names: list[str], into: dict[str, ParamRecord]) -> None:
-        """Read whole parameter states (value and velocity) into ``into`` and the cache."""
-        fields = [*_PARAM_FIELDS, "velocity"]
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for name in names:
-                pipe.hmget(self.keys.param(model, inc, name), fields)
-            full_rows = await pipe.execute()
-        gone = [n for n, row in zip(names, full_rows, strict=True) if row[0] is None]
-        if gone:
-            raise ParamNotFound(model, gone)
-        for name, row in zip(names, full_rows, strict=True):
-            shape, dtype = tuple(json.loads(row[0])), row[1].decode()
-            velocity = None if row[5] is None else _decode(row[5], dtype, shape)
-            rec = ParamRecord(name, _decode(row[4], dtype, shape), velocity, int(row[2]), row[3].decode())
-            self._cache.put(model, rec)
-            into[name] = rec
+    async def release(self, lease: Lease) -> None:
+        await self._run("RELEASE", [self.keys.lease(lease.model)], [lease.replica, lease.fence])
 
-    async def put_params(self, model: str, values: dict[str, Array], *, only_create: bool) -> dict[str, bool]:
-        names = list(values)
-        etags = [new_token() for _ in names]
-        for _ in range(_INC_TRIES):
-            inc = await self._inc(model)
-            keys = [
-                self.keys.model(model),
-                self.keys.param_index(model, inc),
-                *(self.keys.param(model, inc, n) for n in names),
-            ]
-            args: list[Any] = [inc, "1" if only_create else "0"]
-            for name, etag in zip(names, etags, strict=True):
-                v = values[name]
-                args += [name, json.dumps(list(v.shape)), v.dtype.name, etag, _encode(v)]
-            async with _guard():
-                res = await self._put_params(keys=keys, args=args)
-            code = int(res[0])
-            if code == -4:
-                await self._inc(model, fresh=True)
-                continue
-            if code == -1:
-                self._forget(model)
-                raise ModelNotFound(model)
-            if code == -2:
-                raise ParamsExist(model, [n.decode() for n in res[1:]])
-            for name, etag in zip(names, etags, strict=True):
-                self._cache.put(model, ParamRecord(name, np.array(values[name]), None, 0, etag))
-            return {name: bool(flag) for name, flag in zip(names, res[1:], strict=True)}
-        raise _moving(model)
+    async def holder(self, model: str) -> Holder | None:
+        res = await self._run("HOLDER", [self.keys.lease(model)], [])
+        if not res:
+            return None
+        return Holder(_text(res[0]), _text(res[1]), int(_text(res[2])), int(res[3]))
 
-    async def delete_param(self, model: str, name: str) -> bool:
-        for _ in range(_INC_TRIES):
-            inc = await self._inc(model)
-            keys = [self.keys.model(model), self.keys.param_index(model, inc), self.keys.param(model, inc, name)]
-            async with _guard():
-                res = await self._delete_param(keys=keys, args=[inc, name])
-            self._cache.drop(model, name)
-            if res == -4:
-                await self._inc(model, fresh=True)
-                continue
-            if res == -1:
-                self._forget(model)
-                raise ModelNotFound(model)
-            return bool(res)
-        raise _moving(model)
+    # A model's record.
 
-    async def commit_step(
-        self,
-        model: str,
-        expected_rev: str,
-        updates: list[ParamUpdate],
-        claim: Claim | None = None,
-        summary: str = "",
-    ) -> CommitOutcome:
-        inc = await self._inc(model)
-        keys = [
-            self.keys.model(model),
-            self.keys.idempotency(model, inc),
-            self.keys.idempotency_expiry(model, inc),
-            *(self.keys.param(model, inc, u.name) for u in updates),
-        ]
-        args: list[Any] = [inc, expected_rev]
-        if claim is None:
-            args += ["0", "", "", "", 0, ""]
-        else:
-            args += ["1", claim.key, claim.fingerprint, claim.owner, claim.ttl_ms, summary]
-        for u in updates:
-            if u.velocity is None:
-                args += [f"{u.expected_etag}|{u.etag}|0|{u.step}", _encode(u.value), b""]
-            else:
-                args += [f"{u.expected_etag}|{u.etag}|1|{u.step}", _encode(u.value), _encode(u.velocity)]
+    async def load(self, model: str) -> Loaded | None:
+        k = self.keys
         async with _guard():
-            res = await self._commit_step(keys=keys, args=args)
-        code = int(res[0])
-        if code == -1:
-            self._forget(model)
-            raise ModelNotFound(model)
-        if code == 1:
-            for u in updates:
-                self._cache.put(model, ParamRecord(u.name, u.value, u.velocity, u.step, u.etag))
-        if code == 2:
-            return CommitOutcome("done", _text(res[1]), _text(res[2]))
-        if code == 0:
-            self._incs.pop(model, None)  # maybe another incarnation: the re-read reads the head again
-        return CommitOutcome({1: "applied", 0: "conflict", -2: "mismatch", -3: "in_flight"}[code])  # type: ignore[arg-type]
-
-    async def claim(self, model: str, claim: Claim) -> ClaimState:
-        for _ in range(_INC_TRIES):
-            inc = await self._inc(model)
-            keys = [self.keys.model(model), self.keys.idempotency(model, inc), self.keys.idempotency_expiry(model, inc)]
-            async with _guard():
-                res = await self._claim(
-                    keys=keys, args=[inc, claim.key, claim.fingerprint, claim.owner, claim.lease_ms]
-                )
-            status = _text(res[0])
-            if status == "gone":
-                await self._inc(model, fresh=True)
-                continue
-            if status == "done":
-                return ClaimState("done", _text(res[1]), _text(res[2]))
-            return ClaimState(status)  # type: ignore[arg-type]
-        raise _moving(model)
-
-    async def release(self, model: str, claim: Claim) -> None:
-        inc = self._incs.get(model)
-        if inc is None:
-            return  # the model is gone, and its records with it
-        keys = [self.keys.idempotency(model, inc), self.keys.idempotency_expiry(model, inc)]
-        async with _guard():
-            await self._release(keys=keys, args=[claim.key, claim.owner])
-
-    async def contribute(
-        self, model: str, step: int, worker: int, grads: dict[str, Array], ttl_ms: int
-    ) -> Contribution:
-        names = list(grads)
-        for _ in range(_INC_TRIES):
-            inc = await self._inc(model)
-            keys = [
-                self.keys.model(model),
-                self.keys.sync_step(model, inc, step),
-                self.keys.sync_expiry(model, inc),
-                *(self.keys.param(model, inc, n) for n in names),
-            ]
-            args: list[Any] = [inc, step, worker, ttl_ms, self.keys.incarnation_base(model, inc)]
-            for name in names:
-                args += [name, _encode(grads[name])]
-            async with _guard():
-                res = await self._contribute(keys=keys, args=args)
-            code = int(res[0])
-            if code == -4:
-                await self._inc(model, fresh=True)
-                continue
-            if code == -1:
-                self._forget(model)
-                raise ModelNotFound(model)
-            if code == -2:
-                raise ParamNotFound(model, [names[int(res[1]) - 1]])
-            if code == 0:
-                return Contribution("moved", {}, {n: int(v) for n, v in zip(names, res[1:], strict=True)})
-            counts = {n: int(v) for n, v in zip(names, res[2:], strict=True)}
-            return Contribution("duplicate" if int(res[1]) else "added", counts, {n: step for n in names})
-        raise _moving(model)
-
-    async def _sync_fields(self, model: str, step: int) -> dict[str, bytes]:
-        inc = await self._inc(model)
-        async with _guard():
-            raw = await self._redis.hgetall(self.keys.sync_step(model, inc, step))
-        return {_text(k): v if isinstance(v, bytes) else v.encode() for k, v in raw.items()}
-
-    async def contributions(self, model: str, step: int, names: list[str]) -> dict[str, dict[int, bytes]]:
-        out: dict[str, dict[int, bytes]] = {name: {} for name in names}
-        for field, value in (await self._sync_fields(model, step)).items():
-            if field.startswith("g:"):
-                _, worker, name = parse_sync_field(field)
-                if name in out:
-                    out[name][worker] = value
-        return out
-
-    async def contributors(self, model: str, step: int, names: list[str]) -> dict[str, set[int]]:
-        out: dict[str, set[int]] = {name: set() for name in names}
-        for field in await self._sync_fields(model, step):
-            if field.startswith("w:"):
-                _, worker, name = parse_sync_field(field)
-                if name in out:
-                    out[name].add(worker)
-        return out
-
-    async def drop_contributions(self, model: str, step: int, names: list[str]) -> None:
-        inc = await self._inc(model)
-        async with _guard():
-            await self._drop_contributions(keys=[self.keys.sync_step(model, inc, step)], args=names)
-
-    async def steps(self, model: str, names: list[str]) -> dict[str, int]:
-        for _ in range(_INC_TRIES):
-            inc = await self._inc(model)
+            raw = await self._redis.hgetall(k.model(model))
+        if not raw:
+            return None
+        head_fields = {_text(f): v for f, v in raw.items()}
+        inc = _text(head_fields["inc"])
+        head = Head(json.loads(head_fields["config"]), _text(head_fields["rev"]), inc, int(head_fields["seq"]))
+        snapshot, first = None, 1
+        async with _guard(), self._redis.pipeline(transaction=False) as pipe:
+            spec = head_fields.get("snapkeys")
+            nsnap = 0
+            if spec is not None:
+                fence, seq, nsnap = (int(x) for x in _text(spec).split(":"))
+                for j in range(nsnap):
+                    pipe.get(k.snap(model, inc, fence, seq, j))
+                first = seq + 1
+            pipe.hgetall(k.logmeta(model, inc))
+            got = await pipe.execute()
+        if spec is not None:
+            data = got[:nsnap]
+            if any(d is None for d in data):
+                raise JournalCorrupt(f"model {model!r}: a buffer of its snapshot is missing")
+            snapshot = Record(json.loads(head_fields["snap"]), tuple(data))
+        metas = {int(_text(s)): _text(m) for s, m in got[-1].items()}
+        log: list[Record] = []
+        wanted = []
+        for seq in range(first, head.seq + 1):
+            text = metas.get(seq)
+            if text is None:
+                raise JournalCorrupt(f"model {model!r}: log entry {seq} is missing")
+            count, meta = text.split(" ", 1)
+            log.append(Record(json.loads(meta)))
+            wanted.append((seq, int(count)))
+        if any(n for _, n in wanted):
             async with _guard(), self._redis.pipeline(transaction=False) as pipe:
-                pipe.hget(self.keys.model(model), "inc")
-                for name in names:
-                    pipe.hget(self.keys.param(model, inc, name), "step")
-                head, *rows = await pipe.execute()
-            if head is None:
-                self._forget(model)
-                raise ModelNotFound(model)
-            if _text(head) != inc:
-                await self._inc(model, fresh=True)
+                for seq, n in wanted:
+                    for j in range(n):
+                        pipe.get(k.log(model, inc, seq, j))
+                buffers: list[Any] = await pipe.execute()
+            at = 0
+            for i, (seq, n) in enumerate(wanted):
+                parts: tuple[Buffer, ...] = tuple(buffers[at : at + n])
+                at += n
+                if any(d is None for d in parts):
+                    raise JournalCorrupt(f"model {model!r}: a buffer of log entry {seq} is missing")
+                log[i] = Record(log[i].meta, parts)
+        return Loaded(head, snapshot, log)
+
+    async def create(self, lease: Lease, model: str, config: dict[str, Any], rev: str, inc: str) -> None:
+        res = await self._run(
+            "CREATE", [self.keys.lease(model), self.keys.model(model)], [lease.fence, json.dumps(config), rev, inc]
+        )
+        if int(res) == -1:
+            raise Fenced(f"this server's lease on model {model!r} was taken over; nothing was written")
+        if int(res) == 0:
+            raise Fenced(f"model {model!r} was created by another server meanwhile; nothing was written")
+
+    async def commit(self, lease: Lease, model: str, batch: Batch) -> None:
+        k, inc = self.keys, batch.inc
+        buffers: list[tuple[int, int, Any]] = []  # (seq, index, buffer) of every entry's data
+        entries: list[list[Any]] = []
+        for i, record in enumerate(batch.entries):
+            seq = batch.base_seq + 1 + i
+            buffers += [(seq, j, buf) for j, buf in enumerate(record.data)]
+            entries.append([str(seq), len(record.data), orjson.dumps(record.meta).decode()])
+        snap = batch.snapshot
+        inline = snap is None and sum(memoryview(b).nbytes for _, _, b in buffers) <= INLINE_BYTES
+        staged: list[tuple[str, Any]] = []
+        data_keys: list[str] = []
+        for seq, j, buf in buffers:
+            if inline:
+                data_keys.append(k.log(model, inc, seq, j))
+            else:
+                stage = k.stage(model, inc, lease.fence, seq, j)
+                staged.append((stage, buf))
+                data_keys += [stage, k.log(model, inc, seq, j)]
+        snap_keys: list[str] = []
+        if snap is not None:
+            snap_keys = [k.snap(model, inc, lease.fence, batch.seq, j) for j in range(len(snap.data))]
+            staged += list(zip(snap_keys, snap.data, strict=True))
+        keys = [
+            k.lease(model),
+            k.model(model),
+            k.logmeta(model, inc),
+            k.idempotency(model, inc),
+            k.idempotency_expiry(model, inc),
+            *data_keys,
+            *snap_keys,
+        ]
+        config, rev = batch.config if batch.config is not None else (None, "")
+        header = orjson.dumps(
+            {
+                "fence": str(lease.fence),
+                "inc": inc,
+                "base": str(batch.base_seq),
+                "seq": str(batch.seq),
+                "ttl": batch.key_ttl_ms,
+                "inline": inline,
+                "entries": entries,
+                "keys": [[r.key, r.fingerprint, r.summary] for r in batch.keys],
+                "snap": orjson.dumps(snap.meta).decode() if snap is not None else None,
+                "snapkeys": f"{lease.fence}:{batch.seq}:{len(snap_keys)}" if snap is not None else "",
+                "config": json.dumps(config) if config is not None else None,
+                "rev": rev,
+            }
+        )
+        if not buffers and snap is None:  # no data: the script alone (outside MULTI, so that a full Redis takes it)
+            async with _guard():
+                outcome = await self._commit_small(keys=keys, args=[header])
+        elif inline:  # small buffers: passed to the script itself, one command instead of a transaction
+            async with _guard():
+                outcome = await self._commit(keys=keys, args=[header, *(buf for _, _, buf in buffers)])
+        else:
+            outcome = await self._transaction(staged, keys, [header])
+        code = int(outcome[0])
+        if code == 1:
+            return
+        if code == -3 and int(_text(outcome[1])) == batch.seq:
+            return  # an earlier attempt of this very batch landed (its answer was lost)
+        if code == -4:
+            fp, _, summary = _text(outcome[2]).split("|", 2)
+            raise KeyTaken(_text(outcome[1]), fp, summary)
+        raise Fenced(f"model {model!r} is no longer this server's to write (code {code}); nothing was written")
+
+    async def _transaction(self, staged: list[tuple[str, Any]], keys: list[str], args: list[Any]) -> Any:
+        """``SET`` each staged buffer, then ``COMMIT``, in one ``MULTI``; the script's answer."""
+        for attempt in range(2):
+            async with _guard(), self._redis.pipeline(transaction=True) as pipe:
+                for name, buf in staged:
+                    pipe.set(name, buf)
+                pipe.evalsha(self._commit.sha, len(keys), *keys, *args)
+                try:
+                    results = await pipe.execute(raise_on_error=False)
+                except NoScriptError:
+                    results = [NoScriptError("NOSCRIPT")]
+            outcome = results[-1]
+            if attempt == 0 and (isinstance(outcome, NoScriptError) or "NOSCRIPT" in str(outcome)):
+                # Redis restarted, and its script cache is empty: load the script and try again.
+                async with _guard():
+                    await self._redis.unlink(*(name for name, _ in staged))
+                    await self._redis.script_load(scripts.COMMIT)
                 continue
-            missing = [n for n, v in zip(names, rows, strict=True) if v is None]
-            if missing:
-                raise ParamNotFound(model, missing)
-            return {n: int(v) for n, v in zip(names, rows, strict=True)}
-        raise _moving(model)
+            if isinstance(outcome, Exception):
+                async with _guard():
+                    raise outcome
+            return outcome
+        raise AssertionError("unreachable")
 
+    async def delete(self, lease: Lease, model: str) -> None:
+        res = await self._run(
+            "DELETE", [self.keys.lease(model), self.keys.model(model)], [lease.fence, self.keys.incarnations(model)]
+        )
+        if int(res) == -1:
+            raise Fenced(f"this server's lease on model {model!r} was taken over; nothing was deleted")
 
-# A model deleted and created again between reading its head and using it: read the head again,
-# a few times (each time means another delete and create in between), then give up with a 503.
-_INC_TRIES = 5
-
-
-def _moving(model: str) -> StoreUnavailable:
-    return StoreUnavailable(f"model {model!r} keeps being deleted and created again; nothing was changed")
-
-
-def _text(raw: bytes | str) -> str:
-    return raw.decode() if isinstance(raw, bytes) else raw
-
-
-def _model_record(model: str, row: list[Any]) -> ModelRecord | None:
-    config, rev = row
-    if config is None or rev is None:
-        return None
-    return ModelRecord(model, json.loads(config), _text(rev))
+    async def lookup(self, model: str, inc: str, key: str) -> KeyRecord | None:
+        raw = await self._run("LOOKUP", [self.keys.model(model), self.keys.idempotency(model, inc)], [inc, key])
+        if not raw:
+            return None
+        fp, _, summary = _text(raw).split("|", 2)
+        return KeyRecord(key, fp, summary)

@@ -17,9 +17,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
-from ...engine import StepResult
+from ...engine import ParamRecord, RawTensors, StepResult
 from ...settings import Settings
-from ...store import ParamRecord
 from ...store.base import Array
 
 __all__ = [
@@ -92,8 +91,12 @@ class StepOptions:
 
 @dataclass(frozen=True, slots=True)
 class StepBody:
+    """A step's gradients (widened to their parameters' dtypes) and options, and, where the format
+    allows it without a copy, the gradients as received (what the step's log entry keeps)."""
+
     grads: dict[str, Array]
     options: StepOptions = field(default_factory=StepOptions)
+    received: RawTensors | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,11 +131,12 @@ class Codec(Protocol):
 
     def encode_step(self, results: Mapping[str, StepResult], with_values: bool) -> Encoded: ...
 
-    def encode_params(self, params: Mapping[str, ParamRecord], with_velocity: bool) -> Encoded:
-        """Several parameters (``GET /params``)."""
+    def encode_params(self, params: Mapping[str, ParamRecord], include: frozenset[str]) -> Encoded:
+        """Several parameters (``GET /params``), with their rule's state buffers as ``include`` asks
+        (``state``: all of them; ``velocity``: that one, as the API had it before named buffers)."""
         ...
 
-    def encode_param(self, rec: ParamRecord, with_velocity: bool) -> Encoded:
+    def encode_param(self, rec: ParamRecord, include: frozenset[str]) -> Encoded:
         """One parameter (``GET /params/{name}``)."""
         ...
 

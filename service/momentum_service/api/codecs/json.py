@@ -17,8 +17,7 @@ import numpy as np
 import orjson
 from pydantic import BaseModel
 
-from ...engine import StepResult
-from ...store import ParamRecord
+from ...engine import ParamRecord, StepResult
 from ...store.base import Array
 from .. import schemas
 from . import BodyError, Encoded, Limits, StepBody
@@ -116,10 +115,12 @@ def step_json(r: StepResult, with_value: bool) -> dict[str, Any]:
     return out
 
 
-def param_json(rec: ParamRecord, *, with_velocity: bool) -> dict[str, Any]:
+def param_json(rec: ParamRecord, include: frozenset[str]) -> dict[str, Any]:
     out = {"name": rec.name, **tensor_json(rec.value), "step": rec.step}
-    if with_velocity:
+    if "velocity" in include:
         out["velocity"] = None if rec.velocity is None else tensor_json(rec.velocity)
+    if "state" in include:
+        out["state"] = {name: tensor_json(a) for name, a in sorted(rec.state.items())}
     return out
 
 
@@ -140,9 +141,9 @@ class JsonCodec:
     def encode_step(self, results: Mapping[str, StepResult], with_values: bool) -> Encoded:
         return Encoded(MEDIA_TYPE, (dumps({"params": {n: step_json(r, with_values) for n, r in results.items()}}),))
 
-    def encode_params(self, params: Mapping[str, ParamRecord], with_velocity: bool) -> Encoded:
-        content = {"params": {n: param_json(p, with_velocity=with_velocity) for n, p in params.items()}}
+    def encode_params(self, params: Mapping[str, ParamRecord], include: frozenset[str]) -> Encoded:
+        content = {"params": {n: param_json(p, include) for n, p in params.items()}}
         return Encoded(MEDIA_TYPE, (dumps(content),))
 
-    def encode_param(self, rec: ParamRecord, with_velocity: bool) -> Encoded:
-        return Encoded(MEDIA_TYPE, (dumps(param_json(rec, with_velocity=with_velocity)),))
+    def encode_param(self, rec: ParamRecord, include: frozenset[str]) -> Encoded:
+        return Encoded(MEDIA_TYPE, (dumps(param_json(rec, include)),))

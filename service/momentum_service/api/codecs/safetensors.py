@@ -30,8 +30,9 @@ from typing import Any, ClassVar
 import numpy as np
 import orjson
 
-from ...engine import StepResult
-from ...store import ParamRecord
+from ...engine import ParamRecord, RawTensors, StepResult, TensorSpec
+from ...engine.tensors import as_bytes
+from ...kernels.dtypes import CODES, NAMES, STATE_CODES, widen
 from ...store.base import Array
 from .. import schemas
 from . import BodyError, Encoded, Limits, StepBody
@@ -40,14 +41,9 @@ from .checks import check_count, check_finite, check_name, step_options, validat
 MEDIA_TYPE = "application/x-safetensors"
 
 # Wire dtypes. F16 and BF16 are accepted for gradients only, and become float32 exactly.
-_READ: dict[str, np.dtype[Any]] = {
-    "F32": np.dtype("<f4"),
-    "F64": np.dtype("<f8"),
-    "F16": np.dtype("<f2"),
-    "BF16": np.dtype("<u2"),
-}
-_WRITE = {"float32": "F32", "float64": "F64"}
-STATE_DTYPES = frozenset({"F32", "F64"})
+_READ = CODES
+_WRITE = NAMES
+STATE_DTYPES = STATE_CODES
 GRADIENT_DTYPES = frozenset(_READ)
 _MAX_HEADER = 16 * 1024 * 1024
 STEP_OPTIONS = ("return_params", "expected_steps", "worker_id", "base_step")
@@ -61,6 +57,14 @@ def read(
     raw: bytes | memoryview, limits: Limits, *, allowed: frozenset[str] = frozenset(_READ)
 ) -> tuple[dict[str, Array], dict[str, str]]:
     """The tensors (float32/float64 arrays, read-only views where possible) and the metadata."""
+    tensors, metadata, _ = read_raw(raw, limits, allowed=allowed)
+    return tensors, metadata
+
+
+def read_raw(
+    raw: bytes | memoryview, limits: Limits, *, allowed: frozenset[str] = frozenset(_READ)
+) -> tuple[dict[str, Array], dict[str, str], RawTensors]:
+    """:func:`read`, and the tensors as received: the body's data section and each tensor's place in it."""
     if len(raw) < 8:
         raise _bad(f"a safetensors body starts with an 8-byte header length; this one has {len(raw)} bytes")
     n = int.from_bytes(raw[:8], "little")
@@ -124,29 +128,26 @@ def read(
     if position != data_len:
         raise _bad(f"{data_len - position} trailing bytes after the last tensor")
     tensors: dict[str, Array] = {}
+    received = []
     for name, (dtype, wire, shape, begin, size) in specs.items():
         try:
             flat = np.frombuffer(raw, dtype=dtype, count=size, offset=data_start + begin)
-            tensors[name] = _native(flat, wire).reshape(shape)
+            tensors[name] = widen(flat, wire).reshape(shape)
         except ValueError as exc:  # numpy refuses a shape like [0, 2**62]: no elements, but too big
             raise _bad(f"tensor {name!r}: its shape is not valid: {exc}") from None
-    return tensors, {str(k): v for k, v in metadata.items()}
+        received.append(TensorSpec(name, wire, shape, begin, begin + size * dtype.itemsize))
+    data = as_bytes(raw)[data_start:]
+    return tensors, {str(k): v for k, v in metadata.items()}, RawTensors(data, tuple(received))
 
 
-def _native(flat: np.ndarray[Any, Any], wire: str) -> Array:
-    if wire == "BF16":  # the top half of a float32: widening is exact
-        return (flat.astype(np.uint32) << 16).view(np.float32)
-    if wire == "F16":
-        return flat.astype(np.float32)
-    return flat if flat.dtype.isnative else flat.astype(flat.dtype.newbyteorder("="))
-
-
-def _checked(raw: memoryview, limits: Limits, allowed: frozenset[str]) -> tuple[dict[str, Array], dict[str, str]]:
-    tensors, metadata = read(raw, limits, allowed=allowed)
+def _checked(
+    raw: memoryview, limits: Limits, allowed: frozenset[str]
+) -> tuple[dict[str, Array], dict[str, str], RawTensors]:
+    tensors, metadata, received = read_raw(raw, limits, allowed=allowed)
     for name, a in tensors.items():
         check_name(name, [name])
         check_finite(a, [name])
-    return tensors, metadata
+    return tensors, metadata, received
 
 
 def _metadata_fields(metadata: Mapping[str, str], names: tuple[str, ...], limits: Limits) -> dict[str, Any]:
@@ -207,22 +208,22 @@ class SafetensorsCodec:
     media_type: ClassVar[str] = MEDIA_TYPE
 
     def decode_step(self, body: memoryview, limits: Limits) -> StepBody:
-        tensors, metadata = _checked(body, limits, GRADIENT_DTYPES)
+        tensors, metadata, received = _checked(body, limits, GRADIENT_DTYPES)
         fields = _metadata_fields(metadata, STEP_OPTIONS, limits)
         loc = ["body", "__metadata__"]
         options = step_options(validate(schemas.StepOptions, fields, loc), loc, tensors)
         if not tensors:
             raise BodyError(422, "invalid-request", "no gradients given", errors=[{"loc": ["body"], "msg": "empty"}])
-        return StepBody(tensors, options)
+        return StepBody(tensors, options, received)
 
     def decode_values(self, body: memoryview, limits: Limits) -> dict[str, Array]:
-        tensors, _ = _checked(body, limits, STATE_DTYPES)
+        tensors, _, _ = _checked(body, limits, STATE_DTYPES)
         if not tensors:
             raise BodyError(422, "invalid-request", "no parameters given", errors=[{"loc": ["body"], "msg": "empty"}])
         return tensors
 
     def decode_value(self, body: memoryview, name: str, limits: Limits) -> Array:
-        tensors, _ = _checked(body, limits, STATE_DTYPES)
+        tensors, _, _ = _checked(body, limits, STATE_DTYPES)
         if list(tensors) != [name]:
             raise BodyError(
                 422,
@@ -236,13 +237,14 @@ class SafetensorsCodec:
         tensors = {n: r.value for n, r in results.items() if with_values and r.value is not None}
         return encode(tensors, {"params": {n: _step_fields(r) for n, r in results.items()}})
 
-    def encode_params(self, params: Mapping[str, ParamRecord], with_velocity: bool) -> Encoded:
+    def encode_params(self, params: Mapping[str, ParamRecord], include: frozenset[str]) -> Encoded:
         tensors: dict[str, Array] = {}
         for name, rec in params.items():
             tensors[name] = rec.value
-            if with_velocity and rec.velocity is not None:
-                tensors[f"{name}@velocity"] = rec.velocity
+            for buffer, a in sorted(rec.state.items()):
+                if "state" in include or buffer in include:
+                    tensors[f"{name}@{buffer}"] = a
         return encode(tensors, {"params": {name: {"step": rec.step} for name, rec in params.items()}})
 
-    def encode_param(self, rec: ParamRecord, with_velocity: bool) -> Encoded:
-        return self.encode_params({rec.name: rec}, with_velocity)
+    def encode_param(self, rec: ParamRecord, include: frozenset[str]) -> Encoded:
+        return self.encode_params({rec.name: rec}, include)

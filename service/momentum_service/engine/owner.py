@@ -1,0 +1,469 @@
+"""A model's owner: the one process that serves the model's steps, from memory.
+
+The owner holds the model's :class:`~.state.ModelState` and applies every change to it in
+order (one at a time, under a lock: steps on one model never race), queueing each change's log
+record with its :class:`~.writer.LogWriter`. It answers a step once the step is as durable as
+the model's ``durability`` asks: written to the journal (``step``) or applied in memory
+(``flush_ms``). It is built from the journal (:meth:`ModelOwner.load`: the latest snapshot,
+then the log replayed through the same kernel) when its process takes the model's lease, and
+it ends (:meth:`ModelOwner.invalidate`) when the lease is lost or a write fails in a way that
+leaves its memory ahead of the journal; the next request then builds a new one.
+
+The pieces it composes are each tested alone: :mod:`.idempotency` (exactly-once keys),
+:mod:`.modes` (what async and bounded pushes must satisfy), :mod:`.sync` (averaging a sync
+step's contributions), :mod:`.writer` (durability, group commit, snapshots) and :mod:`.state`
+(the state and its one transition function).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from ..config import ModelConfig
+from ..errors import (
+    ModeFieldRequired,
+    ModelExists,
+    ModelNotFound,
+    OwnerLost,
+    ParamNotFound,
+    ParamsExist,
+    RuleChange,
+    StaleGradient,
+    StepAlreadyApplied,
+    StoreFull,
+    StoreUnavailable,
+    WorkerOutOfRange,
+)
+from ..kernels.schedules import LRTable
+from ..store.base import Array, Journal, KeyRecord, Lease, new_token
+from .entries import ConfigEntry, DeleteEntry, Entry, PutEntry, StepEntry, from_record, to_record
+from .idempotency import Guard, Idempotency
+from .modes import Push, check_push, staleness
+from .results import StepPending, StepResult
+from .snapshots import from_snapshot, to_snapshot
+from .state import ModelRecord, ModelState, ParamMeta, ParamRecord, check_grads, compute_step
+from .sync import SyncCoordinator
+from .tensors import RawTensors
+from .writer import LogWriter, SnapshotPolicy
+
+__all__ = ["EngineOptions", "ModelOwner", "OwnerLost"]
+
+_THREAD_THRESHOLD = 1 << 16
+"""Updates bigger than this many elements are computed in a worker thread (numpy and the native kernel
+release the GIL), so that one large step does not stall every other request on the event loop."""
+
+
+@dataclass(frozen=True, slots=True)
+class EngineOptions:
+    idempotency_ttl_s: float = 86400.0
+    idempotency_memory_keys: int = 100_000
+    sync_timeout_s: float = 5.0
+    sync_ttl_s: float = 3600.0
+    snapshots: SnapshotPolicy = field(default_factory=SnapshotPolicy)
+    max_pending_bytes: int = 256 << 20
+
+
+def summary(steps: list[int], lrs: list[float]) -> str:
+    """What an idempotency record keeps of a step: each parameter's new step and lr, by position.
+
+    Not the names: a replay carries the same body (its fingerprint matched), so the same names in
+    the same order. When every parameter has the same step and lr (the usual case), one pair is
+    kept: ``[step, lr]``; else ``[[steps...], [lrs...]]``, each a single value when uniform.
+    """
+    packed = [steps[0] if len(set(steps)) == 1 else steps, lrs[0] if len(set(lrs)) == 1 else lrs]
+    return orjson.dumps(packed).decode()
+
+
+def unpack_summary(text: str, names: list[str]) -> dict[str, tuple[int, float]]:
+    steps, lrates = json.loads(text)
+    n = len(names)
+    steps = steps if isinstance(steps, list) else [steps] * n
+    lrates = lrates if isinstance(lrates, list) else [lrates] * n
+    return {name: (int(st), float(lr)) for name, st, lr in zip(names, steps, lrates, strict=True)}
+
+
+class ModelOwner:
+    def __init__(
+        self,
+        name: str,
+        journal: Journal,
+        lease: Callable[[], Lease],
+        options: EngineOptions,
+        lr_table: LRTable,
+        valid: Callable[[], bool] = lambda: True,
+    ) -> None:
+        self.name, self.journal, self.options, self.lr_table = name, journal, options, lr_table
+        self._lease, self._valid = lease, valid
+        self.state: ModelState | None = None
+        self.lost: BaseException | None = None
+        self.writer: LogWriter | None = None
+        self.guard: Guard | None = None
+        self.sync = SyncCoordinator(options.sync_ttl_s)
+        self._lock = asyncio.Lock()
+        self.loaded_entries = 0  # log entries replayed by the last load
+        self.last_used = time.monotonic()
+
+    # Life cycle.
+
+    async def load(self) -> None:
+        """Build the state from the journal: the latest snapshot, then the log after it, replayed."""
+        loaded = await self.journal.load(self.name)
+        if loaded is None:
+            self.state = None
+            return
+        head = loaded.head
+        if loaded.snapshot is not None:
+            state = from_snapshot(self.name, loaded.snapshot)
+        else:
+            state = ModelState(self.name, head.inc, head.rev, ModelConfig.from_dict(head.config))
+        guard = self._new_guard(head.inc)
+        log_bytes = 0
+        for record in loaded.log:
+            entry = from_record(record)
+            state.replay(entry)
+            log_bytes += record.nbytes
+            if isinstance(entry, StepEntry) and entry.key is not None and entry.fingerprint is not None:
+                names = entry.grads.names
+                text = summary([entry.steps[n] + 1 for n in names], [entry.lrs[n] for n in names])
+                guard.remember(KeyRecord(entry.key, entry.fingerprint, text))
+        self.loaded_entries = len(loaded.log)
+        self._install(state, guard, log_bytes, len(loaded.log))
+
+    def _new_guard(self, inc: str) -> Guard:
+        if not self.journal.durable:
+            return Guard(self.options.idempotency_ttl_s)  # the only copy: keep every key for the TTL
+
+        async def lookup(key: str) -> KeyRecord | None:
+            return await self.journal.lookup(self.name, inc, key)
+
+        return Guard(self.options.idempotency_ttl_s, max_keys=self.options.idempotency_memory_keys, lookup=lookup)
+
+    def _install(self, state: ModelState, guard: Guard, log_bytes: int = 0, log_entries: int = 0) -> None:
+        self.state, self.guard = state, guard
+        self.writer = LogWriter(
+            self.journal,
+            self.name,
+            state.inc,
+            lease=self._lease,
+            flush_ms=self._flush_ms,
+            snapshot=lambda: to_snapshot(self._live()),
+            state_bytes=lambda: self._live().nbytes,
+            on_lost=self.invalidate,
+            durable_seq=state.seq,
+            log_bytes=log_bytes,
+            log_entries=log_entries,
+            policy=self.options.snapshots,
+            max_pending_bytes=self.options.max_pending_bytes,
+            key_ttl_ms=max(1, round(self.options.idempotency_ttl_s * 1000)),
+        )
+
+    def _flush_ms(self) -> int | None:
+        return None if self.state is None else self.state.config.durability.flush_ms
+
+    def invalidate(self, exc: BaseException) -> None:
+        """Stop serving the model: its memory can no longer be trusted to match the journal."""
+        if self.lost is not None:
+            return
+        self.lost = OwnerLost(
+            f"this server stopped serving model {self.name!r} ({exc}); retry, and the model's owner answers"
+        )
+        if self.writer is not None:  # the waiting steps hear why: a failed store, or "retry elsewhere"
+            self.writer.close(exc if isinstance(exc, StoreUnavailable | StoreFull) else self.lost)
+        self.sync.fail(self.lost)
+
+    @property
+    def usable(self) -> bool:
+        return self.lost is None and self._valid()
+
+    def _check(self) -> None:
+        if self.lost is not None:
+            raise self.lost
+        if not self._valid():
+            raise OwnerLost(f"this server's lease on model {self.name!r} could not be renewed in time; retry")
+
+    def _live(self) -> ModelState:
+        self._check()
+        if self.state is None:
+            raise ModelNotFound(self.name)
+        return self.state
+
+    def _durable(self) -> bool:
+        return self.journal.durable
+
+    async def close(self) -> None:
+        """Write what is queued (best effort) before the process stops."""
+        if self.writer is not None and self.lost is None:
+            await self.writer.aclose()
+
+    # Reads: what is applied, once it is as durable as the model asks.
+
+    async def _settled(self) -> ModelState:
+        state = self._live()
+        assert self.writer is not None
+        if state.config.durability.flush_ms is None and self.writer.durable_seq < state.seq:
+            await self.writer.wait(state.seq)
+            state = self._live()
+        return state
+
+    async def get_model(self) -> tuple[ModelRecord, list[ParamMeta]]:
+        state = await self._settled()
+        return state.record, state.metas()
+
+    async def get_params(self, names: list[str] | None, *, with_state: bool) -> dict[str, ParamRecord]:
+        state = await self._settled()
+        wanted = sorted(state.params) if names is None else names
+        missing = [n for n in wanted if n not in state.params]
+        if missing:
+            raise ParamNotFound(self.name, missing)
+        out = {}
+        for n in wanted:
+            p = state.params[n]
+            out[n] = ParamRecord(n, p.value, p.state if with_state else {}, p.step)
+        return out
+
+    # Changes other than steps: applied, logged, and answered once written (whatever the durability).
+
+    async def _change(self, entry: Entry) -> ModelState:
+        state = self._live()
+        assert self.writer is not None
+        state.apply(entry)
+        config = (entry.config, entry.rev) if isinstance(entry, ConfigEntry) else None
+        self.writer.add(state.seq, to_record(entry), None, config)
+        await self.writer.wait(state.seq)
+        return self._live()
+
+    async def put_model(self, config: ModelConfig, *, only_create: bool) -> tuple[ModelRecord, bool]:
+        async with self._lock:
+            self._check()
+            if self.state is None:
+                inc, rev = new_token(), new_token()
+                await self.journal.create(self._lease(), self.name, config.to_dict(), rev, inc)
+                self._install(ModelState(self.name, inc, rev, config), self._new_guard(inc))
+                return self._live().record, True
+            if only_create:
+                raise ModelExists(self.name, self.state.config.to_dict())
+            _check_same_rule(self.name, self.state.config, config.rule.name)
+            state = await self._change(ConfigEntry(config.to_dict(), new_token()))
+            return state.record, False
+
+    async def patch_model(
+        self,
+        optimizer: Mapping[str, Any],
+        schedule: Mapping[str, Any] | None,
+        mode: Mapping[str, Any] | None,
+        durability: Any = None,
+    ) -> ModelRecord:
+        async with self._lock:
+            current = self._live().config
+            if "rule" in optimizer:
+                _check_same_rule(self.name, current, optimizer["rule"])
+            config = current.patched(optimizer, schedule, mode, durability)
+            state = await self._change(ConfigEntry(config.to_dict(), new_token()))
+            return state.record
+
+    async def delete_model(self) -> None:
+        async with self._lock:
+            self._live()
+            assert self.writer is not None
+            self.writer.close(ModelNotFound(self.name))  # what is queued is deleted anyway
+            await self.journal.delete(self._lease(), self.name)
+            self.sync.fail(ModelNotFound(self.name))
+            self.state, self.writer, self.guard = None, None, None
+            self.sync = SyncCoordinator(self.options.sync_ttl_s)
+
+    async def put_params(self, values: RawTensors, *, only_create: bool) -> dict[str, bool]:
+        async with self._lock:
+            state = self._live()
+            names = values.names
+            if only_create:
+                existing = [n for n in names if n in state.params]
+                if existing:
+                    raise ParamsExist(self.name, existing)
+            created = {n: n not in state.params for n in names}
+            await self._change(PutEntry(values))
+            return created
+
+    async def delete_param(self, name: str) -> None:
+        async with self._lock:
+            if name not in self._live().params:
+                raise ParamNotFound(self.name, [name])
+            await self._change(DeleteEntry(name))
+
+    # Steps.
+
+    async def step(
+        self,
+        grads: Mapping[str, Array],
+        received: RawTensors | None,
+        push: Push,
+        idempotency: Idempotency | None,
+    ) -> dict[str, StepResult] | StepPending:
+        """Apply one update to every named parameter, all or none (see ``ParameterServer.step``)."""
+        state = self._live()
+        if state.config.mode.kind == "sync":
+            return await self._sync(grads, push)
+        guard = self.guard
+        assert guard is not None
+        if idempotency is not None:
+            found = await guard.begin(idempotency)
+            if found is not None:
+                return await self._replay(found, list(grads))
+        try:
+            seq, results = await self._apply_step(grads, received, push, idempotency)
+        except BaseException:
+            if idempotency is not None:
+                guard.abandon(idempotency.key)
+            raise
+        writer = self.writer
+        assert writer is not None
+        if self._durable() and (state.config.durability.flush_ms is None or writer.backlogged):
+            await writer.wait(seq)
+        return results
+
+    async def _apply_step(
+        self, grads: Mapping[str, Array], received: RawTensors | None, push: Push, idem: Idempotency | None
+    ) -> tuple[int, dict[str, StepResult]]:
+        async with self._lock:
+            state = self._live()
+            writer = self.writer
+            assert writer is not None
+            if writer.failed is not None:
+                raise writer.failed
+            check_grads(self.name, state.params, grads)
+            current = {n: state.params[n].step for n in grads}
+            check_push(self.name, state.config, current, push)
+            config = state.config
+            lrs = {n: self.lr_table.lr(config.schedule, config.rule.lr, current[n]) for n in grads}
+            if sum(g.size for g in grads.values()) > _THREAD_THRESHOLD:
+                updated = await asyncio.to_thread(compute_step, config.rule, state.params, grads, lrs)
+                state = self._live()  # the owner may have ended meanwhile
+            else:
+                updated = compute_step(config.rule, state.params, grads, lrs)
+            entry = StepEntry(
+                received if received is not None else RawTensors.pack(grads),
+                current,
+                lrs,
+                None if idem is None else idem.key,
+                None if idem is None else idem.fingerprint,
+            )
+            names = list(grads)
+            keys = []
+            if idem is not None:
+                text = summary([current[n] + 1 for n in names], [lrs[n] for n in names])
+                keys.append(KeyRecord(idem.key, idem.fingerprint, text))
+            state.apply(entry, updated)
+            if self._durable():
+                writer.add(state.seq, to_record(entry), keys)
+            else:
+                writer.durable_seq = state.seq
+            if idem is not None:
+                assert self.guard is not None
+                self.guard.finish(keys[0])
+            results = {
+                n: StepResult(updated[n].value, current[n] + 1, lrs[n], staleness=staleness(push, current[n]))
+                for n in names
+            }
+            return state.seq, results
+
+    async def _replay(self, record: KeyRecord, names: list[str]) -> dict[str, StepResult]:
+        """The result of a step applied earlier under the same key, without applying it again.
+
+        ``step`` and ``lr`` are the original ones. The value is the original result while the
+        parameter is still at that step; once later steps moved it on, it is the current value and
+        ``current_step`` says so (values are not kept per key: that would cost a copy of the
+        parameters per step for the whole TTL).
+        """
+        state = await self._settled()
+        out = {}
+        for name, (step, lr) in unpack_summary(record.summary, names).items():
+            p = state.params.get(name)
+            if p is None:
+                out[name] = StepResult(None, step, lr, replayed=True)
+            else:
+                moved = None if p.step == step else p.step
+                out[name] = StepResult(p.value, step, lr, replayed=True, current_step=moved)
+        return out
+
+    async def _sync(self, grads: Mapping[str, Array], push: Push) -> dict[str, StepResult] | StepPending:
+        """Contribute to a synchronous step, and wait (up to the sync timeout) until it is applied."""
+        state = self._live()
+        workers = state.config.mode.workers or 1
+        if push.worker_id is None:
+            raise ModeFieldRequired(self.name, "sync", "worker_id")
+        if push.base_step is None:
+            raise ModeFieldRequired(self.name, "sync", "base_step")
+        if not 0 <= push.worker_id < workers:
+            raise WorkerOutOfRange(self.name, push.worker_id, workers)
+        names, base = list(grads), push.base_step
+        applied: tuple[int, dict[str, StepResult]] | None = None
+        async with self._lock:
+            state = self._live()
+            check_grads(self.name, state.params, grads)
+            current = {n: state.params[n].step for n in names}
+            if any(s != base for s in current.values()):
+                if all(s > base for s in current.values()):
+                    if push.worker_id in state.synced.get(base, ()):
+                        return self._sync_result(state, names, base)
+                    raise StepAlreadyApplied(self.name, base, current)
+                raise StaleGradient(
+                    f"base_step {base} is not the parameters' current step; a sync push contributes to the "
+                    "current step",
+                    current,
+                )
+            self.sync.contribute(base, push.worker_id, grads)
+            waiters = self.sync.waiters(base, names)
+            if self.sync.complete(base, names, workers):
+                applied = await self._apply_sync(state, names, base, workers)
+        writer = self.writer
+        assert writer is not None
+        if applied is not None:
+            seq, results = applied
+            if self._durable() and (state.config.durability.flush_ms is None or writer.backlogged):
+                await writer.wait(seq)
+            self.sync.applied(base, results)
+        done, _ = await asyncio.wait(waiters.values(), timeout=self.options.sync_timeout_s)
+        if len(done) < len(waiters):
+            return StepPending(base, self.sync.counts(base, names, workers), workers)
+        return {n: fut.result() for n, fut in waiters.items()}
+
+    async def _apply_sync(
+        self, state: ModelState, names: list[str], base: int, workers: int
+    ) -> tuple[int, dict[str, StepResult]]:
+        means = self.sync.means(base, names, workers)
+        config = state.config
+        lrs = {n: self.lr_table.lr(config.schedule, config.rule.lr, base) for n in names}
+        if sum(g.size for g in means.values()) > _THREAD_THRESHOLD:
+            updated = await asyncio.to_thread(compute_step, config.rule, state.params, means, lrs)
+            state = self._live()
+        else:
+            updated = compute_step(config.rule, state.params, means, lrs)
+        entry = StepEntry(RawTensors.pack(means), dict.fromkeys(names, base), lrs, sync=(base, tuple(range(workers))))
+        state.apply(entry, updated)
+        assert self.writer is not None
+        if self._durable():
+            self.writer.add(state.seq, to_record(entry))
+        else:
+            self.writer.durable_seq = state.seq
+        self.sync.forget_before(base)
+        return state.seq, {n: StepResult(updated[n].value, base + 1, lrs[n], staleness=0) for n in names}
+
+    def _sync_result(self, state: ModelState, names: list[str], base: int) -> dict[str, StepResult]:
+        config = state.config
+        out = {}
+        for n in names:
+            p, lr = state.params[n], self.lr_table.lr(config.schedule, config.rule.lr, base)
+            moved = None if p.step == base + 1 else p.step
+            out[n] = StepResult(p.value, base + 1, lr, current_step=moved, staleness=0)
+        return out
+
+
+def _check_same_rule(model: str, current: ModelConfig, requested: Any) -> None:
+    if requested != current.rule.name:
+        raise RuleChange(model, current.rule.name, str(requested))

@@ -1,0 +1,213 @@
+"""The parameter server's operations, each served by the model's owner.
+
+:class:`ParameterServer` finds (or becomes) the owner of the model a request is about
+(:meth:`ParameterServer.route`) and hands the request to it. When another replica owns the model,
+``route`` says which (a :class:`Remote`): the HTTP layer forwards the request there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import ModelConfig
+from ..errors import Fenced, NotOwner
+from ..kernels.schedules import LRTable
+from ..store.base import Array, Holder, Journal
+from .cluster import Cluster, LeaseHandle
+from .idempotency import Idempotency
+from .modes import Push
+from .owner import EngineOptions, ModelOwner
+from .results import StepPending, StepResult
+from .state import ModelRecord, ParamMeta, ParamRecord
+from .tensors import RawTensors
+
+log = logging.getLogger("momentum_service")
+
+__all__ = ["NotOwner", "ParameterServer", "Remote"]
+
+
+@dataclass(frozen=True, slots=True)
+class Remote:
+    """Another replica, which owns (or should take) the model."""
+
+    url: str
+    replica: str
+
+
+class ParameterServer:
+    def __init__(
+        self,
+        journal: Journal,
+        *,
+        url: str = "http://127.0.0.1:8000",
+        lease_ms: int = 5000,
+        options: EngineOptions | None = None,
+    ) -> None:
+        self.journal = journal
+        self.options = options or EngineOptions()
+        self.cluster = Cluster(journal, url, lease_ms=lease_ms)
+        self.cluster.on_lost = self._lost
+        self.owners: dict[str, ModelOwner] = {}
+        self.lr_table = LRTable()
+        self._routing: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        self._remote: dict[str, tuple[Remote, float]] = {}  # model -> (its owner elsewhere, until)
+
+    @property
+    def store(self) -> Journal:
+        return self.journal
+
+    async def start(self) -> None:
+        await self.cluster.start()
+
+    async def close(self) -> None:
+        """Write what every owner has queued, and hand the models over."""
+        for owner in list(self.owners.values()):
+            with contextlib.suppress(Exception):
+                await owner.close()
+        await self.cluster.stop()
+
+    # Routing.
+
+    def _lost(self, model: str) -> None:
+        owner = self.owners.pop(model, None)
+        if owner is not None:
+            owner.invalidate(Fenced(f"another server took model {model!r} over"))
+
+    def forget_remote(self, model: str) -> None:
+        """The remote owner did not answer: look it up again next time."""
+        self._remote.pop(model, None)
+
+    async def route(self, model: str, *, forwarded: bool = False) -> ModelOwner | Remote:
+        """This process's owner of ``model`` (taking the model if nobody holds it), or the replica that owns it."""
+        owner = self.owners.get(model)
+        if owner is not None and owner.usable:
+            owner.last_used = time.monotonic()
+            return owner
+        if not forwarded:
+            cached = self._remote.get(model)
+            if cached is not None and cached[1] > time.monotonic():
+                return cached[0]
+        lock = self._routing.get(model)
+        if lock is None:
+            lock = self._routing[model] = asyncio.Lock()
+        async with lock:
+            return await self._route(model, forwarded)
+
+    async def _route(self, model: str, forwarded: bool) -> ModelOwner | Remote:
+        owner = self.owners.get(model)
+        if owner is not None:
+            if owner.lost is None and not owner.usable:  # the lease lapsed: try to renew it now
+                with contextlib.suppress(Exception):
+                    await self.cluster.renew([model])
+            if owner.usable:
+                return owner
+            self.owners.pop(model, None)
+            self.cluster.drop(model)
+        if not self.cluster.single:
+            holder = await self.journal.holder(model)
+            if holder is not None and holder.replica != self.cluster.me.id:
+                remote = Remote(holder.url, holder.replica)
+                self._remote[model] = (remote, time.monotonic() + min(holder.remaining_ms / 1000, 1.0))
+                return remote
+            if holder is None and not forwarded:
+                preferred = self.cluster.preferred(model)
+                if preferred.id != self.cluster.me.id:
+                    return Remote(preferred.url, preferred.id)
+        got = await self.cluster.acquire(model)
+        if isinstance(got, Holder):
+            return Remote(got.url, got.replica)
+        owner = self._owner_for(model, got)
+        try:
+            await owner.load()
+        except BaseException:
+            self.cluster.drop(model)
+            with contextlib.suppress(Exception):
+                await self.journal.release(got.lease)
+            raise
+        self._remote.pop(model, None)
+        self.owners[model] = owner
+        if owner.loaded_entries:
+            log.info("model %r: rebuilt from the journal (%d log entries replayed)", model, owner.loaded_entries)
+        return owner
+
+    def _owner_for(self, model: str, handle: LeaseHandle) -> ModelOwner:
+        return ModelOwner(model, self.journal, lambda: handle.lease, self.options, self.lr_table, valid=handle.valid)
+
+    async def owner(self, model: str) -> ModelOwner:
+        routed = await self.route(model)
+        if isinstance(routed, Remote):
+            raise NotOwner(model, routed.url, routed.replica)
+        return routed
+
+    # Operations.
+
+    async def put_model(
+        self, model: str, config: ModelConfig, *, only_create: bool = False
+    ) -> tuple[ModelRecord, bool]:
+        """Create the model, or replace its config (same rule only; see :class:`RuleChange`).
+
+        With ``only_create`` an existing model is never changed: :class:`ModelExists`."""
+        return await (await self.owner(model)).put_model(config, only_create=only_create)
+
+    async def patch_model(
+        self,
+        model: str,
+        optimizer: Mapping[str, Any],
+        schedule: Mapping[str, Any] | None = None,
+        mode: Mapping[str, Any] | None = None,
+        durability: Any = None,
+    ) -> ModelRecord:
+        """Change some hyperparameters, the schedule, the mode and/or the durability; from the next step."""
+        return await (await self.owner(model)).patch_model(optimizer, schedule, mode, durability)
+
+    async def get_model(self, model: str) -> tuple[ModelRecord, list[ParamMeta]]:
+        return await (await self.owner(model)).get_model()
+
+    async def list_params(self, model: str) -> list[ParamMeta]:
+        return (await self.get_model(model))[1]
+
+    async def delete_model(self, model: str) -> None:
+        await (await self.owner(model)).delete_model()
+
+    async def put_params(
+        self, model: str, values: Mapping[str, Array] | RawTensors, *, only_create: bool
+    ) -> dict[str, bool]:
+        raw = values if isinstance(values, RawTensors) else RawTensors.pack(values)
+        return await (await self.owner(model)).put_params(raw, only_create=only_create)
+
+    async def get_params(self, model: str, names: list[str] | None, *, with_state: bool) -> dict[str, ParamRecord]:
+        return await (await self.owner(model)).get_params(names, with_state=with_state)
+
+    async def delete_param(self, model: str, name: str) -> None:
+        await (await self.owner(model)).delete_param(name)
+
+    async def step(
+        self,
+        model: str,
+        grads: Mapping[str, Array],
+        *,
+        received: RawTensors | None = None,
+        expected_steps: Mapping[str, int] | None = None,
+        idempotency: Idempotency | None = None,
+        worker_id: int | None = None,
+        base_step: int | None = None,
+    ) -> dict[str, StepResult] | StepPending:
+        """Apply one momentum update to every named parameter, all or none.
+
+        Each parameter's update ``k`` (its step count before the update) uses the schedule's lr
+        for ``k``. With ``expected_steps``, nothing is applied unless those parameters are at those
+        steps (:class:`StepMismatch`). With ``idempotency``, the step is applied at most once per
+        key: a repeat returns the first result. In ``bounded`` mode, ``base_step`` (the step the
+        gradients were computed from) may be at most ``max_staleness`` behind
+        (:class:`StaleGradient`). In ``sync`` mode the push is ``worker_id``'s contribution to
+        ``base_step``. ``received``: the gradients as they came (logged as they are).
+        """
+        owner = await self.owner(model)
+        return await owner.step(grads, received, Push(expected_steps, worker_id, base_step), idempotency)
