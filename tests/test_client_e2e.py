@@ -16,7 +16,7 @@ import pytest
 from momentum_client import _tensors
 from momentum_service.api.app import create_app
 from momentum_service.settings import Settings
-from momentum_service.store import MemoryStore
+from momentum_service.store import MemoryJournal
 from starlette.testclient import TestClient
 
 from .helpers import Api
@@ -31,7 +31,7 @@ async def connect(request: pytest.FixtureRequest) -> AsyncIterator[Connect]:
     async with AsyncExitStack() as stack:
 
         def make(settings: Settings | None = None, **options: Any) -> Api:
-            app = create_app(settings or Settings(), store=MemoryStore())
+            app = create_app(settings or Settings(), journal=MemoryJournal())
             if kind == "sync":
                 test_client = stack.enter_context(TestClient(app))
                 sync = mc.Client("http://testserver", client=test_client, wire=wire, **options)
@@ -184,7 +184,7 @@ async def test_exist_ok_never_resets_trained_state(connect: Connect) -> None:
 
 
 async def test_concurrent_exist_ok_initializations_create_each_parameter_once() -> None:
-    app = create_app(Settings(), store=MemoryStore())
+    app = create_app(Settings(), journal=MemoryJournal())
     async with mc.AsyncClient("http://test", transport=httpx.ASGITransport(app=app)) as client:
         await client.create_model("m", lr=0.1)
         names = [f"p{i}" for i in range(6)]

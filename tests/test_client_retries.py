@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from momentum_service.api.app import create_app
 from momentum_service.settings import Settings
-from momentum_service.store import MemoryStore
+from momentum_service.store import MemoryJournal
 from starlette.testclient import TestClient
 
 from .helpers import Api
@@ -269,7 +269,8 @@ async def test_backoff_is_exponential_with_full_jitter(connect: Connect) -> None
 
 
 async def test_a_fresh_key_per_call_and_a_given_key_as_is(connect: Connect) -> None:
-    api, server, _ = connect(*(ok(RESULT) for _ in range(5)))
+    w = RESULT["params"]["w"]
+    api, server, _ = connect(*(ok({"params": {"w": {**w, "step": n}}}) for n in range(1, 6)))
     await api("step", "m", GRADS)
     await api("step", "m", GRADS)
     await api("step_results", "m", GRADS)
@@ -453,7 +454,7 @@ def app_connect(request: pytest.FixtureRequest) -> Iterator[AppConnect]:
     closers: list[Callable[[], Any]] = []
 
     def make(settings: Settings | None = None, lose: int = 0, **kwargs: Any) -> tuple[Api, Losing]:
-        app = create_app(settings or Settings(), store=MemoryStore())
+        app = create_app(settings or Settings(), journal=MemoryJournal())
         losing = Losing(lose)
         client: mc.Client | mc.AsyncClient
         if request.param == "sync":
@@ -538,7 +539,7 @@ async def test_a_lone_sync_worker_times_out_and_can_wait_again(app_connect: AppC
 
 
 async def test_sync_workers_wait_for_each_other() -> None:
-    app = create_app(Settings(sync_timeout_s=0.05), store=MemoryStore())
+    app = create_app(Settings(sync_timeout_s=0.05), journal=MemoryJournal())
     transport = httpx.ASGITransport(app=app)
     async with mc.AsyncClient("http://test", transport=transport, sync_wait=30, wire="json") as client:
         await client.create_model("m", lr=1.0, mode="sync", workers=2)

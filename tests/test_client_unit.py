@@ -156,6 +156,7 @@ def test_constructors_take_the_same_arguments() -> None:
         "wire",
         "api_key",
         "cast_gradients",
+        "on_step_back",
     ]
     assert list(sync) == list(aio) == expected
     for name in sync:
@@ -263,6 +264,21 @@ def test_model_info_mode_fields_come_last_with_defaults() -> None:
     assert (sync.mode, sync.workers) == ("sync", 3)
 
 
+async def test_durability_is_sent_when_given_and_parsed(connect: Callable[..., tuple[Api, Server]]) -> None:
+    flush = {**MODEL_JSON, "durability": {"flush_ms": 50}}
+    api, server = connect(ok(flush, 201), ok(flush), ok(MODEL_JSON))
+    info = await api("create_model", "m", lr=0.1, durability={"flush_ms": 50})
+    assert info.durability == {"flush_ms": 50} and body_of(server.requests[0])["durability"] == {"flush_ms": 50}
+    await api("update_model", "m", durability={"flush_ms": 50})
+    assert body_of(server.requests[1]) == {"durability": {"flush_ms": 50}}
+    assert (await api("update_model", "m", durability="step")).durability == "step"
+    assert body_of(server.requests[2]) == {"durability": "step"}
+    for bad in ("always", {"flush_ms": 1.5}, {"flush": 5}):
+        with pytest.raises((ValueError, TypeError), match="durability"):
+            await api("update_model", "m", durability=bad)
+    assert len(server.requests) == 3
+
+
 async def test_update_model_mode_fields(connect: Callable[..., tuple[Api, Server]]) -> None:
     api, server = connect(ok(MODEL_JSON), ok(MODEL_JSON), ok(MODEL_JSON))
     await api("update_model", "m", mode="sync", workers=2)
@@ -271,7 +287,9 @@ async def test_update_model_mode_fields(connect: Callable[..., tuple[Api, Server
     assert body_of(server.requests[1]) == {"max_staleness": 0}
     await api("update_model", "m", lr=0.2, schedule={"type": "constant"}, mode="async")
     assert body_of(server.requests[2]) == {"optimizer": {"lr": 0.2}, "schedule": {"type": "constant"}, "mode": "async"}
-    with pytest.raises(TypeError, match="at least one hyperparameter, a schedule, mode, workers or max_staleness"):
+    with pytest.raises(
+        TypeError, match="at least one hyperparameter, a schedule, mode, workers, max_staleness or durability"
+    ):
         await api("update_model", "m", mode=None, workers=None)
     assert len(server.requests) == 3
 
@@ -428,18 +446,19 @@ async def test_get_param_state(connect: Callable[..., tuple[Api, Server]]) -> No
     value = np.array([1.25, -0.5], dtype=np.float32)
     velocity = np.array([1e-40, 3.0], dtype=np.float32)
     api, server = connect(
-        ok({"name": "w", "step": 0, **tensor(value), "velocity": None}),
-        ok({"name": "w", "step": 4, **tensor(value), "velocity": tensor(velocity)}),
+        ok({"name": "w", "step": 0, **tensor(value), "state": {}}),
+        ok({"name": "w", "step": 4, **tensor(value), "state": {"velocity": tensor(velocity)}}),
     )
     fresh = await api("get_param_state", "m", "w")
-    assert (fresh.name, fresh.step, fresh.velocity) == ("w", 0, None)
+    assert (fresh.name, fresh.step, fresh.velocity, dict(fresh.state)) == ("w", 0, None, {})
     trained = await api("get_param_state", "m", "w")
     assert trained.step == 4
     assert trained.velocity is not None
     assert trained.velocity.dtype == np.float32
     assert trained.velocity.tobytes() == velocity.tobytes()
+    assert list(trained.state) == ["velocity"] and trained.state["velocity"] is trained.velocity
     assert trained.value.tobytes() == value.tobytes()
-    assert all(r.url.params["include"] == "velocity" for r in server.requests)
+    assert all(r.url.params["include"] == "state" for r in server.requests)
     assert server.requests[0].url.path == "/v1/models/m/params/w"
 
 
@@ -462,7 +481,7 @@ async def test_step_returns_params(connect: Callable[..., tuple[Api, Server]]) -
 @pytest.mark.parametrize("method", ["step", "step_results", "push_gradients"])
 async def test_step_options_are_sent_when_given(connect: Callable[..., tuple[Api, Server]], method: str) -> None:
     reply = {"params": {"w": {"step": 5, "lr": 0.1, **tensor(np.zeros(2, np.float32))}}}
-    api, server = connect(ok(reply), ok(reply))
+    api, server = connect(ok(reply), ok({"params": {"w": {**reply["params"]["w"], "step": 6}}}))
     grads = {"w": np.ones(2, np.float32)}
     await api(method, "m", grads, expected_steps={"w": np.int32(4)}, worker_id=3, base_step=4, idempotency_key="k-1")
     body = body_of(server.requests[0])
@@ -531,6 +550,58 @@ async def test_push_gradients_returns_step_counts(connect: Callable[..., tuple[A
     steps = await api("push_gradients", "m", {"w": np.zeros(2), "b": np.zeros(())})
     assert steps == {"w": 12, "b": 3}
     assert body_of(server.only)["return_params"] is False
+
+
+def steps_reply(**steps: int) -> httpx.Response:
+    return ok({"params": {n: {"step": s, "lr": 0.1, **tensor(np.zeros(1, np.float32))} for n, s in steps.items()}})
+
+
+@pytest.mark.parametrize("method", ["step", "step_results", "push_gradients"])
+async def test_a_step_that_went_back_is_told(connect: Callable[..., tuple[Api, Server]], method: str) -> None:
+    """Steps only grow: an answer whose step is not past one seen before means acknowledged steps were
+    lost (a flush_ms owner crashed). The step was applied; the error carries its result."""
+    api, _ = connect(steps_reply(w=5, b=2), steps_reply(w=6, b=3), steps_reply(w=4, b=4), steps_reply(w=5, b=5))
+    grads = {"w": np.ones(1, np.float32), "b": np.ones(1, np.float32)}
+    await api(method, "m", grads)
+    await api(method, "m", grads)
+    with pytest.raises(mc.StepWentBack, match=r"'w' is at step 4 after step 6") as info:
+        await api(method, "m", grads)
+    assert info.value.model == "m" and info.value.regressions == {"w": (4, 6)}
+    assert info.value.result is not None and set(info.value.result) == {"w", "b"}
+    await api(method, "m", grads)  # from the state as it is now, steps grow again: nothing to tell
+
+
+async def test_going_back_warns_when_asked(connect: Callable[..., tuple[Api, Server]]) -> None:
+    api, _ = connect(steps_reply(w=5), steps_reply(w=5))
+    api.client._seen.on_back = "warn"
+    await api("push_gradients", "m", {"w": np.ones(1)})
+    with pytest.warns(mc.StepWentBackWarning, match="went back"):
+        assert await api("push_gradients", "m", {"w": np.ones(1)}) == {"w": 5}
+
+
+async def test_going_back_is_judged_against_what_was_known_when_sent(
+    connect: Callable[..., tuple[Api, Server]],
+) -> None:
+    """Concurrent steps of one client may be answered out of order; only an answer below what the
+    client knew when it sent the step means a loss. So do a replayed old key, and a re-created model."""
+    api, _ = connect(steps_reply(w=9))
+    seen = api.client._seen
+    known = seen.known("m", ["w"])  # a step sent before the others were answered...
+    seen.saw("m", {"w": 10}, {}, None)
+    seen.saw("m", {"w": 8}, known, None)  # ...answered after them, with a lower step: fine
+    r = httpx.Response(200, json={"params": {"w": {"step": 3, "lr": 0.1}}}, headers={"Idempotent-Replayed": "true"})
+    api, _ = connect(steps_reply(w=7), r, steps_reply(w=1), httpx.Response(204), steps_reply(w=1))
+    await api("push_gradients", "m", {"w": np.ones(1)})
+    assert await api("push_gradients", "m", {"w": np.ones(1)}, idempotency_key="old") == {"w": 3}  # caller's key
+    with pytest.raises(mc.StepWentBack):
+        await api("push_gradients", "m", {"w": np.ones(1)})  # someone else re-created the model
+    await api("delete_model", "m")  # this client re-creates it: it starts over
+    assert await api("push_gradients", "m", {"w": np.ones(1)}) == {"w": 1}
+
+
+def test_on_step_back_is_checked() -> None:
+    with pytest.raises(ValueError, match="on_step_back must be one of raise, warn"):
+        mc.Client(BASE, on_step_back="ignore")  # type: ignore[arg-type]
 
 
 async def test_delete_param(connect: Callable[..., tuple[Api, Server]]) -> None:
@@ -638,6 +709,8 @@ def test_exception_tree() -> None:
     assert issubclass(mc.TensorMismatch, mc.Conflict)
     assert issubclass(mc.ModelExists, mc.PreconditionFailed)
     assert issubclass(mc.ModelConfigWarning, UserWarning)
+    assert issubclass(mc.StepWentBack, mc.MomentumError) and not issubclass(mc.StepWentBack, mc.APIError)
+    assert issubclass(mc.StepWentBackWarning, UserWarning)
 
 
 def test_exceptions_survive_pickling() -> None:
@@ -649,6 +722,7 @@ def test_exceptions_survive_pickling() -> None:
         mc.UnexpectedResponse("odd", status=200, method="GET", url=BASE),
         mc.StepTimeout("waited", base_step=4, workers=3, contributions={"w": 2}, method="POST", url=BASE),
         _exceptions.api_error(409, {"type": "urn:momentum-service:problem:step-mismatch", "current_steps": {"w": 2}}),
+        mc.StepWentBack("lost", model="m", regressions={"w": (3, 5)}, result={"w": 3}),
     ]
     for error in errors:
         copy = pickle.loads(pickle.dumps(error))

@@ -31,7 +31,8 @@ class AsyncClient:
     ``httpx.AsyncClient`` with ``timeout``, over ``transport`` or by default one that retries failed
     connection attempts twice. ``headers`` are added to every request either way.
 
-    Steps retry and wait for sync steps as in ``Client`` (``max_retries``, ``sync_wait``).
+    Steps retry and wait for sync steps as in ``Client`` (``max_retries``, ``sync_wait``), and tell when
+    a model's steps went back as it does (``on_step_back``).
     """
 
     def __init__(
@@ -47,6 +48,7 @@ class AsyncClient:
         wire: _base.Wire = "safetensors",
         api_key: str | None = None,
         cast_gradients: bool = False,
+        on_step_back: _base.StepBack = "raise",
     ) -> None:
         if client is not None and transport is not None:
             raise ValueError("pass either client or transport, not both")
@@ -56,6 +58,8 @@ class AsyncClient:
         self._wire: _base.Wire = wire
         # With cast_gradients, the parameters' dtypes as learnt from the server: gradients are cast to them.
         self._dtypes: _base.DTypes | None = {} if cast_gradients else None
+        # The steps seen per parameter: a later answer with a step not past them means steps were lost.
+        self._seen = _base.SeenSteps(on_step_back)
         self._base_url = _base.normalize_base_url(base_url)
         self._headers = {**_base.DEFAULT_HEADERS, **_base.auth_headers(api_key), **(headers or {})}
         self._max_retries = max_retries
@@ -98,6 +102,7 @@ class AsyncClient:
         mode: str = "async",
         workers: int | None = None,
         max_staleness: int | None = None,
+        durability: _base.Durability | None = None,
         exist_ok: bool = False,
     ) -> ModelInfo:
         """Create the model; an existing model is never changed.
@@ -114,10 +119,17 @@ class AsyncClient:
         pushes combine: ``"async"`` (each applied on arrival), ``"sync"`` (each step waits for
         ``workers`` pushes, which give ``worker_id`` in ``0..workers-1`` and ``base_step``, and applies
         their mean) or ``"bounded"`` (pushes give ``base_step`` and may be at most ``max_staleness``
-        steps stale).
+        steps stale). ``durability`` says when a step is acknowledged with Redis: ``"step"`` (the
+        default: once its log entry is in Redis) or ``{"flush_ms": N}`` (from the owner's memory, the
+        log in Redis within N ms; a crash of the owner loses at most its last N ms of steps, which
+        the workers hear as :class:`StepWentBack`).
         """
         config = OptimizerConfig(lr, momentum, dampening, nesterov, weight_decay, maximize, rule)
-        return await self._run(_base.create_model(model, config, schedule, mode, workers, max_staleness, exist_ok))
+        info = await self._run(
+            _base.create_model(model, config, schedule, mode, workers, max_staleness, exist_ok, durability)
+        )
+        self._seen.forget(model)
+        return info
 
     async def replace_model(
         self,
@@ -134,11 +146,12 @@ class AsyncClient:
         mode: str = "async",
         workers: int | None = None,
         max_staleness: int | None = None,
+        durability: _base.Durability | None = None,
     ) -> ModelInfo:
         """Replace the model's whole config (or create the model); its parameters are kept, its rule
         cannot change. Fields left out take their defaults: to change a few, use :meth:`update_model`."""
         config = OptimizerConfig(lr, momentum, dampening, nesterov, weight_decay, maximize, rule)
-        return await self._run(_base.replace_model(model, config, schedule, mode, workers, max_staleness))
+        return await self._run(_base.replace_model(model, config, schedule, mode, workers, max_staleness, durability))
 
     async def update_model(
         self,
@@ -148,6 +161,7 @@ class AsyncClient:
         mode: str | None = None,
         workers: int | None = None,
         max_staleness: int | None = None,
+        durability: _base.Durability | None = None,
         **hyperparameters: Unpack[OptimizerUpdate],
     ) -> ModelInfo:
         """Change some hyperparameters, replace the schedule and/or change the mode; they apply from the next step.
@@ -156,7 +170,9 @@ class AsyncClient:
         ``workers`` or ``max_staleness`` alone change the current mode's. Unknown names raise
         ``TypeError`` listing the valid ones, as does giving nothing to change.
         """
-        return await self._run(_base.update_model(model, hyperparameters, schedule, mode, workers, max_staleness))
+        return await self._run(
+            _base.update_model(model, hyperparameters, schedule, mode, workers, max_staleness, durability)
+        )
 
     async def get_model(self, model: str) -> ModelInfo:
         """The model's optimizer configuration and parameter metadata."""
@@ -165,6 +181,7 @@ class AsyncClient:
     async def delete_model(self, model: str) -> None:
         """Delete the model and all its parameters."""
         await self._run(_base.delete_model(model))
+        self._seen.forget(model)
 
     async def init_params(
         self, model: str, params: Mapping[str, npt.ArrayLike], *, exist_ok: bool = False
@@ -175,7 +192,9 @@ class AsyncClient:
         ``exist_ok=True`` creates only the missing ones and leaves existing ones untouched, which
         is safe when several workers start at once.
         """
-        return await self._run(_base.init_params(model, params, exist_ok, self._wire))
+        created = await self._run(_base.init_params(model, params, exist_ok, self._wire))
+        self._seen.forget(model, [name for name, new in created.items() if new or not exist_ok])
+        return created
 
     async def get_params(self, model: str, names: Iterable[str] | None = None) -> dict[str, Array]:
         """Current values of all parameters, or of ``names`` only."""
@@ -188,6 +207,7 @@ class AsyncClient:
     async def delete_param(self, model: str, name: str) -> None:
         """Delete one parameter."""
         await self._run(_base.delete_param(model, name))
+        self._seen.forget(model, [name])
 
     async def step(
         self,
@@ -209,7 +229,9 @@ class AsyncClient:
         outcome you do not know (after an exception), with the same arguments.
         """
         options = _base.StepOptions(expected_steps, worker_id, base_step, idempotency_key)
-        return await self._run(_base.step(model, gradients, options, self._retry_policy(), self._wire, self._dtypes))
+        return await self._run(
+            _base.step(model, gradients, options, self._retry_policy(), self._wire, self._dtypes, self._seen)
+        )
 
     async def step_results(
         self,
@@ -226,7 +248,9 @@ class AsyncClient:
         (``None`` with ``return_params=False``), step count and the learning rate used."""
         options = _base.StepOptions(expected_steps, worker_id, base_step, idempotency_key)
         return await self._run(
-            _base.step_results(model, gradients, return_params, options, self._retry_policy(), self._wire, self._dtypes)
+            _base.step_results(
+                model, gradients, return_params, options, self._retry_policy(), self._wire, self._dtypes, self._seen
+            )
         )
 
     async def push_gradients(
@@ -242,7 +266,7 @@ class AsyncClient:
         """Apply one optimizer step like :meth:`step`, without downloading values; returns step counts."""
         options = _base.StepOptions(expected_steps, worker_id, base_step, idempotency_key)
         return await self._run(
-            _base.push_gradients(model, gradients, options, self._retry_policy(), self._wire, self._dtypes)
+            _base.push_gradients(model, gradients, options, self._retry_policy(), self._wire, self._dtypes, self._seen)
         )
 
     async def health(self) -> bool:

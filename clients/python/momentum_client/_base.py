@@ -16,6 +16,7 @@ import numbers
 import operator
 import os
 import re
+import threading
 import uuid
 import warnings
 from collections.abc import Callable, Generator, Iterable, Mapping
@@ -34,6 +35,8 @@ from ._exceptions import (
     ModelExists,
     PreconditionFailed,
     StepTimeout,
+    StepWentBack,
+    StepWentBackWarning,
     TensorMismatch,
     TransportError,
     UnexpectedResponse,
@@ -298,7 +301,14 @@ def parse_model(body: Any) -> ModelInfo:
         mode=_str(body.get("mode", "async")),
         workers=_optional_int(body.get("workers")),
         max_staleness=_optional_int(body.get("max_staleness")),
+        durability=_durability_of(body.get("durability", "step")),
     )
+
+
+def _durability_of(value: Any) -> str | dict[str, int]:
+    if value == "step":
+        return "step"
+    return {"flush_ms": _int(_object(value)["flush_ms"])}
 
 
 def _param_info(value: Any) -> ParamInfo:
@@ -446,14 +456,27 @@ def _mode_json(mode: str | None, workers: int | None, max_staleness: int | None)
     return out
 
 
+Durability: TypeAlias = str | Mapping[str, int]
+"""When a step is acknowledged: ``"step"`` (once logged in Redis) or ``{"flush_ms": N}`` (from memory)."""
+
+
+def _durability_json(durability: Durability) -> str | dict[str, int]:
+    if durability == "step":
+        return "step"
+    if isinstance(durability, Mapping) and set(durability) == {"flush_ms"}:
+        return {"flush_ms": _index(durability["flush_ms"], "durability['flush_ms']")}
+    raise ValueError(f'durability must be "step" or {{"flush_ms": N}}, got {durability!r}')
+
+
 def _model_body(
     config: OptimizerConfig,
     schedule: Mapping[str, Any] | None,
     mode: str,
     workers: int | None,
     max_staleness: int | None,
+    durability: Durability | None = None,
 ) -> dict[str, Any]:
-    """A model config body; ``mode`` is sent unless it is the default, async."""
+    """A model config body; ``mode`` is sent unless it is the default, async; ``durability`` if given."""
     fields = {k: v for k, v in asdict(config).items() if k not in _NEUTRAL or v != _NEUTRAL[k]}
     body: dict[str, Any] = {"optimizer": _optimizer_json(fields)}
     if schedule is not None:
@@ -461,6 +484,8 @@ def _model_body(
     if not isinstance(mode, str):
         raise TypeError(f"mode must be a str ('async', 'sync' or 'bounded'), got {mode!r}")
     body.update(_mode_json(None if mode == "async" else mode, workers, max_staleness))
+    if durability is not None:
+        body["durability"] = _durability_json(durability)
     return body
 
 
@@ -487,6 +512,8 @@ def config_differences(requested: Mapping[str, Any], existing: Mapping[str, Any]
         asked = requested.get(key, "async" if key == "mode" else None)
         if existing.get(key, "async" if key == "mode" else None) != asked:
             out.append(f"{key}: asked {asked!r}, the model has {existing.get(key)!r}")
+    if "durability" in requested and requested["durability"] != existing.get("durability", "step"):
+        out.append(f"durability: asked {requested['durability']!r}, the model has {existing.get('durability')!r}")
     return out
 
 
@@ -498,13 +525,14 @@ def create_model(
     workers: int | None = None,
     max_staleness: int | None = None,
     exist_ok: bool = False,
+    durability: Durability | None = None,
 ) -> Flow[ModelInfo]:
     """PUT the model with ``If-None-Match: *``: create it, never change an existing one.
 
     An existing model raises :class:`ModelExists`, or with ``exist_ok`` is returned as it is
     (a :class:`ModelConfigWarning` lists how its config differs from the one asked for).
     """
-    body = _model_body(config, schedule, mode, workers, max_staleness)
+    body = _model_body(config, schedule, mode, workers, max_staleness, durability)
     response = yield from send(_json("PUT", _model_path(model), body, {"If-None-Match": "*"}))
     if response.status == 412 and exist_ok:
         error = error_from_response(response)
@@ -529,10 +557,11 @@ def replace_model(
     mode: str = "async",
     workers: int | None = None,
     max_staleness: int | None = None,
+    durability: Durability | None = None,
 ) -> Flow[ModelInfo]:
     """PUT the model's whole config (created if it does not exist; parameters are kept; same rule only)."""
     response = yield from send(
-        _json("PUT", _model_path(model), _model_body(config, schedule, mode, workers, max_staleness))
+        _json("PUT", _model_path(model), _model_body(config, schedule, mode, workers, max_staleness, durability))
     )
     return parse(response, parse_model)
 
@@ -544,6 +573,7 @@ def update_model(
     mode: str | None = None,
     workers: int | None = None,
     max_staleness: int | None = None,
+    durability: Durability | None = None,
 ) -> Flow[ModelInfo]:
     """PATCH some hyperparameters, the schedule and/or mode fields; unknown names raise ``TypeError`` before sending."""
     unknown = [key for key in hyperparameters if key not in HYPERPARAMETERS]
@@ -553,14 +583,18 @@ def update_model(
             f"valid names are {', '.join(HYPERPARAMETERS)}"
         )
     mode_fields = _mode_json(mode, workers, max_staleness)
-    if not hyperparameters and schedule is None and not mode_fields:
-        raise TypeError("update_model() needs at least one hyperparameter, a schedule, mode, workers or max_staleness")
+    if not hyperparameters and schedule is None and not mode_fields and durability is None:
+        raise TypeError(
+            "update_model() needs at least one hyperparameter, a schedule, mode, workers, max_staleness or durability"
+        )
     body: dict[str, Any] = {}
     if hyperparameters:
         body["optimizer"] = _optimizer_json(hyperparameters)
     if schedule is not None:
         body["schedule"] = _schedule_json(schedule)
     body.update(mode_fields)
+    if durability is not None:
+        body["durability"] = _durability_json(durability)
     response = yield from send(_json("PATCH", _model_path(model), body))
     return parse(response, parse_model)
 
@@ -641,27 +675,27 @@ def _values(response: Response) -> dict[str, Array]:
 
 
 def get_param_state(model: str, name: str, wire: Wire = "json") -> Flow[ParamState]:
-    """GET one parameter with its momentum buffer."""
+    """GET one parameter with its rule's state (every named buffer, the momentum buffer among them)."""
     path = f"{_model_path(model)}/params/{_segment(name, 'parameter')}"
     if wire == "safetensors":
         headers = {"Accept": _BINARY_ACCEPT}
-        response = yield from send(Request("GET", path, params={"include": "velocity"}, headers=headers))
-        entries = parse_entries(response)
-        if name not in entries or entries[name][0] is None:
+        response = yield from send(Request("GET", path, params={"include": "state"}, headers=headers))
+        raise_for_status(response)
+        try:
+            arrays, metadata = _safetensors.decode(response.content)
+            fields = _object(_object(metadata["params"])[name])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise _unexpected(response, f"{type(exc).__name__}: {exc}") from exc
+        if name not in arrays:
             raise _unexpected(response, f"no value for parameter {name!r}")
-        value, velocity, fields = entries[name]
-        assert value is not None
-        return ParamState(name=name, value=value, velocity=velocity, step=_int(fields.get("step")))
-    response = yield from send(Request("GET", path, params={"include": "velocity"}))
+        prefix = f"{name}@"
+        state = {k[len(prefix) :]: a for k, a in arrays.items() if k.startswith(prefix)}
+        return ParamState(name, arrays[name], state.get("velocity"), _int(fields.get("step")), state)
+    response = yield from send(Request("GET", path, params={"include": "state"}))
 
     def parser(body: Any) -> ParamState:
-        velocity = _object(body)["velocity"]
-        return ParamState(
-            name=_str(body["name"]),
-            value=decode_tensor(body),
-            velocity=None if velocity is None else decode_tensor(velocity),
-            step=_int(body["step"]),
-        )
+        state = {_str(k): decode_tensor(t) for k, t in _object(_object(body).get("state", {})).items()}
+        return ParamState(_str(body["name"]), decode_tensor(body), state.get("velocity"), _int(body["step"]), state)
 
     return parse(response, parser)
 
@@ -721,7 +755,22 @@ def _step_request(
     if options.base_step is not None:
         body["base_step"] = _index(options.base_step, "base_step")
     headers = {"Idempotency-Key": idempotency_key(options.idempotency_key)}
+    if options.idempotency_key is None:
+        headers[FRESH_KEY] = "1"  # a key made up just now: the server need not look it up (first attempt only)
     return _tensor_request("POST", _model_path(model) + "/step", gradients, body, "gradient", wire, headers)
+
+
+FRESH_KEY = "Momentum-Fresh-Key"
+"""Sent with the first attempt of a push whose Idempotency-Key the SDK made up: no server can have seen
+the key yet, so the model's owner skips looking it up in Redis. Retries never send it."""
+
+
+def _retry_of(request: Request) -> Request:
+    """The request as it is re-sent: the same bytes and key, without the fresh-key mark."""
+    if FRESH_KEY not in request.headers:
+        return request
+    headers = {k: v for k, v in request.headers.items() if k != FRESH_KEY}
+    return Request(request.method, request.path, request.params, headers, request.content)
 
 
 def _pending(response: Response) -> tuple[int, int, dict[str, int]]:
@@ -751,11 +800,13 @@ def _post_step(request: Request, policy: RetryPolicy) -> Flow[Response]:
         try:
             response = yield from send(request)
         except TransportError:
+            request = _retry_of(request)
             if failures >= policy.max_retries:
                 raise
             yield Sleep(policy.delay(failures, None))
             failures += 1
             continue
+        request = _retry_of(request)
         if response.status == 202:
             failures = 0
             base_step, workers, contributions = _pending(response)
@@ -792,6 +843,75 @@ def _replayed(response: Response) -> bool:
 
 DTypes: TypeAlias = dict[tuple[str, str], str]
 """Parameters' dtypes as learnt by a client that casts gradients: ``{(model, name): "float32"}``."""
+
+
+StepBack: TypeAlias = Literal["raise", "warn"]
+STEP_BACK = ("raise", "warn")
+
+
+class SeenSteps:
+    """The highest step count a client saw per parameter, to tell when a model's steps went back.
+
+    A step sent after the client saw step ``s`` of a parameter must get a step above ``s`` (steps
+    only grow), whatever other workers do meanwhile; so the check compares an answer with what was
+    known when the request was sent, and stays right when one client sends steps concurrently.
+    """
+
+    def __init__(self, on_back: StepBack = "raise") -> None:
+        if on_back not in STEP_BACK:
+            raise ValueError(f"on_step_back must be one of {', '.join(STEP_BACK)}, got {on_back!r}")
+        self.on_back = on_back
+        self._steps: dict[tuple[str, str], int] = {}
+        self._lock = threading.Lock()
+
+    def known(self, model: str, names: Iterable[str]) -> dict[str, int]:
+        with self._lock:
+            return {n: self._steps[(model, n)] for n in names if (model, n) in self._steps}
+
+    def saw(self, model: str, steps: Mapping[str, int], known: Mapping[str, int], result: Any) -> None:
+        """Record an answer's steps; raise (or warn) if one is not past what was known at sending."""
+        regressions = {n: (s, known[n]) for n, s in steps.items() if n in known and s <= known[n]}
+        with self._lock:
+            for n, s in steps.items():
+                key = (model, n)
+                if n in regressions or s > self._steps.get(key, -1):
+                    self._steps[key] = s
+        if not regressions:
+            return
+        lost = ", ".join(f"{n!r} is at step {s} after step {seen}" for n, (s, seen) in regressions.items())
+        message = (
+            f"model {model!r} went back: {lost} was seen by this client. Steps it acknowledged were lost "
+            "(a server that acknowledged them from memory, with flush_ms durability, crashed; or the model "
+            "was deleted and created again). This step was applied to the state as it is now."
+        )
+        if self.on_back == "warn":
+            warnings.warn(StepWentBackWarning(message), stacklevel=5)
+        else:
+            raise StepWentBack(message, model=model, regressions=regressions, result=result)
+
+    def forget(self, model: str, names: Iterable[str] | None = None) -> None:
+        """Forget what was seen of a model (or of some of its parameters): they start over legitimately."""
+        with self._lock:
+            if names is None:
+                for key in [k for k in self._steps if k[0] == model]:
+                    del self._steps[key]
+            else:
+                for n in names:
+                    self._steps.pop((model, n), None)
+
+
+def _check_steps(
+    seen: SeenSteps | None,
+    model: str,
+    steps: Mapping[str, int],
+    known: Mapping[str, int],
+    response: Response,
+    options: StepOptions,
+    result: Any,
+) -> None:
+    # A replay of the caller's own key may be an old step's answer: it says nothing about going back.
+    if seen is not None and not (_replayed(response) and options.idempotency_key is not None):
+        seen.saw(model, steps, known, result)
 
 
 def _cast(model: str, gradients: Mapping[str, npt.ArrayLike], dtypes: DTypes | None) -> Mapping[str, npt.ArrayLike]:
@@ -843,11 +963,23 @@ def step(
     policy: RetryPolicy,
     wire: Wire = "json",
     dtypes: DTypes | None = None,
+    seen: SeenSteps | None = None,
 ) -> Flow[dict[str, Array]]:
     """POST one optimizer step; returns the updated values."""
+    known = seen.known(model, gradients) if seen is not None else {}
     response = yield from _send_step(model, gradients, True, options, policy, wire, dtypes)
-    values = _values(response)
+    values: dict[str, Array] = {}
+    steps: dict[str, int] = {}
+    for name, (value, _, p) in parse_entries(response).items():
+        if value is None:
+            raise _unexpected(response, f"no value for parameter {name!r}")
+        values[name] = value
+        try:
+            steps[name] = _int(p["step"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise _unexpected(response, f"{type(exc).__name__}: {exc}") from exc
     _learn_dtypes(model, values, dtypes)
+    _check_steps(seen, model, steps, known, response, options, values)
     return values
 
 
@@ -859,8 +991,10 @@ def step_results(
     policy: RetryPolicy,
     wire: Wire = "json",
     dtypes: DTypes | None = None,
+    seen: SeenSteps | None = None,
 ) -> Flow[dict[str, StepResult]]:
     """POST one optimizer step; returns each parameter's value (if asked), step, lr and staleness."""
+    known = seen.known(model, gradients) if seen is not None else {}
     response = yield from _send_step(model, gradients, return_params, options, policy, wire, dtypes)
     replayed = _replayed(response)
     out = {}
@@ -879,6 +1013,7 @@ def step_results(
         if return_params and value is None:
             raise _unexpected(response, f"no value for parameter {name!r}")
     _learn_dtypes(model, {n: r.value for n, r in out.items()}, dtypes)
+    _check_steps(seen, model, {n: r.step for n, r in out.items()}, known, response, options, out)
     return out
 
 
@@ -889,13 +1024,17 @@ def push_gradients(
     policy: RetryPolicy,
     wire: Wire = "json",
     dtypes: DTypes | None = None,
+    seen: SeenSteps | None = None,
 ) -> Flow[dict[str, int]]:
     """POST one optimizer step without downloading values; returns the new step counts."""
+    known = seen.known(model, gradients) if seen is not None else {}
     response = yield from _send_step(model, gradients, False, options, policy, wire, dtypes)
     try:
-        return {name: _int(p["step"]) for name, (_, _, p) in parse_entries(response).items()}
+        steps = {name: _int(p["step"]) for name, (_, _, p) in parse_entries(response).items()}
     except (KeyError, TypeError, ValueError) as exc:
         raise _unexpected(response, f"{type(exc).__name__}: {exc}") from exc
+    _check_steps(seen, model, steps, known, response, options, steps)
+    return steps
 
 
 def probe(path: str) -> Flow[bool]:

@@ -45,6 +45,11 @@ class Client:
 
     Tensors travel in safetensors by default (``wire="safetensors"``): exact, and far cheaper than
     JSON for large tensors; ``wire="json"`` sends and receives JSON tensors instead.
+
+    A parameter's step count only grows, so a step that comes back with a step count not past one
+    this client saw before means acknowledged steps were lost (a ``flush_ms`` model's owner crashed,
+    or the model was re-created): :class:`StepWentBack` is raised after the step was applied (its
+    ``result`` holds the answer), or with ``on_step_back="warn"`` a :class:`StepWentBackWarning`.
     """
 
     def __init__(
@@ -60,6 +65,7 @@ class Client:
         wire: _base.Wire = "safetensors",
         api_key: str | None = None,
         cast_gradients: bool = False,
+        on_step_back: _base.StepBack = "raise",
     ) -> None:
         if client is not None and transport is not None:
             raise ValueError("pass either client or transport, not both")
@@ -69,6 +75,8 @@ class Client:
         self._wire: _base.Wire = wire
         # With cast_gradients, the parameters' dtypes as learnt from the server: gradients are cast to them.
         self._dtypes: _base.DTypes | None = {} if cast_gradients else None
+        # The steps seen per parameter: a later answer with a step not past them means steps were lost.
+        self._seen = _base.SeenSteps(on_step_back)
         self._base_url = _base.normalize_base_url(base_url)
         self._headers = {**_base.DEFAULT_HEADERS, **_base.auth_headers(api_key), **(headers or {})}
         self._max_retries = max_retries
@@ -111,6 +119,7 @@ class Client:
         mode: str = "async",
         workers: int | None = None,
         max_staleness: int | None = None,
+        durability: _base.Durability | None = None,
         exist_ok: bool = False,
     ) -> ModelInfo:
         """Create the model; an existing model is never changed.
@@ -127,10 +136,17 @@ class Client:
         pushes combine: ``"async"`` (each applied on arrival), ``"sync"`` (each step waits for
         ``workers`` pushes, which give ``worker_id`` in ``0..workers-1`` and ``base_step``, and applies
         their mean) or ``"bounded"`` (pushes give ``base_step`` and may be at most ``max_staleness``
-        steps stale).
+        steps stale). ``durability`` says when a step is acknowledged with Redis: ``"step"`` (the
+        default: once its log entry is in Redis) or ``{"flush_ms": N}`` (from the owner's memory, the
+        log in Redis within N ms; a crash of the owner loses at most its last N ms of steps, which
+        the workers hear as :class:`StepWentBack`).
         """
         config = OptimizerConfig(lr, momentum, dampening, nesterov, weight_decay, maximize, rule)
-        return self._run(_base.create_model(model, config, schedule, mode, workers, max_staleness, exist_ok))
+        info = self._run(
+            _base.create_model(model, config, schedule, mode, workers, max_staleness, exist_ok, durability)
+        )
+        self._seen.forget(model)
+        return info
 
     def replace_model(
         self,
@@ -147,11 +163,12 @@ class Client:
         mode: str = "async",
         workers: int | None = None,
         max_staleness: int | None = None,
+        durability: _base.Durability | None = None,
     ) -> ModelInfo:
         """Replace the model's whole config (or create the model); its parameters are kept, its rule
         cannot change. Fields left out take their defaults: to change a few, use :meth:`update_model`."""
         config = OptimizerConfig(lr, momentum, dampening, nesterov, weight_decay, maximize, rule)
-        return self._run(_base.replace_model(model, config, schedule, mode, workers, max_staleness))
+        return self._run(_base.replace_model(model, config, schedule, mode, workers, max_staleness, durability))
 
     def update_model(
         self,
@@ -161,6 +178,7 @@ class Client:
         mode: str | None = None,
         workers: int | None = None,
         max_staleness: int | None = None,
+        durability: _base.Durability | None = None,
         **hyperparameters: Unpack[OptimizerUpdate],
     ) -> ModelInfo:
         """Change some hyperparameters, replace the schedule and/or change the mode; they apply from the next step.
@@ -169,7 +187,7 @@ class Client:
         ``workers`` or ``max_staleness`` alone change the current mode's. Unknown names raise
         ``TypeError`` listing the valid ones, as does giving nothing to change.
         """
-        return self._run(_base.update_model(model, hyperparameters, schedule, mode, workers, max_staleness))
+        return self._run(_base.update_model(model, hyperparameters, schedule, mode, workers, max_staleness, durability))
 
     def get_model(self, model: str) -> ModelInfo:
         """The model's optimizer configuration and parameter metadata."""
@@ -178,6 +196,7 @@ class Client:
     def delete_model(self, model: str) -> None:
         """Delete the model and all its parameters."""
         self._run(_base.delete_model(model))
+        self._seen.forget(model)
 
     def init_params(
         self, model: str, params: Mapping[str, npt.ArrayLike], *, exist_ok: bool = False
@@ -188,7 +207,9 @@ class Client:
         ``exist_ok=True`` creates only the missing ones and leaves existing ones untouched, which
         is safe when several workers start at once.
         """
-        return self._run(_base.init_params(model, params, exist_ok, self._wire))
+        created = self._run(_base.init_params(model, params, exist_ok, self._wire))
+        self._seen.forget(model, [name for name, new in created.items() if new or not exist_ok])
+        return created
 
     def get_params(self, model: str, names: Iterable[str] | None = None) -> dict[str, Array]:
         """Current values of all parameters, or of ``names`` only."""
@@ -201,6 +222,7 @@ class Client:
     def delete_param(self, model: str, name: str) -> None:
         """Delete one parameter."""
         self._run(_base.delete_param(model, name))
+        self._seen.forget(model, [name])
 
     def step(
         self,
@@ -222,7 +244,9 @@ class Client:
         outcome you do not know (after an exception), with the same arguments.
         """
         options = _base.StepOptions(expected_steps, worker_id, base_step, idempotency_key)
-        return self._run(_base.step(model, gradients, options, self._retry_policy(), self._wire, self._dtypes))
+        return self._run(
+            _base.step(model, gradients, options, self._retry_policy(), self._wire, self._dtypes, self._seen)
+        )
 
     def step_results(
         self,
@@ -239,7 +263,9 @@ class Client:
         (``None`` with ``return_params=False``), step count and the learning rate used."""
         options = _base.StepOptions(expected_steps, worker_id, base_step, idempotency_key)
         return self._run(
-            _base.step_results(model, gradients, return_params, options, self._retry_policy(), self._wire, self._dtypes)
+            _base.step_results(
+                model, gradients, return_params, options, self._retry_policy(), self._wire, self._dtypes, self._seen
+            )
         )
 
     def push_gradients(
@@ -255,7 +281,7 @@ class Client:
         """Apply one optimizer step like :meth:`step`, without downloading values; returns step counts."""
         options = _base.StepOptions(expected_steps, worker_id, base_step, idempotency_key)
         return self._run(
-            _base.push_gradients(model, gradients, options, self._retry_policy(), self._wire, self._dtypes)
+            _base.push_gradients(model, gradients, options, self._retry_policy(), self._wire, self._dtypes, self._seen)
         )
 
     def health(self) -> bool:

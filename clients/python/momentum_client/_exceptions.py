@@ -7,6 +7,9 @@
     │                                 client's ``sync_wait`` (``base_step``, ``workers``,
     │                                 ``contributions``; also a builtin TimeoutError)
     ├── UnexpectedResponse            a success response whose body the SDK cannot interpret
+    ├── StepWentBack                  a step was applied, but a parameter's step count is not past
+    │                                 one this client saw before: steps it was told of were lost
+    │                                 (``regressions``, ``result``; see below)
     └── APIError                      the server answered with an error status (4xx/5xx)
         ├── InvalidRequest            400, 422 (``errors``: the server's validation errors)
         ├── Unauthorized              401 no API key, or one the server does not know
@@ -40,6 +43,15 @@ themselves (up to the client's ``max_retries``, with backoff) on :class:`Transpo
 caller of a step only once the retries are used up, and the step was then applied at most once.
 Other calls are not retried.
 
+A parameter's step count only grows while its model lives: a step sent after this client saw step
+``s`` of a parameter gets a step above ``s``. When it does not, what the client was told was lost:
+a model with ``{"durability": {"flush_ms": N}}`` acknowledges steps from the owner's memory, and a
+crash of that owner loses the steps of its last N ms (plus a lease period); a model deleted and
+created again by someone else starts over too. The step was applied (to the state as it is now)
+and the client raises :class:`StepWentBack` with it (``result``: what the call would have returned),
+or, with ``on_step_back="warn"``, warns :class:`StepWentBackWarning` and returns it. The client
+forgets what it saw of a model when it deletes, re-creates or re-initialises it itself.
+
 Invalid arguments (an unsupported dtype, NaN in a tensor, an unknown hyperparameter) are
 programming errors and raise the builtin :class:`TypeError` / :class:`ValueError` before any
 request is sent.
@@ -62,6 +74,8 @@ __all__ = [
     "RequestTimeout",
     "StepTimeout",
     "UnexpectedResponse",
+    "StepWentBack",
+    "StepWentBackWarning",
     "APIError",
     "InvalidRequest",
     "Unauthorized",
@@ -142,6 +156,27 @@ class UnexpectedResponse(MomentumError):
         self.status = status
         self.method = method
         self.url = url
+
+
+class StepWentBack(MomentumError):
+    """A step was applied, but a parameter's step count is not past one this client had seen.
+
+    ``regressions`` is ``{name: (step, seen)}``: the step count the server gave now, and the
+    highest one this client had seen before sending. The steps in between were lost by the
+    server (see the module docstring), so the worker's view of training went back: reload the
+    parameters (or restart from a checkpoint) if that matters. ``result`` is what the call
+    would have returned; the step itself was applied once.
+    """
+
+    def __init__(self, message: str, *, model: str, regressions: Mapping[str, tuple[int, int]], result: Any) -> None:
+        super().__init__(message)
+        self.model = model
+        self.regressions: dict[str, tuple[int, int]] = dict(regressions)
+        self.result = result
+
+
+class StepWentBackWarning(UserWarning):
+    """What :class:`StepWentBack` says, as a warning: clients made with ``on_step_back="warn"``."""
 
 
 class APIError(MomentumError):

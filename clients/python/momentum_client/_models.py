@@ -79,6 +79,9 @@ class ModelInfo:
     """Pushes per step in ``sync`` mode, else ``None``."""
     max_staleness: int | None = None
     """The largest accepted staleness in ``bounded`` mode, else ``None``."""
+    durability: str | Mapping[str, int] = "step"
+    """When a step is acknowledged: ``"step"`` (once its log entry is in Redis) or ``{"flush_ms": N}``
+    (from the owner's memory, written to Redis within N ms)."""
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -86,13 +89,15 @@ class ParamState:
     """A parameter's full optimizer state.
 
     ``velocity`` is the momentum buffer, ``None`` until the first step with momentum.
-    ``step`` counts the steps applied to this parameter.
+    ``step`` counts the steps applied to this parameter. ``state`` holds every buffer the model's
+    rule keeps for it by name (today's rules keep one, ``"velocity"``; empty before the first step).
     """
 
     name: str
     value: Array
     velocity: Array | None
     step: int
+    state: Mapping[str, Array] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True, eq=False)
