@@ -1,0 +1,350 @@
+"""Owner failover, fencing and Redis crashes, with real processes and a real Redis.
+
+- **Chaos, ``"step"`` durability:** 3 replicas, 8 workers pushing with Idempotency-Keys through any
+  replica; for 60 s the model's owner is SIGKILLed (and restarted) or SIGSTOPped past its lease (and
+  woken), in turns. Every acknowledged push got its own step (1..N, none twice, none lost), and the
+  final state is bitwise the kernel replaying the pushes in that order.
+- **``flush_ms``, owner SIGKILLed:** what is lost is only what was acknowledged in the last
+  ``flush_ms`` plus one lease period before the kill (measured, asserted), nothing is applied twice,
+  and the SDK tells the workers (:class:`momentum_client.StepWentBack`).
+- **Fencing, deterministic:** an owner paused with acknowledged steps not yet written wakes after
+  another replica took the model over: its write is refused, and the state rebuilt from Redis is
+  bitwise what the new owner acknowledged. The negative control (servers without leases and fences)
+  lets the woken owner's write land, and the rebuilt state differs.
+- **Redis SIGKILLed and restarted from its AOF** (``appendfsync always``) under load: nothing
+  acknowledged is lost, none twice, and the same server processes serve on without a restart.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import httpx
+import momentum_client as mc
+import numpy as np
+import pytest
+from momentum_service.kernels import SGDConfig, sgd_update
+
+from .helpers import ROOT, RedisProcess, ServerProcess, wait_until
+from .step_worker import gradient, push
+
+pytestmark = pytest.mark.slow
+
+LEASE_MS = 1000
+FAST_LEASE = {"MOMENTUM_LEASE_MS": str(LEASE_MS)}
+OPT = {"lr": 0.01, "momentum": 0.9, "nesterov": True}
+SIZE = 64
+CHAOS_S = float(os.environ.get("MOMENTUM_CHAOS_S", "60"))
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisProcess]:
+    proc = RedisProcess().start()
+    yield proc
+    proc.stop()
+
+
+def start_replicas(redis: RedisProcess, n: int, unsafe: str | None = None) -> list[ServerProcess]:
+    return [ServerProcess(redis_url=redis.url, env=FAST_LEASE, unsafe=unsafe).start() for _ in range(n)]
+
+
+def stop_all(servers: list[ServerProcess]) -> None:
+    for s in servers:
+        if s.proc is not None:
+            s.resume()
+        s.stop()
+
+
+def owner_url(redis: RedisProcess, model: str = "m") -> str | None:
+    client = redis.client()
+    try:
+        url = client.hget(f"momentum:{{{model}}}:lease", "url")
+    finally:
+        client.close()
+    return None if url is None else url.decode()
+
+
+def owner_of(redis: RedisProcess, servers: list[ServerProcess]) -> ServerProcess:
+    """The model's owner by its lease in Redis (waiting while no lease is held)."""
+    wait_until(lambda: owner_url(redis) is not None, what="an owner")
+    url = owner_url(redis)
+    found = [s for s in servers if s.url == url]
+    assert found, f"the lease names {url}, none of {[s.url for s in servers]}"
+    return found[0]
+
+
+def tensor(a: np.ndarray) -> dict[str, object]:
+    return {"shape": list(a.shape), "dtype": a.dtype.name, "data": a.astype(np.float64).ravel().tolist()}
+
+
+def create(url: str, optimizer: dict[str, object], value: np.ndarray, **config: object) -> None:
+    assert httpx.put(f"{url}/v1/models/m", json={"optimizer": optimizer, **config}).status_code == 201
+    assert httpx.put(f"{url}/v1/models/m/params/w", json=tensor(value)).status_code == 201
+
+
+def read(url: str, deadline: float = 30.0) -> tuple[int, np.ndarray, np.ndarray | None]:
+    """The parameter's step, value and velocity, retrying while the model changes hands."""
+    with httpx.Client(timeout=5) as client:
+        r = push_get(client, f"{url}/v1/models/m/params/w", deadline)
+    body = r.json()
+    value = np.asarray(body["data"]).astype(body["dtype"])
+    v = body["velocity"]
+    return body["step"], value, None if v is None else np.asarray(v["data"]).astype(v["dtype"])
+
+
+def push_get(client: httpx.Client, url: str, deadline: float) -> httpx.Response:
+    end = time.monotonic() + deadline
+    while True:
+        try:
+            r = client.get(url, params={"include": "velocity"})
+            if r.status_code != 503:
+                assert r.status_code == 200, r.text
+                return r
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < end, f"no answer from {url}"
+        time.sleep(0.1)
+
+
+def start_workers(urls: list[str], processes: int, threads: int, seconds: float) -> list[subprocess.Popen[bytes]]:
+    """``processes`` x ``threads`` workers pushing distinct gradients for ``seconds`` (tests.step_worker)."""
+    args = [str(SIZE), str(seconds), "3"]  # a client timeout of 3 s: a paused server is given up on
+    return [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tests.step_worker",
+                ",".join(urls),
+                "m",
+                str(i * threads),
+                str(threads),
+                "0",
+                *args,
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+        )
+        for i in range(processes)
+    ]
+
+
+def collect(procs: list[subprocess.Popen[bytes]]) -> list[list[int]]:
+    records: list[list[int]] = []
+    for p in procs:
+        out, _ = p.communicate(timeout=600)
+        assert p.returncode == 0
+        records += json.loads(out)
+    return records
+
+
+def replay(p0: np.ndarray, records: list[list[int]]) -> tuple[np.ndarray, np.ndarray | None]:
+    """The kernel applied to every push's gradient in the order of the steps the pushes got."""
+    cfg, value, velocity = SGDConfig(**OPT), p0, None  # type: ignore[arg-type]
+    for _, w, j in sorted(records):
+        value, velocity = sgd_update(cfg, value, velocity, gradient(w, j, SIZE))
+    return value, velocity
+
+
+# -- chaos: the owner killed and paused for 60 s under 8 workers ----------------------------------
+
+
+def test_owner_killed_and_paused_for_60_s_under_8_workers(redis_server: RedisProcess) -> None:
+    servers = start_replicas(redis_server, 3)
+    try:
+        p0 = np.linspace(-1, 1, SIZE, dtype=np.float32)
+        create(servers[0].url, OPT, p0)
+        workers = start_workers([s.url for s in servers], 2, 4, CHAOS_S)
+        rng = random.Random(13)
+        kills = pauses = 0
+        end = time.monotonic() + CHAOS_S - 3
+        while time.monotonic() < end:
+            time.sleep(rng.uniform(0.8, 2.0))
+            owner = owner_of(redis_server, servers)
+            if (kills + pauses) % 2 == 0:
+                owner.kill()  # SIGKILL: steps in flight are retried elsewhere with their keys
+                time.sleep(rng.uniform(0.1, 0.5))
+                owner.start()
+                kills += 1
+            else:
+                owner.pause()  # SIGSTOP past the lease: another replica takes over; the woken one must not write
+                time.sleep(LEASE_MS / 1000 * rng.uniform(1.3, 2.5))
+                owner.resume()
+                pauses += 1
+        records = collect(workers)
+        total = len(records)
+        assert min(kills, pauses) >= max(2, int(CHAOS_S // 12)), (kills, pauses)
+        assert total >= 20 * CHAOS_S, f"only {total} pushes in {CHAOS_S} s"
+        print(f"chaos {CHAOS_S:g} s: {kills} kills, {pauses} pauses, {total} pushes acknowledged and applied once")
+        assert sorted(r[0] for r in records) == list(range(1, total + 1)), "every acknowledged push, once"
+        step, value, velocity = read(servers[1].url)
+        expected_value, expected_velocity = replay(p0, records)
+        assert step == total
+        assert value.tobytes() == expected_value.tobytes()
+        assert velocity is not None and expected_velocity is not None
+        assert velocity.tobytes() == expected_velocity.tobytes()
+        logs = "".join(s.log() for s in servers)
+        assert "Traceback" not in logs
+    finally:
+        stop_all(servers)
+
+
+# -- flush_ms: the owner killed with acknowledged steps in memory ---------------------------------
+
+FLUSH_MS, SLOTS, WORKERS = 500, 16384, 4
+
+
+def test_flush_ms_owner_killed_loses_only_its_last_flush_ms_and_tells_the_workers(
+    redis_server: RedisProcess,
+) -> None:
+    servers = start_replicas(redis_server, 3)
+    try:
+        with mc.Client(servers[0].url) as admin:
+            info = admin.create_model("m", lr=1.0, durability={"flush_ms": FLUSH_MS})
+            assert info.durability == {"flush_ms": FLUSH_MS}
+            admin.init_params("m", {"w": np.zeros(SLOTS, np.float32)})
+        owner = owner_of(redis_server, servers)
+        others = [s for s in servers if s is not owner]
+        sent: dict[int, float] = {}  # slot -> when its push was sent
+        acked: dict[int, float] = {}  # slot -> when its push was acknowledged
+        told: list[mc.StepWentBack] = []
+        killed_at: list[float] = []
+        stop = threading.Event()
+
+        def worker(w: int) -> None:
+            grad = np.zeros(SLOTS, np.float32)
+            with mc.Client(others[w % 2].url, timeout=5, max_retries=20) as client:
+                for slot in range(w, SLOTS, WORKERS):
+                    if stop.is_set():
+                        return
+                    grad[slot] = 1.0
+                    sent[slot] = time.monotonic()
+                    try:
+                        client.push_gradients("m", {"w": grad})
+                    except mc.StepWentBack as exc:
+                        told.append(exc)
+                    acked[slot] = time.monotonic()
+                    grad[slot] = 0.0
+
+        threads = [threading.Thread(target=worker, args=(w,)) for w in range(WORKERS)]
+        for t in threads:
+            t.start()
+        time.sleep(3.0)
+        killed_at.append(time.monotonic())
+        owner.kill()
+        time.sleep(3.0 + LEASE_MS / 1000)
+        stop.set()
+        for t in threads:
+            t.join()
+        survivor = owner_of(redis_server, others)
+        step, value, _ = read(survivor.url)
+        assert set(np.unique(value).tolist()) <= {0.0, -1.0}, "a push was applied twice"
+        applied = {int(i) for i in np.flatnonzero(value == -1.0)}
+        assert step == len(applied)
+        assert applied <= set(acked), "only pushes that were sent are applied"
+        lost = {slot: killed_at[0] - at for slot, at in acked.items() if slot not in applied}
+        assert lost, "the owner held acknowledged steps in memory when it was killed"
+        oldest = max(lost.values())
+        bound = (FLUSH_MS + LEASE_MS) / 1000
+        assert oldest <= bound, f"a push acknowledged {oldest:.3f} s before the kill was lost (bound {bound} s)"
+        assert all(sent[slot] < killed_at[0] for slot in lost), "nothing sent after the kill is lost"
+        assert told, "the workers were told that the model's steps went back"
+        assert all(set(e.regressions) == {"w"} for e in told)
+        print(f"flush_ms={FLUSH_MS}: {len(lost)} of {len(acked)} acknowledged pushes lost, oldest {oldest:.3f} s")
+    finally:
+        stop_all(servers)
+
+
+# -- fencing: a paused owner wakes after a takeover -----------------------------------------------
+
+
+def one_hot_body(slot: int) -> bytes:
+    g = np.zeros(64)
+    g[slot] = 1.0
+    return json.dumps({"gradients": {"w": tensor(g)}, "return_params": False}).encode()
+
+
+def paused_owner_round(redis: RedisProcess, unsafe: str | None) -> tuple[bytes, bytes, int, int]:
+    """A owns the model (flush_ms 3000) and acknowledges 5 pushes, held in memory; A is paused past its
+    lease; B takes the model over, acknowledges 5 others and flushes them; A is woken (its flush is due).
+    Returns B's state (value bytes, velocity-free), its step, and the same as rebuilt from Redis by a new
+    server once A and B are gone."""
+    a, b = start_replicas(redis, 2, unsafe)
+    fresh: ServerProcess | None = None
+    try:
+        create(a.url, {"lr": 1.0}, np.zeros(64), durability={"flush_ms": 3000})
+        a, b = sorted([a, b], key=lambda s: s.url != owner_url(redis))
+        with httpx.Client(timeout=5) as client:
+            for slot in range(5):
+                r = push(client, f"{a.url}/v1/models/m/step", one_hot_body(slot), uuid.uuid4().hex)
+                assert r.status_code == 200, r.text
+        a.pause()
+        time.sleep(LEASE_MS / 1000 * 1.5)
+        with httpx.Client(timeout=5) as client:
+            for slot in range(10, 15):
+                r = push(client, f"{b.url}/v1/models/m/step", one_hot_body(slot), uuid.uuid4().hex)
+                assert r.status_code == 200, r.text
+        time.sleep(3.5)  # B's flush (a snapshot, at this size)
+        step_b, value_b, _ = read(b.url)
+        a.resume()  # its flush timer is overdue: it tries to write its 5 steps (a snapshot) at once
+        time.sleep(1.0)
+        a.kill()
+        b.kill()
+        fresh = ServerProcess(redis_url=redis.url, env=FAST_LEASE, unsafe=unsafe).start()
+        step_r, value_r, _ = read(fresh.url)  # once B's lease has expired: rebuilt from Redis
+        return value_b.tobytes(), value_r.tobytes(), step_b, step_r
+    finally:
+        stop_all([a, b] + ([fresh] if fresh else []))
+
+
+def test_a_paused_owner_that_wakes_after_a_takeover_cannot_write(redis_server: RedisProcess) -> None:
+    served, rebuilt, step_b, step_r = paused_owner_round(redis_server, None)
+    value = np.frombuffer(served)
+    assert value[10:15].tolist() == [-1.0] * 5 and not value[:5].any(), "B served from what was written"
+    assert (rebuilt, step_r) == (served, step_b) == (rebuilt, 5), "the woken owner's write was refused"
+
+
+def test_negative_control_without_fencing_the_woken_owner_writes_over_the_new_one(
+    redis_server: RedisProcess,
+) -> None:
+    served, rebuilt, step_b, step_r = paused_owner_round(redis_server, "no-fencing")
+    assert (rebuilt, step_r) != (served, step_b), "without fences, the woken owner's steps land in Redis"
+    assert np.frombuffer(rebuilt)[:5].tolist() == [-1.0] * 5
+
+
+# -- Redis SIGKILLed and restarted from its AOF --------------------------------------------------
+
+
+def test_redis_killed_and_restarted_from_its_aof_under_load() -> None:
+    redis = RedisProcess(appendonly=True).start()  # appendfsync always
+    servers = start_replicas(redis, 2)
+    try:
+        p0 = np.linspace(-1, 1, SIZE, dtype=np.float32)
+        create(servers[0].url, OPT, p0)
+        workers = start_workers([s.url for s in servers], 2, 3, 14)
+        for _ in range(2):
+            time.sleep(4)
+            redis.kill()
+            time.sleep(1.0)
+            redis.start()  # the same port and directory: it loads its AOF
+        records = collect(workers)
+        total = len(records)
+        assert total >= 200, total
+        assert sorted(r[0] for r in records) == list(range(1, total + 1)), "nothing acknowledged lost, none twice"
+        step, value, velocity = read(servers[0].url)  # the same processes, never restarted
+        expected_value, expected_velocity = replay(p0, records)
+        assert step == total and value.tobytes() == expected_value.tobytes()
+        assert velocity is not None and expected_velocity is not None
+        assert velocity.tobytes() == expected_velocity.tobytes()
+        wait_until(lambda: all(httpx.get(s.url + "/readyz").status_code == 200 for s in servers), what="ready")
+    finally:
+        stop_all(servers)
+        redis.stop()
