@@ -19,9 +19,17 @@ COLORS = {
     "rpc-ps": "#1f77b4",
     "rpc-ps-tcp": "#17becf",
     "service-redis": "#d62728",
+    "service-redis-flush": "#9467bd",
     "service-embedded": "#ff7f0e",
 }
-MARKERS = {"torch-local": "s", "rpc-ps": "o", "rpc-ps-tcp": "D", "service-redis": "^", "service-embedded": "v"}
+MARKERS = {
+    "torch-local": "s",
+    "rpc-ps": "o",
+    "rpc-ps-tcp": "D",
+    "service-redis": "^",
+    "service-redis-flush": "P",
+    "service-embedded": "v",
+}
 
 
 def plot(result: dict[str, Any], path: Path) -> None:

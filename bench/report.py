@@ -6,9 +6,10 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .agent import FLUSH_MS
 from .workloads import BATCH_PARAMS, MAIN, PARAM_SERIES, SIZE_SERIES, params_workload, singles_workload, size_workload
 
-SYSTEM_ORDER = ("torch-local", "rpc-ps", "rpc-ps-tcp", "service-redis", "service-embedded")
+SYSTEM_ORDER = ("torch-local", "rpc-ps", "rpc-ps-tcp", "service-redis", "service-redis-flush", "service-embedded")
 BASELINES = ("rpc-ps", "rpc-ps-tcp")
 """The RPC parameter servers every system's steps/s is compared with: over shared memory and over TCP."""
 
@@ -34,6 +35,21 @@ TARGETS = (
     Target("mlp-1", "service-embedded", "rpc-ps-tcp", "mlp", 1, needed=0.5, stretch=1.0),
     Target("mlp-4", "service-embedded", "rpc-ps-tcp", "mlp", 4, needed=0.5, stretch=1.0),
     Target("wide-1", "service-embedded", "rpc-ps-tcp", "wide", 1, needed=1.0),
+    # Through Redis: "step" durability (acknowledged once logged in Redis) and flush_ms (from memory).
+    Target("step-tiny-1", "service-redis", "rpc-ps-tcp", "tiny", 1, needed=1.0),
+    Target("step-tiny-4", "service-redis", "rpc-ps-tcp", "tiny", 4, needed=1.0),
+    Target("step-mlp-1", "service-redis", "rpc-ps-tcp", "mlp", 1, needed=0.3),
+    Target("step-mlp-4", "service-redis", "rpc-ps-tcp", "mlp", 4, needed=0.3),
+    Target("step-wide-1", "service-redis", "rpc-ps-tcp", "wide", 1, needed=0.5),
+    Target("flush-tiny-1", "service-redis-flush", "rpc-ps-tcp", "tiny", 1, needed=1.0),
+    Target("flush-tiny-4", "service-redis-flush", "rpc-ps-tcp", "tiny", 4, needed=1.0),
+    Target("flush-mlp-1", "service-redis-flush", "rpc-ps-tcp", "mlp", 1, needed=0.5, stretch=1.0),
+    Target("flush-mlp-4", "service-redis-flush", "rpc-ps-tcp", "mlp", 4, needed=0.5, stretch=1.0),
+    Target("flush-wide-1", "service-redis-flush", "rpc-ps-tcp", "wide", 1, needed=1.0),
+    Target("flush-tiny-1-embedded", "service-redis-flush", "service-embedded", "tiny", 1, needed=1.0),
+    Target("flush-tiny-4-embedded", "service-redis-flush", "service-embedded", "tiny", 4, needed=1.0),
+    Target("flush-mlp-1-embedded", "service-redis-flush", "service-embedded", "mlp", 1, needed=0.9),
+    Target("flush-mlp-4-embedded", "service-redis-flush", "service-embedded", "mlp", 4, needed=0.9),
 )
 BATCH_TARGET: dict[str, Any] = {"id": "batching", "system": "service-redis", "needed": 20.0}
 """The speedup of one request carrying 1,000 parameters over 1,000 requests of one, for ``system``."""
@@ -175,8 +191,10 @@ def markdown(result: dict[str, Any]) -> str:
         f" ({(result.get('git') or {}).get('dirty_files', 0)} files changed).",
         _load_line(m.get("load_during_timed_runs") or {}),
         f"- Rule: torch.optim.SGD, lr {result['rule']['lr']}, momentum {result['rule']['momentum']}, float32.",
-        f"- service-redis: Redis started by the bench, appendonly {cfg.get('appendonly', '?')}, "
-        f"appendfsync {cfg.get('appendfsync', '?')}. SDK wire format (request Content-Type): "
+        f"- service-redis, service-redis-flush: Redis started by the bench, appendonly {cfg.get('appendonly', '?')}, "
+        f'appendfsync {cfg.get("appendfsync", "?")}; models with durability "step" (acknowledged once logged in '
+        f'Redis) and {{"flush_ms": {FLUSH_MS}}} (acknowledged from the owner\'s memory), a server process each. '
+        "SDK wire format (request Content-Type): "
         f"{', '.join(f'`{t}`' for t in wire_types) or '?'}.",
         *_rpc_lines(result["rpc"]),
         "",

@@ -215,7 +215,7 @@ class Fleet:
         """The server-side processes of a system, whose CPU time is counted per step."""
         if system in self.servers:
             out = {"server": self.servers[system].pid}
-            if system == "service-redis" and self.redis is not None:
+            if system.startswith("service-redis") and self.redis is not None:
                 out["redis"] = self.redis.pid
             return out
         group = self.rpc.get(system)
@@ -230,10 +230,13 @@ def started(settings: Settings) -> Iterator[Fleet]:
     ctx = mp.get_context("spawn")
     n_workers = max(settings.workers)
     with ExitStack() as stack:
-        if "service-redis" in settings.systems:
+        redis_systems = [s for s in settings.systems if s.startswith("service-redis")]
+        if redis_systems:
             fleet.redis = RedisServer(settings.appendfsync).start()
             stack.callback(fleet.redis.stop)
-            fleet.servers["service-redis"] = ServiceServer(redis_url=fleet.redis.url, env=SERVER_ENV)
+        for system in redis_systems:  # a server process each, on the one Redis: each one's CPU is its own
+            assert fleet.redis is not None
+            fleet.servers[system] = ServiceServer(redis_url=fleet.redis.url, env=SERVER_ENV)
         if "service-embedded" in settings.systems:
             fleet.servers["service-embedded"] = ServiceServer(env=SERVER_ENV)
         for server in fleet.servers.values():

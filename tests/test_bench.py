@@ -22,7 +22,7 @@ from bench.profiling import summarize
 from bench.workloads import MAIN, params_workload, singles_workload, size_workload
 
 ROOT = Path(__file__).resolve().parent.parent
-SYSTEMS = ("torch-local", "rpc-ps", "rpc-ps-tcp", "service-redis", "service-embedded")
+SYSTEMS = ("torch-local", "rpc-ps", "rpc-ps-tcp", "service-redis", "service-redis-flush", "service-embedded")
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +58,10 @@ def test_quick_run_measures_every_system(quick_run: tuple[dict[str, Any], Path])
                 assert r["redis_in_bytes_per_step"] > 4_000
                 assert r["redis_out_bytes_per_step"] > 0
                 assert r["aof_bytes_per_step"] > 0 and r["aof_bytes_reps"] == 2
+                assert r["cpu_ms_per_step"]["redis"] > 0 and r["cpu_ms_per_step"]["server"] > 0
+            elif system == "service-redis-flush":
+                assert r["redis_in_bytes_per_step"] > 0  # the log, flushed in batches (or snapshots)
+                assert r["cpu_ms_per_step"]["redis"] >= 0
             else:
                 assert "redis_in_bytes_per_step" not in r and "aof_bytes_per_step" not in r
     assert {r["workload"] for r in result["results"]} == {"tiny"}
@@ -138,7 +142,9 @@ def test_targets_name_their_system_and_baseline() -> None:
     ]
     derived = report.derive(rows)
     targets = {t["id"]: t for t in derived["targets"]}
-    assert list(targets) == ["tiny-1", "tiny-4", "mlp-1", "mlp-4", "wide-1", "batching"]
+    assert list(targets) == [t.id for t in report.TARGETS] + ["batching"]
+    assert list(targets)[:5] == ["tiny-1", "tiny-4", "mlp-1", "mlp-4", "wide-1"]
+    assert targets["flush-mlp-1-embedded"]["baseline"] == "service-embedded"
     tiny = targets["tiny-1"]
     assert (tiny["system"], tiny["baseline"], tiny["workload"], tiny["workers"]) == (
         "service-embedded",
