@@ -236,7 +236,10 @@ def started(settings: Settings) -> Iterator[Fleet]:
             stack.callback(fleet.redis.stop)
         for system in redis_systems:  # a server process each, on the one Redis: each one's CPU is its own
             assert fleet.redis is not None
-            fleet.servers[system] = ServiceServer(redis_url=fleet.redis.url, env=SERVER_ENV)
+            # Each under its own key prefix: two replicas of one deployment would share the models
+            # (each owning some, forwarding the others' requests); here each system is one server.
+            env = {**SERVER_ENV, "MOMENTUM_REDIS_PREFIX": system}
+            fleet.servers[system] = ServiceServer(redis_url=fleet.redis.url, env=env)
         if "service-embedded" in settings.systems:
             fleet.servers["service-embedded"] = ServiceServer(env=SERVER_ENV)
         for server in fleet.servers.values():

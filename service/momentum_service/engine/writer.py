@@ -124,6 +124,9 @@ class LogWriter:
         if self._task is None and self._queue and self.failed is None:
             self._task = asyncio.ensure_future(self._run())
 
+    def _waiting(self) -> bool:
+        return any(s > self.durable_seq for s, _ in self._waiters)
+
     async def wait(self, seq: int) -> None:
         """Until change ``seq`` is in the journal (raises what made the writer give up)."""
         if self.failed is not None:
@@ -163,6 +166,8 @@ class LogWriter:
         try:
             while self._queue and self.failed is None:
                 await self._write_one()
+                if self._flush_ms() is not None and not self.backlogged and not self._waiting():
+                    break  # flush_ms: what came meanwhile waits for the next tick, to be written with more
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
