@@ -32,8 +32,9 @@ from .workloads import F32, LR, MOMENTUM, Workload
 
 SYSTEMS = ("torch-local", "rpc-ps", "rpc-ps-tcp", "service-redis", "service-redis-flush", "service-embedded")
 FLUSH_MS = 100
-"""service-redis-flush: the same service on the same Redis, its models with ``{"durability": {"flush_ms": 100}}``
-(acknowledged from the owner's memory, the log in Redis within 100 ms); service-redis has ``"step"``."""
+"""service-redis-flush (by default): the same service on the same Redis, its models with ``{"durability":
+{"flush_ms": 100}}`` (acknowledged from the owner's memory, the log in Redis within 100 ms); service-redis
+has ``"step"``. ``--flush-ms`` changes it."""
 RPC_TRANSPORTS = {"rpc-ps": "default", "rpc-ps-tcp": "tcp"}
 """The RPC systems: the same parameter server, each in its own RPC group with this TensorPipe transport."""
 SERVICE_TIMEOUT_S = 600.0
@@ -53,6 +54,7 @@ class AgentConfig:
     rpc_timeout: float = 600.0
     torch_threads: int = 1
     warm_torch: bool = True
+    flush_ms: int = FLUSH_MS
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +114,7 @@ class Agent:
         self.check_rpc(system)
         if system.startswith("service-"):
             c = self.client(system)
-            durability = {"flush_ms": FLUSH_MS} if system == "service-redis-flush" else None
+            durability = {"flush_ms": self.config.flush_ms} if system == "service-redis-flush" else None
             c.create_model(model, lr=LR, momentum=MOMENTUM, durability=durability)
             c.init_params(model, init)
         elif system in RPC_TRANSPORTS:

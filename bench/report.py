@@ -193,7 +193,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"- Rule: torch.optim.SGD, lr {result['rule']['lr']}, momentum {result['rule']['momentum']}, float32.",
         f"- service-redis, service-redis-flush: Redis started by the bench, appendonly {cfg.get('appendonly', '?')}, "
         f'appendfsync {cfg.get("appendfsync", "?")}; models with durability "step" (acknowledged once logged in '
-        f'Redis) and {{"flush_ms": {FLUSH_MS}}} (acknowledged from the owner\'s memory), a server process each. '
+        f'Redis) and {{"flush_ms": {s.get("flush_ms", FLUSH_MS)}}} (acknowledged from the owner\'s memory), '
+        "a server process each. "
         "SDK wire format (request Content-Type): "
         f"{', '.join(f'`{t}`' for t in wire_types) or '?'}.",
         *_rpc_lines(result["rpc"]),

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from . import environment
-from .agent import RPC_TRANSPORTS, SYSTEMS, AgentConfig, LoopSpec, agent_main
+from .agent import FLUSH_MS, RPC_TRANSPORTS, SYSTEMS, AgentConfig, LoopSpec, agent_main
 from .procs import ROOT, RedisServer, ServiceServer, cpu_seconds, free_port
 from .workloads import (
     BATCH_PARAMS,
@@ -62,6 +62,7 @@ class Settings:
     systems: tuple[str, ...] = SYSTEMS
     groups: tuple[str, ...] = GROUPS
     appendfsync: str = "everysec"
+    flush_ms: int = FLUSH_MS
     cell_budget: float = 40.0
     max_minutes: float = 12.0
     profile: bool = False
@@ -283,6 +284,7 @@ def started(settings: Settings) -> Iterator[Fleet]:
                     rpc_port=ports[rpc_system] if rpc_system else 0,
                     rpc_world_size=world,
                     warm_torch=main_set and "torch-local" in settings.systems,
+                    flush_ms=settings.flush_ms,
                 )
                 name = f"bench-worker{i}" if main_set else f"bench-{rpc_system}-worker{i}"
                 proc = ctx.Process(target=agent_main, args=(config, child), name=name)
@@ -570,6 +572,9 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
     ap.add_argument("--workers", default="1,4", help="worker counts for tiny, mlp and wide (default 1,4)")
     ap.add_argument("--appendfsync", choices=("everysec", "always"), default="everysec", help="Redis AOF fsync policy")
     ap.add_argument(
+        "--flush-ms", type=int, default=FLUSH_MS, help=f"service-redis-flush's flush_ms (default {FLUSH_MS})"
+    )
+    ap.add_argument(
         "--cell-budget",
         type=float,
         default=40.0,
@@ -617,6 +622,7 @@ def parse_args(argv: Sequence[str] | None) -> Settings:
         systems=names(a.systems, SYSTEMS, "--systems"),
         groups=names(a.workloads, GROUPS, "--workloads"),
         appendfsync=a.appendfsync,
+        flush_ms=a.flush_ms,
         cell_budget=a.cell_budget,
         max_minutes=a.max_minutes,
         profile=bool(a.profile),

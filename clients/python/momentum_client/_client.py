@@ -181,7 +181,8 @@ class Client:
         durability: _base.Durability | None = None,
         **hyperparameters: Unpack[OptimizerUpdate],
     ) -> ModelInfo:
-        """Change some hyperparameters, replace the schedule and/or change the mode; they apply from the next step.
+        """Change some hyperparameters, replace the schedule, change the mode and/or the durability; they apply
+        from the next step.
 
         A new ``lr`` rescales the schedule. A new ``mode`` replaces the mode with its fields;
         ``workers`` or ``max_staleness`` alone change the current mode's. Unknown names raise
