@@ -13,6 +13,8 @@
   lets the woken owner's write land, and the rebuilt state differs.
 - **Redis SIGKILLed and restarted from its AOF** (``appendfsync always``) under load: nothing
   acknowledged is lost, none twice, and the same server processes serve on without a restart.
+- **Models spread over the replicas:** 30 models created through one replica are owned by all
+  three, and every replica answers for every model.
 """
 
 from __future__ import annotations
@@ -318,6 +320,33 @@ def test_negative_control_without_fencing_the_woken_owner_writes_over_the_new_on
     served, rebuilt, step_b, step_r = paused_owner_round(redis_server, "no-fencing")
     assert (rebuilt, step_r) != (served, step_b), "without fences, the woken owner's steps land in Redis"
     assert np.frombuffer(rebuilt)[:5].tolist() == [-1.0] * 5
+
+
+# -- ownership spread over the replicas ----------------------------------------------------------
+
+
+def test_models_created_through_one_replica_are_spread_over_all(redis_server: RedisProcess) -> None:
+    servers = start_replicas(redis_server, 3)
+    try:
+        time.sleep(2 * LEASE_MS / 1000)  # the replicas' heartbeats: each knows the others
+        names = [f"model-{i}" for i in range(30)]
+        with httpx.Client(timeout=10) as client:
+            for name in names:  # all through the first replica
+                r = client.put(f"{servers[0].url}/v1/models/{name}", json={"optimizer": {"lr": 0.5}})
+                assert r.status_code == 201, r.text
+                r = client.put(f"{servers[0].url}/v1/models/{name}/params/w", json=tensor(np.ones(2)))
+                assert r.status_code == 201, r.text
+            owners = {name: owner_url(redis_server, name) for name in names}
+            counts = {s.url: sum(u == s.url for u in owners.values()) for s in servers}
+            assert all(n >= 3 for n in counts.values()), counts  # rendezvous hashing: about 10 each
+            for i, name in enumerate(names):  # any replica answers for any model (forwarding)
+                url = servers[i % 3].url
+                r = client.post(f"{url}/v1/models/{name}/step", json={"gradients": {"w": tensor(np.ones(2))}})
+                assert r.status_code == 200 and r.json()["params"]["w"]["data"] == [0.5, 0.5], r.text
+                forwarded = owners[name] != url
+                assert (r.headers.get("momentum-owner") == owners[name]) == forwarded, (r.headers, owners[name])
+    finally:
+        stop_all(servers)
 
 
 # -- Redis SIGKILLed and restarted from its AOF --------------------------------------------------
