@@ -11,7 +11,15 @@ from typing import Any
 import numpy as np
 import pytest
 from momentum_service.config import ModelConfig
-from momentum_service.engine import EngineOptions, Idempotency, ModelOwner, ParameterServer, RawTensors, TensorSpec
+from momentum_service.engine import (
+    EngineOptions,
+    Idempotency,
+    ModelOwner,
+    ParameterServer,
+    RawTensors,
+    StepPending,
+    TensorSpec,
+)
 from momentum_service.engine.idempotency import Guard
 from momentum_service.engine.modes import Push, check_push
 from momentum_service.engine.state import compute_step
@@ -28,7 +36,7 @@ from momentum_service.errors import (
 )
 from momentum_service.kernels import rule_from_dict, schedule_from_dict
 from momentum_service.kernels.schedules import LRTable
-from momentum_service.store import KeyRecord, Lease, Replica
+from momentum_service.store import KeyRecord, Lease, MemoryJournal, Replica
 
 from .fake_journal import FakeJournal
 
@@ -319,3 +327,31 @@ def test_the_kernels_state_is_named_buffers() -> None:
         assert set(state2) == set(rule.buffers)
     assert LRTable().lr(schedule_from_dict({"type": "step", "step_size": 1, "gamma": 0.5}), 1.0, 2) == 0.25
     _ = uuid
+
+
+async def test_an_idle_model_is_handed_back_written_and_taken_again_from_the_journal() -> None:
+    journal = FakeJournal()
+    srv = server(journal)
+    await srv.put_model("m", ModelConfig.build({"lr": 0.1, "momentum": 0.9}, durability={"flush_ms": 60_000}))
+    await srv.put_params("m", {"w": np.zeros(3, np.float32)}, only_create=False)
+    for _ in range(3):  # acknowledged from memory: nothing of them written yet (a 60 s flush)
+        await srv.step("m", {"w": np.ones(3, np.float32)}, idempotency=Idempotency(uuid.uuid4().hex, "fp", fresh=True))
+    before = state_of(srv.owners["m"])
+    assert await srv.sweep(idle_s=3600) == []  # used just now: kept
+    assert await srv.sweep(idle_s=0) == ["m"]
+    assert "m" not in srv.owners and await journal.holder("m") is None  # written, released, forgotten
+    taken = await server(journal).owner("m")  # any replica takes it: rebuilt as it was
+    assert state_of(taken) == before
+
+
+async def test_no_hand_back_while_sync_contributions_wait_nor_with_the_embedded_store() -> None:
+    journal = FakeJournal()
+    srv = server(journal, sync_timeout_s=0.01)
+    await srv.put_model("s", ModelConfig.build({"lr": 0.1}, mode={"mode": "sync", "workers": 2}))
+    await srv.put_params("s", {"w": np.zeros(2, np.float32)}, only_create=False)
+    pending = await srv.step("s", {"w": np.ones(2, np.float32)}, worker_id=0, base_step=0)
+    assert isinstance(pending, StepPending)
+    assert await srv.sweep(idle_s=0) == []  # worker 0's contribution lives in memory only
+    embedded = ParameterServer(MemoryJournal())
+    await embedded.put_model("m", ModelConfig.build({"lr": 0.1}))
+    assert await embedded.sweep(idle_s=0) == [] and "m" in embedded.owners

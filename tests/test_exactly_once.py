@@ -3,12 +3,13 @@ the model, the other forwards to it).
 
 - 32 workers x 250 pushes of distinct gradients: the steps the pushes got are 1..8000, each
   once, and the final state equals replaying the gradients in that order with the kernel.
-- 300 ambiguous failures (a client timeout shorter than a frozen Redis; the owner killed
+- 200 ambiguous failures (a client timeout shorter than a frozen Redis; the owner killed
   mid-request; the owner killed while its writes wait in a frozen Redis, which applies them once
-  it thaws), each retried with the same Idempotency-Key on the other replica: every push applied
-  exactly once. Negative controls: without keys, the same retries apply pushes twice; with keys
-  but without the idempotency records written with the log (``no-dedup`` servers), the new owner
-  cannot know and applies them twice too.
+  it thaws, or just after they landed but before its clients heard), each retried with the same
+  Idempotency-Key on the other replica: every push applied exactly once. Negative controls:
+  without keys, the same retries apply pushes twice; with keys but without the idempotency
+  records written with the log (``no-dedup`` servers), the new owner cannot know and applies
+  them twice too.
 - 20 concurrent requests with one key, over both replicas: one applied.
 - Sync mode, 4 workers over 2 replicas, 50 steps: bitwise single-process training on the
   mean gradient.
@@ -19,8 +20,6 @@ from __future__ import annotations
 import json
 import random
 import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -33,12 +32,12 @@ import pytest
 from momentum_service.engine import mean_gradient
 from momentum_service.kernels import SGDConfig, sgd_update
 
-from .helpers import ROOT, RedisProcess, ServerProcess
+from .helpers import RedisProcess, ServerProcess
+from .replicas import OPT, SIZE, collect, create, owner_url, read, replay, start_workers, tensor
 from .step_worker import gradient, push
 
 pytestmark = pytest.mark.slow
 
-OPT = {"lr": 0.01, "momentum": 0.9, "nesterov": True}
 FAST_LEASE = {"MOMENTUM_LEASE_MS": "2500"}  # a dead owner's models are taken over within 2.5 s; a frozen
 # Redis (< 1 s here) leaves the lease current, so the writes a killed owner left in its socket land
 
@@ -60,76 +59,20 @@ def replicas(redis_server: RedisProcess) -> Iterator[list[ServerProcess]]:
 
 def owner_first(redis_server: RedisProcess, servers: list[ServerProcess], model: str = "m") -> list[ServerProcess]:
     """The servers, the model's owner (by its lease in Redis) first."""
-    client = redis_server.client()
-    try:
-        url = client.hget(f"momentum:{{{model}}}:lease", "url")
-    finally:
-        client.close()
+    url = owner_url(redis_server, model)
     assert url is not None
-    return sorted(servers, key=lambda s: s.url != url.decode())
-
-
-def tensor(a: np.ndarray) -> dict[str, object]:
-    return {"shape": list(a.shape), "dtype": a.dtype.name, "data": a.astype(np.float64).ravel().tolist()}
-
-
-def create(url: str, optimizer: dict[str, object], value: np.ndarray, **config: object) -> None:
-    assert httpx.put(f"{url}/v1/models/m", json={"optimizer": optimizer, **config}).status_code == 201
-    assert httpx.put(f"{url}/v1/models/m/params/w", json=tensor(value)).status_code == 201
-
-
-def read(url: str) -> tuple[int, np.ndarray, np.ndarray | None]:
-    body = httpx.get(f"{url}/v1/models/m/params/w", params={"include": "velocity"}).json()
-    value = np.asarray(body["data"]).astype(body["dtype"])
-    v = body["velocity"]
-    return body["step"], value, None if v is None else np.asarray(v["data"]).astype(v["dtype"])
+    return sorted(servers, key=lambda s: s.url != url)
 
 
 # -- 32 workers x 250 pushes ------------------------------------------------------------------------
 
-WORKERS, PUSHES, SIZE, PROCESSES = 32, 250, 64, 4
-
-
-def run_pushes(urls: list[str], workers: int, pushes: int) -> list[list[int]]:
-    per = workers // PROCESSES
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tests.step_worker",
-                ",".join(urls),
-                "m",
-                str(i * per),
-                str(per),
-                str(pushes),
-                str(SIZE),
-            ],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-        )
-        for i in range(PROCESSES)
-    ]
-    records: list[list[int]] = []
-    for p in procs:
-        out, _ = p.communicate(timeout=600)
-        assert p.returncode == 0
-        records += json.loads(out)
-    return records
-
-
-def replay(p0: np.ndarray, records: list[list[int]]) -> tuple[np.ndarray, np.ndarray | None]:
-    """The kernel applied to every push's gradient in the order of the steps the pushes got."""
-    cfg, value, velocity = SGDConfig(**OPT), p0, None  # type: ignore[arg-type]
-    for _, w, j in sorted(records):
-        value, velocity = sgd_update(cfg, value, velocity, gradient(w, j, SIZE))
-    return value, velocity
+WORKERS, PUSHES, PROCESSES = 32, 250, 4
 
 
 def test_32_workers_x_250_pushes_through_2_replicas(replicas: list[ServerProcess]) -> None:
     p0 = np.linspace(-1, 1, SIZE, dtype=np.float32)
     create(replicas[0].url, OPT, p0)
-    records = run_pushes([s.url for s in replicas], WORKERS, PUSHES)
+    records = collect(start_workers([s.url for s in replicas], PROCESSES, WORKERS // PROCESSES, pushes=PUSHES))
     total = WORKERS * PUSHES
     assert len(records) == total
     assert sorted(r[0] for r in records) == list(range(1, total + 1)), "contiguous steps, none twice"
@@ -226,22 +169,28 @@ def killed_server_rounds(
 def dead_owner_rounds(
     redis_server: RedisProcess, servers: list[ServerProcess], first: int, rounds: int, use_keys: bool = True
 ) -> int:
-    """Freeze Redis, push to the owner A (its writes wait in Redis's socket), SIGKILL A, thaw Redis
-    (which applies A's writes: its lease is still current), retry everything on B (which takes the
-    model over once A's lease expires and knows the keys only from the journal). Returns failures."""
+    """Freeze Redis, push to the owner A with a client timeout shorter than the freeze, then SIGKILL A:
+    in odd rounds while its writes wait in Redis's socket (Redis may apply them once thawed: its lease
+    is still current), in even rounds once Redis is thawed and A's writes have landed (the clients never
+    heard). Retry everything on B, which takes the model over once A's lease expires and knows the keys
+    only from the journal. Returns failures."""
     failures, i = 0, first
     assert redis_server.proc is not None
-    for _ in range(rounds):
+    for r in range(rounds):
         a, b = owner_first(redis_server, servers)
         bodies = {uuid.uuid4().hex: one_hot(i + k) for k in range(10)}
         i += 10
         redis_server.proc.send_signal(signal.SIGSTOP)
         try:
             outcome = fire(a.url, bodies, timeout=0.3, use_keys=use_keys)
-            a.kill()
-            time.sleep(0.1)  # A's socket to Redis closes with its last writes in it (its lease still current)
+            if r % 2:
+                a.kill()
+                time.sleep(0.1)  # A's socket to Redis closes with its last writes in it
         finally:
             redis_server.proc.send_signal(signal.SIGCONT)
+        if r % 2 == 0:
+            time.sleep(0.5)  # A's writes land; its answers go to clients that left
+            a.kill()
         failures += sum(v != "ok" for v in outcome.values())
         retry_all(b.url, bodies, use_keys)
         a.start()
@@ -280,7 +229,7 @@ def test_negative_control_without_the_idempotency_records_a_new_owner_applies_tw
     servers = [ServerProcess(redis_url=redis_server.url, env=FAST_LEASE, unsafe="no-dedup").start() for _ in range(2)]
     try:
         create(servers[0].url, {"lr": 1.0}, np.zeros(SLOTS))
-        dead_owner_rounds(redis_server, servers, 0, 2)
+        dead_owner_rounds(redis_server, servers, 0, 2)  # round 0: every push's write landed before A died
         _, value, _ = read(servers[0].url)
         assert (value[:20] == -2.0).any(), "without the records, the new owner cannot know the pushes were applied"
     finally:

@@ -22,8 +22,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -33,17 +31,15 @@ import httpx
 import momentum_client as mc
 import numpy as np
 import pytest
-from momentum_service.kernels import SGDConfig, sgd_update
 
-from .helpers import ROOT, RedisProcess, ServerProcess, wait_until
-from .step_worker import gradient, push
+from .helpers import RedisProcess, ServerProcess, wait_until
+from .replicas import OPT, SIZE, collect, create, owner_url, read, replay, start_workers, tensor
+from .step_worker import push
 
 pytestmark = pytest.mark.slow
 
 LEASE_MS = 1000
 FAST_LEASE = {"MOMENTUM_LEASE_MS": str(LEASE_MS)}
-OPT = {"lr": 0.01, "momentum": 0.9, "nesterov": True}
-SIZE = 64
 CHAOS_S = float(os.environ.get("MOMENTUM_CHAOS_S", "60"))
 
 
@@ -65,15 +61,6 @@ def stop_all(servers: list[ServerProcess]) -> None:
         s.stop()
 
 
-def owner_url(redis: RedisProcess, model: str = "m") -> str | None:
-    client = redis.client()
-    try:
-        url = client.hget(f"momentum:{{{model}}}:lease", "url")
-    finally:
-        client.close()
-    return None if url is None else url.decode()
-
-
 def owner_of(redis: RedisProcess, servers: list[ServerProcess]) -> ServerProcess:
     """The model's owner by its lease in Redis (waiting while no lease is held)."""
     wait_until(lambda: owner_url(redis) is not None, what="an owner")
@@ -81,79 +68,6 @@ def owner_of(redis: RedisProcess, servers: list[ServerProcess]) -> ServerProcess
     found = [s for s in servers if s.url == url]
     assert found, f"the lease names {url}, none of {[s.url for s in servers]}"
     return found[0]
-
-
-def tensor(a: np.ndarray) -> dict[str, object]:
-    return {"shape": list(a.shape), "dtype": a.dtype.name, "data": a.astype(np.float64).ravel().tolist()}
-
-
-def create(url: str, optimizer: dict[str, object], value: np.ndarray, **config: object) -> None:
-    assert httpx.put(f"{url}/v1/models/m", json={"optimizer": optimizer, **config}).status_code == 201
-    assert httpx.put(f"{url}/v1/models/m/params/w", json=tensor(value)).status_code == 201
-
-
-def read(url: str, deadline: float = 30.0) -> tuple[int, np.ndarray, np.ndarray | None]:
-    """The parameter's step, value and velocity, retrying while the model changes hands."""
-    with httpx.Client(timeout=5) as client:
-        r = push_get(client, f"{url}/v1/models/m/params/w", deadline)
-    body = r.json()
-    value = np.asarray(body["data"]).astype(body["dtype"])
-    v = body["velocity"]
-    return body["step"], value, None if v is None else np.asarray(v["data"]).astype(v["dtype"])
-
-
-def push_get(client: httpx.Client, url: str, deadline: float) -> httpx.Response:
-    end = time.monotonic() + deadline
-    while True:
-        try:
-            r = client.get(url, params={"include": "velocity"})
-            if r.status_code != 503:
-                assert r.status_code == 200, r.text
-                return r
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < end, f"no answer from {url}"
-        time.sleep(0.1)
-
-
-def start_workers(urls: list[str], processes: int, threads: int, seconds: float) -> list[subprocess.Popen[bytes]]:
-    """``processes`` x ``threads`` workers pushing distinct gradients for ``seconds`` (tests.step_worker)."""
-    args = [str(SIZE), str(seconds), "3"]  # a client timeout of 3 s: a paused server is given up on
-    return [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tests.step_worker",
-                ",".join(urls),
-                "m",
-                str(i * threads),
-                str(threads),
-                "0",
-                *args,
-            ],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-        )
-        for i in range(processes)
-    ]
-
-
-def collect(procs: list[subprocess.Popen[bytes]]) -> list[list[int]]:
-    records: list[list[int]] = []
-    for p in procs:
-        out, _ = p.communicate(timeout=600)
-        assert p.returncode == 0
-        records += json.loads(out)
-    return records
-
-
-def replay(p0: np.ndarray, records: list[list[int]]) -> tuple[np.ndarray, np.ndarray | None]:
-    """The kernel applied to every push's gradient in the order of the steps the pushes got."""
-    cfg, value, velocity = SGDConfig(**OPT), p0, None  # type: ignore[arg-type]
-    for _, w, j in sorted(records):
-        value, velocity = sgd_update(cfg, value, velocity, gradient(w, j, SIZE))
-    return value, velocity
 
 
 # -- chaos: the owner killed and paused for 60 s under 8 workers ----------------------------------
@@ -164,7 +78,9 @@ def test_owner_killed_and_paused_for_60_s_under_8_workers(redis_server: RedisPro
     try:
         p0 = np.linspace(-1, 1, SIZE, dtype=np.float32)
         create(servers[0].url, OPT, p0)
-        workers = start_workers([s.url for s in servers], 2, 4, CHAOS_S)
+        workers = start_workers(
+            [s.url for s in servers], 2, 4, seconds=CHAOS_S, timeout=3
+        )  # a paused one is given up on
         rng = random.Random(13)
         kills = pauses = 0
         end = time.monotonic() + CHAOS_S - 3
@@ -358,7 +274,7 @@ def test_redis_killed_and_restarted_from_its_aof_under_load() -> None:
     try:
         p0 = np.linspace(-1, 1, SIZE, dtype=np.float32)
         create(servers[0].url, OPT, p0)
-        workers = start_workers([s.url for s in servers], 2, 3, 14)
+        workers = start_workers([s.url for s in servers], 2, 3, seconds=14, timeout=3)
         for _ in range(2):
             time.sleep(4)
             redis.kill()

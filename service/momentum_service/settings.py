@@ -58,6 +58,12 @@ class Settings(BaseSettings):
         description="How long a model's owner holds it without renewing (renewed every third of it): when a "
         "replica dies, another takes its models over after this long.",
     )
+    owner_idle_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="A model not used for this long is handed back by its owner (its log written, its lease "
+        "released, its memory freed); the next request takes it again on any replica. Not with the embedded store.",
+    )
     snapshot_log_ratio: float = Field(
         default=4.0,
         gt=0,

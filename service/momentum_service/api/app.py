@@ -74,6 +74,7 @@ def make_server(journal: Journal, settings: Settings) -> ParameterServer:
         sync_ttl_s=settings.sync_ttl_s,
         snapshots=SnapshotPolicy(ratio=settings.snapshot_log_ratio),
         max_pending_bytes=settings.flush_max_pending_bytes,
+        idle_s=settings.owner_idle_s,
     )
     return ParameterServer(journal, url=advertised_url(settings), lease_ms=settings.lease_ms, options=options)
 

@@ -68,6 +68,7 @@ class EngineOptions:
     sync_ttl_s: float = 3600.0
     snapshots: SnapshotPolicy = field(default_factory=SnapshotPolicy)
     max_pending_bytes: int = 256 << 20
+    idle_s: float = 600.0  # an owner not used for this long hands its model back (with a durable journal)
 
 
 def summary(steps: list[int], lrs: list[float]) -> str:

@@ -58,6 +58,7 @@ class ParameterServer:
         self.lr_table = LRTable()
         self._routing: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._remote: dict[str, tuple[Remote, float]] = {}  # model -> (its owner elsewhere, until)
+        self._sweeper: asyncio.Future[None] | None = None
 
     @property
     def store(self) -> Journal:
@@ -65,13 +66,60 @@ class ParameterServer:
 
     async def start(self) -> None:
         await self.cluster.start()
+        if self.journal.durable:
+            self._sweeper = asyncio.ensure_future(self._sweeps())
 
     async def close(self) -> None:
         """Write what every owner has queued, and hand the models over."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(BaseException):
+                await self._sweeper
         for owner in list(self.owners.values()):
             with contextlib.suppress(Exception):
                 await owner.close()
         await self.cluster.stop()
+
+    async def _sweeps(self) -> None:
+        while True:
+            await asyncio.sleep(max(1.0, min(60.0, self.options.idle_s / 4)))
+            try:
+                await self.sweep()
+            except Exception as exc:
+                log.warning("handing idle models back failed: %s", exc)
+
+    async def sweep(self, idle_s: float | None = None) -> list[str]:
+        """Hand back the models not used for ``idle_s`` (default ``options.idle_s``): what their owner
+        queued is written, their lease released and their memory freed; the next request for one
+        takes it again (on any replica) and rebuilds it from the journal. Not with the embedded
+        store (its memory is the only copy), nor while a sync step's contributions wait."""
+        if not self.journal.durable:
+            return []
+        idle = self.options.idle_s if idle_s is None else idle_s
+        released = []
+        for model, owner in list(self.owners.items()):
+            if time.monotonic() - owner.last_used < idle or owner.sync.pending:
+                continue
+            lock = self._routing.get(model)
+            if lock is None:
+                lock = self._routing[model] = asyncio.Lock()
+            async with lock:
+                if self.owners.get(model) is not owner or time.monotonic() - owner.last_used < idle:
+                    continue  # used meanwhile
+                await owner.close()  # what is queued, written
+                if owner.lost is not None or time.monotonic() - owner.last_used < idle:
+                    continue
+                self.owners.pop(model, None)
+                handle = self.cluster.leases.get(model)
+                self.cluster.drop(model)
+                owner.invalidate(Fenced(f"model {model!r} was idle and handed back"))
+                if handle is not None:
+                    with contextlib.suppress(Exception):
+                        await self.journal.release(handle.lease)
+                released.append(model)
+        if released:
+            log.info("handed back %d idle model(s): %s", len(released), ", ".join(map(repr, released[:10])))
+        return released
 
     # Routing.
 

@@ -52,6 +52,11 @@ class SyncCoordinator:
         self.ttl_s = ttl_s
         self._rounds: dict[int, _Round] = {}
 
+    @property
+    def pending(self) -> bool:
+        """Whether contributions wait for a step (held in memory only)."""
+        return bool(self._rounds)
+
     def contribute(self, base: int, worker: int, grads: Mapping[str, Array]) -> None:
         """Add a worker's gradients to step ``base`` (a worker's repeat is not counted twice)."""
         now = time.monotonic()
