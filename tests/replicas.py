@@ -103,3 +103,16 @@ def replay(p0: np.ndarray, records: list[list[int]]) -> tuple[np.ndarray, np.nda
     for _, w, j in sorted(records):
         value, velocity = sgd_update(cfg, value, velocity, gradient(w, j, SIZE))
     return value, velocity
+
+
+def assert_each_push_once(url: str, p0: np.ndarray, records: list[list[int]]) -> None:
+    """Every acknowledged push got its own step (1..N: none lost, none twice), and ``w`` as ``url`` reads it
+    is the kernel replaying the pushes in that order from ``p0``, value and velocity bit for bit."""
+    total = len(records)
+    assert sorted(r[0] for r in records) == list(range(1, total + 1)), "every acknowledged push, once"
+    step, value, velocity = read(url)
+    expected_value, expected_velocity = replay(p0, records)
+    assert step == total
+    assert value.tobytes() == expected_value.tobytes()
+    assert velocity is not None and expected_velocity is not None
+    assert velocity.tobytes() == expected_velocity.tobytes()

@@ -33,7 +33,7 @@ from momentum_service.engine import mean_gradient
 from momentum_service.kernels import SGDConfig, sgd_update
 
 from .helpers import RedisProcess, ServerProcess
-from .replicas import OPT, SIZE, collect, create, owner_url, read, replay, start_workers, tensor
+from .replicas import OPT, SIZE, assert_each_push_once, collect, create, owner_url, read, start_workers, tensor
 from .step_worker import gradient, push
 
 pytestmark = pytest.mark.slow
@@ -73,15 +73,8 @@ def test_32_workers_x_250_pushes_through_2_replicas(replicas: list[ServerProcess
     p0 = np.linspace(-1, 1, SIZE, dtype=np.float32)
     create(replicas[0].url, OPT, p0)
     records = collect(start_workers([s.url for s in replicas], PROCESSES, WORKERS // PROCESSES, pushes=PUSHES))
-    total = WORKERS * PUSHES
-    assert len(records) == total
-    assert sorted(r[0] for r in records) == list(range(1, total + 1)), "contiguous steps, none twice"
-    step, value, velocity = read(replicas[1].url)
-    expected_value, expected_velocity = replay(p0, records)
-    assert step == total
-    assert value.tobytes() == expected_value.tobytes()
-    assert velocity is not None and expected_velocity is not None
-    assert velocity.tobytes() == expected_velocity.tobytes()
+    assert len(records) == WORKERS * PUSHES
+    assert_each_push_once(replicas[1].url, p0, records)
 
 
 # -- ambiguous failures, retried with the same key on the other replica --------------------------

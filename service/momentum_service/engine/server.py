@@ -100,10 +100,7 @@ class ParameterServer:
         for model, owner in list(self.owners.items()):
             if time.monotonic() - owner.last_used < idle or owner.sync.pending:
                 continue
-            lock = self._routing.get(model)
-            if lock is None:
-                lock = self._routing[model] = asyncio.Lock()
-            async with lock:
+            async with self._routing_lock(model):
                 if self.owners.get(model) is not owner or time.monotonic() - owner.last_used < idle:
                     continue  # used meanwhile
                 await owner.close()  # what is queued, written
@@ -142,11 +139,15 @@ class ParameterServer:
             cached = self._remote.get(model)
             if cached is not None and cached[1] > time.monotonic():
                 return cached[0]
+        async with self._routing_lock(model):
+            return await self._route(model, forwarded)
+
+    def _routing_lock(self, model: str) -> asyncio.Lock:
+        """The lock under which ``model`` is taken, dropped or handed back (one per model in use)."""
         lock = self._routing.get(model)
         if lock is None:
             lock = self._routing[model] = asyncio.Lock()
-        async with lock:
-            return await self._route(model, forwarded)
+        return lock
 
     async def _route(self, model: str, forwarded: bool) -> ModelOwner | Remote:
         owner = self.owners.get(model)
