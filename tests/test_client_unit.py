@@ -118,7 +118,7 @@ async def connect(request: pytest.FixtureRequest) -> AsyncIterator[Callable[...,
     yield make
     for c in clients:
         if isinstance(c, mc.AsyncClient):
-            await c.close()
+            await c.aclose()
         else:
             c.close()
 
@@ -132,13 +132,28 @@ def public_methods(cls: type) -> dict[str, Any]:
 
 def test_clients_expose_the_same_methods_and_signatures() -> None:
     sync, aio = public_methods(mc.Client), public_methods(mc.AsyncClient)
-    assert sync.keys() == aio.keys()
+    assert sync.keys() == aio.keys() - {"aclose"}  # AsyncClient closes with aclose (as httpx's), close its alias
     assert {"create_model", "update_model", "get_model", "delete_model", "init_params", "get_params"} <= sync.keys()
     assert {"get_param_state", "delete_param", "step", "push_gradients", "health", "ready", "close"} <= sync.keys()
     for name in sync:
         assert inspect.signature(sync[name]) == inspect.signature(aio[name]), name
         assert not inspect.iscoroutinefunction(sync[name]), name
         assert inspect.iscoroutinefunction(aio[name]), name
+
+
+async def test_async_client_aclose_and_its_alias_close() -> None:
+    for close in ("aclose", "close"):
+        client = mc.AsyncClient(BASE, transport=httpx.MockTransport(Server()))
+        await getattr(client, close)()
+        assert client._http.is_closed, close
+    async with mc.AsyncClient(BASE, transport=httpx.MockTransport(Server())) as client:
+        pass
+    assert client._http.is_closed
+    http = httpx.AsyncClient(transport=httpx.MockTransport(Server()))
+    async with mc.AsyncClient(BASE, client=http) as client:
+        await client.close()
+    assert not http.is_closed  # a client passed in is left open
+    await http.aclose()
 
 
 def test_constructors_take_the_same_arguments() -> None:
@@ -509,6 +524,8 @@ async def test_step_options_are_sent_when_given(connect: Callable[..., tuple[Api
         ({"idempotency_key": "caf\u00e9"}, ValueError, "visible ASCII"),
         ({"idempotency_key": "k" * 256}, ValueError, "visible ASCII"),
         ({"idempotency_key": b"bytes"}, TypeError, "idempotency_key must be a str"),
+        ({"idempotency": "k"}, TypeError, r"step\(\) got an unexpected keyword argument 'idempotency'"),
+        ({"return_params": False}, TypeError, "unexpected keyword argument 'return_params'"),
     ],
 )
 async def test_step_options_are_checked_before_sending(

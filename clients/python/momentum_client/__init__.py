@@ -40,6 +40,7 @@ from ._exceptions import (
     UnsupportedMediaType,
 )
 from ._models import RULES, ModelInfo, OptimizerConfig, OptimizerUpdate, ParamInfo, ParamState, StepResult
+from ._steps import StepOptions
 from ._version import __version__
 
 __all__ = [
@@ -51,6 +52,7 @@ __all__ = [
     "ModelInfo",
     "OptimizerConfig",
     "OptimizerUpdate",
+    "StepOptions",
     "ParamInfo",
     "ParamState",
     "StepResult",

@@ -13,10 +13,13 @@ from typing import Any, Self, TypeVar, Unpack
 import httpx
 import numpy.typing as npt
 
-from . import _base
-from ._base import Flow, Request, Response, Sleep
+from . import _flows, _steps
 from ._exceptions import RequestTimeout, TransportError
+from ._flow import Flow, Request, Response, Sleep
 from ._models import ModelInfo, OptimizerConfig, OptimizerUpdate, ParamState, StepResult
+from ._requests import DEFAULT_HEADERS, WIRES, Durability, Wire, auth_headers, normalize_base_url
+from ._retry import DEFAULT_MAX_RETRIES, DEFAULT_SYNC_WAIT, RetryPolicy, check_retry_settings
+from ._steps import DTypes, SeenSteps, StepBack, StepOptions
 from ._tensors import Array
 from ._transport import BODY, PARTS, AsyncZeroCopyTransport, proxied
 
@@ -27,7 +30,7 @@ class AsyncClient:
     """Asynchronous client for a momentum-service server; methods are those of ``Client``, awaitable.
 
     ``client`` is an ``httpx.AsyncClient`` to send with as-is (e.g. over ``httpx.ASGITransport``): its own timeout
-    applies and :meth:`close` leaves it open. Otherwise the client creates a connection-pooling
+    applies and :meth:`aclose` leaves it open. Otherwise the client creates a connection-pooling
     ``httpx.AsyncClient`` with ``timeout``, over ``transport`` or by default one that retries failed
     connection attempts twice. ``headers`` are added to every request either way.
 
@@ -43,25 +46,25 @@ class AsyncClient:
         transport: httpx.AsyncBaseTransport | None = None,
         client: httpx.AsyncClient | None = None,
         headers: Mapping[str, str] | None = None,
-        max_retries: int = _base.DEFAULT_MAX_RETRIES,
-        sync_wait: float = _base.DEFAULT_SYNC_WAIT,
-        wire: _base.Wire = "safetensors",
+        max_retries: int = DEFAULT_MAX_RETRIES,
+        sync_wait: float = DEFAULT_SYNC_WAIT,
+        wire: Wire = "safetensors",
         api_key: str | None = None,
         cast_gradients: bool = False,
-        on_step_back: _base.StepBack = "raise",
+        on_step_back: StepBack = "raise",
     ) -> None:
         if client is not None and transport is not None:
             raise ValueError("pass either client or transport, not both")
-        _base.check_retry_settings(max_retries, sync_wait)
-        if wire not in _base.WIRES:
-            raise ValueError(f"wire must be one of {', '.join(_base.WIRES)}, got {wire!r}")
-        self._wire: _base.Wire = wire
+        check_retry_settings(max_retries, sync_wait)
+        if wire not in WIRES:
+            raise ValueError(f"wire must be one of {', '.join(WIRES)}, got {wire!r}")
+        self._wire: Wire = wire
         # With cast_gradients, the parameters' dtypes as learnt from the server: gradients are cast to them.
-        self._dtypes: _base.DTypes | None = {} if cast_gradients else None
+        self._dtypes: DTypes | None = {} if cast_gradients else None
         # The steps seen per parameter: a later answer with a step not past them means steps were lost.
-        self._seen = _base.SeenSteps(on_step_back)
-        self._base_url = _base.normalize_base_url(base_url)
-        self._headers = {**_base.DEFAULT_HEADERS, **_base.auth_headers(api_key), **(headers or {})}
+        self._seen = SeenSteps(on_step_back)
+        self._base_url = normalize_base_url(base_url)
+        self._headers = {**DEFAULT_HEADERS, **auth_headers(api_key), **(headers or {})}
         self._max_retries = max_retries
         self._sync_wait = float(sync_wait)
         # What the retries use to wait, jitter and measure sync_wait; tests replace them.
@@ -102,7 +105,7 @@ class AsyncClient:
         mode: str = "async",
         workers: int | None = None,
         max_staleness: int | None = None,
-        durability: _base.Durability | None = None,
+        durability: Durability | None = None,
         exist_ok: bool = False,
     ) -> ModelInfo:
         """Create the model; an existing model is never changed.
@@ -126,7 +129,7 @@ class AsyncClient:
         """
         config = OptimizerConfig(lr, momentum, dampening, nesterov, weight_decay, maximize, rule)
         info = await self._run(
-            _base.create_model(model, config, schedule, mode, workers, max_staleness, exist_ok, durability)
+            _flows.create_model(model, config, schedule, mode, workers, max_staleness, exist_ok, durability)
         )
         self._seen.forget(model)
         return info
@@ -146,12 +149,12 @@ class AsyncClient:
         mode: str = "async",
         workers: int | None = None,
         max_staleness: int | None = None,
-        durability: _base.Durability | None = None,
+        durability: Durability | None = None,
     ) -> ModelInfo:
         """Replace the model's whole config (or create the model); its parameters are kept, its rule
         cannot change. Fields left out take their defaults: to change a few, use :meth:`update_model`."""
         config = OptimizerConfig(lr, momentum, dampening, nesterov, weight_decay, maximize, rule)
-        return await self._run(_base.replace_model(model, config, schedule, mode, workers, max_staleness, durability))
+        return await self._run(_flows.replace_model(model, config, schedule, mode, workers, max_staleness, durability))
 
     async def update_model(
         self,
@@ -161,7 +164,7 @@ class AsyncClient:
         mode: str | None = None,
         workers: int | None = None,
         max_staleness: int | None = None,
-        durability: _base.Durability | None = None,
+        durability: Durability | None = None,
         **hyperparameters: Unpack[OptimizerUpdate],
     ) -> ModelInfo:
         """Change some hyperparameters, replace the schedule, change the mode and/or the durability; they apply
@@ -172,16 +175,16 @@ class AsyncClient:
         ``TypeError`` listing the valid ones, as does giving nothing to change.
         """
         return await self._run(
-            _base.update_model(model, hyperparameters, schedule, mode, workers, max_staleness, durability)
+            _flows.update_model(model, hyperparameters, schedule, mode, workers, max_staleness, durability)
         )
 
     async def get_model(self, model: str) -> ModelInfo:
         """The model's optimizer configuration and parameter metadata."""
-        return await self._run(_base.get_model(model))
+        return await self._run(_flows.get_model(model))
 
     async def delete_model(self, model: str) -> None:
         """Delete the model and all its parameters."""
-        await self._run(_base.delete_model(model))
+        await self._run(_flows.delete_model(model))
         self._seen.forget(model)
 
     async def init_params(
@@ -193,45 +196,36 @@ class AsyncClient:
         ``exist_ok=True`` creates only the missing ones and leaves existing ones untouched, which
         is safe when several workers start at once.
         """
-        created = await self._run(_base.init_params(model, params, exist_ok, self._wire))
+        created = await self._run(_flows.init_params(model, params, exist_ok, self._wire))
         self._seen.forget(model, [name for name, new in created.items() if new or not exist_ok])
         return created
 
     async def get_params(self, model: str, names: Iterable[str] | None = None) -> dict[str, Array]:
         """Current values of all parameters, or of ``names`` only."""
-        return await self._run(_base.get_params(model, names, self._wire))
+        return await self._run(_flows.get_params(model, names, self._wire))
 
     async def get_param_state(self, model: str, name: str) -> ParamState:
         """One parameter's value, momentum buffer and step count."""
-        return await self._run(_base.get_param_state(model, name, self._wire))
+        return await self._run(_flows.get_param_state(model, name, self._wire))
 
     async def delete_param(self, model: str, name: str) -> None:
         """Delete one parameter."""
-        await self._run(_base.delete_param(model, name))
+        await self._run(_flows.delete_param(model, name))
         self._seen.forget(model, [name])
 
     async def step(
         self,
         model: str,
         gradients: Mapping[str, npt.ArrayLike],
-        *,
-        expected_steps: Mapping[str, int] | None = None,
-        worker_id: int | None = None,
-        base_step: int | None = None,
-        idempotency_key: str | None = None,
+        **options: Unpack[StepOptions],
     ) -> dict[str, Array]:
         """Apply one optimizer step with ``gradients``, exactly once; returns the updated values.
 
-        ``expected_steps`` (``{name: step}``): apply only if those parameters are at those steps,
-        else :class:`Conflict` ``step-mismatch`` with ``current_steps``. ``base_step``: the step the
-        gradients were computed from (required in ``bounded`` and ``sync`` mode); ``worker_id``: this
-        worker's id (``sync`` mode). ``idempotency_key``: the key to send (1 to 255 visible ASCII
-        characters), by default a fresh one per call; pass the same key to re-send a step whose
-        outcome you do not know (after an exception), with the same arguments.
+        ``options`` are those of :class:`StepOptions`: ``expected_steps``, ``worker_id``, ``base_step``
+        and ``idempotency_key``.
         """
-        options = _base.StepOptions(expected_steps, worker_id, base_step, idempotency_key)
         return await self._run(
-            _base.step(model, gradients, options, self._retry_policy(), self._wire, self._dtypes, self._seen)
+            _steps.step(model, gradients, options, self._retry_policy(), self._wire, self._dtypes, self._seen)
         )
 
     async def step_results(
@@ -240,16 +234,12 @@ class AsyncClient:
         gradients: Mapping[str, npt.ArrayLike],
         *,
         return_params: bool = True,
-        expected_steps: Mapping[str, int] | None = None,
-        worker_id: int | None = None,
-        base_step: int | None = None,
-        idempotency_key: str | None = None,
+        **options: Unpack[StepOptions],
     ) -> dict[str, StepResult]:
-        """Apply one optimizer step like :meth:`step`; returns each parameter's new value
-        (``None`` with ``return_params=False``), step count and the learning rate used."""
-        options = _base.StepOptions(expected_steps, worker_id, base_step, idempotency_key)
+        """Apply one optimizer step like :meth:`step` (same :class:`StepOptions`); returns each parameter's
+        new value (``None`` with ``return_params=False``), step count and the learning rate used."""
         return await self._run(
-            _base.step_results(
+            _steps.step_results(
                 model, gradients, return_params, options, self._retry_policy(), self._wire, self._dtypes, self._seen
             )
         )
@@ -258,36 +248,36 @@ class AsyncClient:
         self,
         model: str,
         gradients: Mapping[str, npt.ArrayLike],
-        *,
-        expected_steps: Mapping[str, int] | None = None,
-        worker_id: int | None = None,
-        base_step: int | None = None,
-        idempotency_key: str | None = None,
+        **options: Unpack[StepOptions],
     ) -> dict[str, int]:
-        """Apply one optimizer step like :meth:`step`, without downloading values; returns step counts."""
-        options = _base.StepOptions(expected_steps, worker_id, base_step, idempotency_key)
+        """Apply one optimizer step like :meth:`step` (same :class:`StepOptions`), without downloading values;
+        returns step counts."""
         return await self._run(
-            _base.push_gradients(model, gradients, options, self._retry_policy(), self._wire, self._dtypes, self._seen)
+            _steps.push_gradients(model, gradients, options, self._retry_policy(), self._wire, self._dtypes, self._seen)
         )
 
     async def health(self) -> bool:
         """Whether the server answers its liveness probe (``False`` also when unreachable)."""
         try:
-            return await self._run(_base.probe("/healthz"))
+            return await self._run(_flows.probe("/healthz"))
         except TransportError:
             return False
 
     async def ready(self) -> bool:
         """Whether the server is ready to serve, its store reachable (``False`` also when unreachable)."""
         try:
-            return await self._run(_base.probe("/readyz"))
+            return await self._run(_flows.probe("/readyz"))
         except TransportError:
             return False
 
-    async def close(self) -> None:
+    async def aclose(self) -> None:
         """Close the connection pool, unless the ``httpx.AsyncClient`` was passed in."""
         if self._owns_http:
             await self._http.aclose()
+
+    async def close(self) -> None:
+        """The same as :meth:`aclose` (an alias, kept for existing code)."""
+        await self.aclose()
 
     async def __aenter__(self) -> Self:
         return self
@@ -298,10 +288,10 @@ class AsyncClient:
         exc_value: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        await self.close()
+        await self.aclose()
 
-    def _retry_policy(self) -> _base.RetryPolicy:
-        return _base.RetryPolicy(self._max_retries, self._sync_wait, self._random.random, self._clock)
+    def _retry_policy(self) -> RetryPolicy:
+        return RetryPolicy(self._max_retries, self._sync_wait, self._random.random, self._clock)
 
     async def _run(self, flow: Flow[T]) -> T:
         with contextlib.closing(flow):
