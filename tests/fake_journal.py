@@ -90,6 +90,9 @@ class FakeJournal:
         cur = self.leases.get(lease.model)
         return cur is None or cur.fence != lease.fence
 
+    async def models(self, after: str, limit: int) -> list[str]:
+        return sorted(n for n in self.models if n > after)[:limit]
+
     async def load(self, model: str) -> Loaded | None:
         m = self.models.get(model)
         if m is None:

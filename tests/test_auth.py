@@ -45,6 +45,8 @@ ENDPOINTS: list[tuple[str, str, Any, str]] = [
     ("GET", "/v1/models/{m}/params", None, "read"),
     ("DELETE", "/v1/models/{m}/params/w", None, "admin"),
     ("POST", "/v1/models/{m}/step", {"gradients": {"w": TENSOR}}, "write"),
+    ("GET", "/v1/models/{m}/checkpoint", None, "read"),
+    ("PUT", "/v1/models/{m}/checkpoint", {"not": "a checkpoint"}, "admin"),
 ]
 IDENTITIES = ["none", "unknown", "read", "write", "admin"]
 RANK = {"read": 0, "write": 1, "admin": 2}

@@ -52,12 +52,15 @@ FIXTURE = {"w": ([2, 2], "float32"), "b": ([2], "float64")}
 #   safetensors body that is not valid safetensors (the schema can only say "binary").
 # - 413: a shape with more elements than the server's limit (a setting, not part of the schema).
 # - 412: If-None-Match: * on a model or parameter that exists (the state, not the request).
+# A checkpoint's GET and PUT join the other operations; the list of models needs no exception.
 DOMAIN_STATUSES = {
     "PUT /v1/models/{model}": ["412", "422"],
     "PATCH /v1/models/{model}": ["422"],
     "PUT /v1/models/{model}/params/{name}": ["412", "413", "422"],
     "PUT /v1/models/{model}/params": ["412", "413", "422"],
     "POST /v1/models/{model}/step": ["413", "422"],
+    # A checkpoint file's metadata and tensors must agree (the schema can only say "binary").
+    "PUT /v1/models/{model}/checkpoint": ["412", "413", "422"],
 }
 POSITIVE_DEFAULT = ["2xx", "3xx", "401", "403", "404", "409", "429", "5xx"]
 

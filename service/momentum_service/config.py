@@ -2,7 +2,7 @@
 
 Stored as JSON ``{"optimizer": {"rule": ..., ...}, "schedule": {"type": ..., ...},
 "mode": "async"|"sync"|"bounded", "workers": n, "max_staleness": s,
-"durability": "step"|{"flush_ms": n}}``;
+"durability": "step"|{"flush_ms": n}, "groups": [{"name": ..., "params": [...], <hyperparameters>}]}``;
 a config written before rules and schedules existed reads as the ``pytorch`` rule with a
 constant schedule in async mode.
 """
@@ -10,8 +10,10 @@ constant schedule in async mode.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from typing import Any, TypeVar
 
 from .errors import InvalidConfig
@@ -20,7 +22,7 @@ from .kernels.errors import FieldError
 from .kernels.schedules import ConstantSchedule
 from .kernels.sgd import check_bool, check_number
 
-__all__ = ["Durability", "MODE_FIELDS", "Mode", "ModelConfig"]
+__all__ = ["Durability", "MODE_FIELDS", "Mode", "ModelConfig", "ParamGroup"]
 
 
 MAX_WORKERS = 1024
@@ -117,6 +119,107 @@ class Durability:
         return "step" if self.flush_ms is None else {"flush_ms": self.flush_ms}
 
 
+MAX_GROUPS = 1024
+MAX_GROUP_PARAMS = 100_000
+_GROUP_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._:-]{0,127}$")
+
+
+@dataclass(frozen=True, slots=True)
+class ParamGroup:
+    """Hyperparameters of their own for some parameters ("no weight decay on biases and norms").
+
+    ``params`` are parameter names or ``fnmatch`` patterns (``*.bias``); a parameter takes the
+    first group that names or matches it, else the model's optimizer. ``overrides`` are some of
+    the rule's hyperparameters; the rest are the model's, so a PATCH of the model's optimizer
+    reaches every group that does not override that hyperparameter.
+    """
+
+    name: str
+    params: tuple[str, ...]
+    overrides: tuple[tuple[str, Any], ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "params": list(self.params), **dict(self.overrides)}
+
+    def matches(self, param: str) -> bool:
+        return any(p == param or fnmatchcase(param, p) for p in self.params)
+
+
+def _parse_groups(rule: Rule, groups: Any) -> tuple[tuple[ParamGroup, ...], tuple[Rule, ...]]:
+    """The groups of a config, validated against ``rule``, with each group's rule."""
+    if groups is None:
+        return (), ()
+    if not isinstance(groups, Sequence) or isinstance(groups, str | bytes):
+        raise InvalidConfig(f"groups must be a list of parameter groups, got {groups!r}"[:300], "groups")
+    if len(groups) > MAX_GROUPS:
+        raise InvalidConfig(f"at most {MAX_GROUPS} parameter groups, got {len(groups)}", "groups")
+    out: list[ParamGroup] = []
+    rules: list[Rule] = []
+    names: set[str] = set()
+    named: dict[str, str] = {}
+    for i, raw in enumerate(groups):
+        if not isinstance(raw, Mapping):
+            raise InvalidConfig(f"groups[{i}] must be an object with params and hyperparameters", "groups", (i,))
+        raw = dict(raw)
+        name = raw.pop("name", None)
+        name = str(i) if name is None else name
+        if not isinstance(name, str) or not _GROUP_NAME.match(name):
+            raise InvalidConfig(
+                f"groups[{i}].name must be 1 to 128 letters, digits or ._:- (not starting with ._:-), got {name!r}",
+                "groups",
+                (i, "name"),
+            )
+        if name in names:
+            raise InvalidConfig(f"two parameter groups are named {name!r}", "groups", (i, "name"))
+        names.add(name)
+        params = raw.pop("params", None)
+        if (
+            not isinstance(params, Sequence)
+            or isinstance(params, str | bytes)
+            or not params
+            or not all(isinstance(p, str) and 0 < len(p) <= 256 for p in params)
+        ):
+            raise InvalidConfig(
+                f"groups[{i}].params must be a non-empty list of parameter names or patterns (1 to 256 characters)",
+                "groups",
+                (i, "params"),
+            )
+        if len(params) > MAX_GROUP_PARAMS:
+            raise InvalidConfig(f"groups[{i}].params: at most {MAX_GROUP_PARAMS} entries", "groups", (i, "params"))
+        for p in params:
+            if p in named:
+                raise InvalidConfig(
+                    f"parameter {p!r} is in groups {named[p]!r} and {name!r}; a parameter may be in one group only",
+                    "groups",
+                    (i, "params"),
+                )
+            named[p] = name
+        if "rule" in raw:
+            raise InvalidConfig(
+                f"groups[{i}]: a group cannot change the rule (the model's rule is {rule.name!r})",
+                "groups",
+                (i, "rule"),
+            )
+        allowed = [k for k in rule.to_dict() if k != "rule"]
+        unknown = sorted(set(raw) - set(allowed))
+        if unknown:
+            raise InvalidConfig(
+                f"groups[{i}]: rule {rule.name!r} has no hyperparameter {', '.join(unknown)}; its hyperparameters "
+                f"are: {', '.join(allowed)}",
+                "groups",
+                (i, unknown[0]),
+            )
+        try:
+            group_rule = rule.updated(**raw)
+        except (TypeError, ValueError) as exc:
+            path = exc.field if isinstance(exc, FieldError) else ()
+            raise InvalidConfig(f"groups[{i}] ({name!r}): {exc}", "groups", (i, *path)) from None
+        resolved = group_rule.to_dict()
+        out.append(ParamGroup(name, tuple(params), tuple((k, resolved[k]) for k in raw)))
+        rules.append(group_rule)
+    return tuple(out), tuple(rules)
+
+
 _T = TypeVar("_T")
 
 
@@ -126,6 +229,20 @@ class ModelConfig:
     schedule: Schedule
     mode: Mode = Mode()
     durability: Durability = Durability()
+    groups: tuple[ParamGroup, ...] = ()
+    group_rules: tuple[Rule, ...] = ()
+    _rules: dict[str, Rule] = field(default_factory=dict, compare=False, repr=False)
+
+    def rule_for(self, param: str) -> Rule:
+        """The rule (with its hyperparameters) that updates ``param``: its group's, else the model's."""
+        if not self.groups:
+            return self.rule
+        found = self._rules.get(param)
+        if found is None:
+            found = next((r for g, r in zip(self.groups, self.group_rules, strict=True) if g.matches(param)), self.rule)
+            if len(self._rules) < 1_000_000:
+                self._rules[param] = found
+        return found
 
     @classmethod
     def build(
@@ -134,6 +251,7 @@ class ModelConfig:
         schedule: Mapping[str, Any] | None = None,
         mode: Mapping[str, Any] | None = None,
         durability: Any = None,
+        groups: Any = None,
     ) -> ModelConfig:
         """Validate a config from its parts; :class:`InvalidConfig` names the part at fault."""
         try:
@@ -144,8 +262,14 @@ class ModelConfig:
             sched = ConstantSchedule() if schedule is None else schedule_from_dict(dict(schedule))
         except (TypeError, ValueError) as exc:
             raise _invalid(exc, "schedule") from None
+        parsed, rules = _parse_groups(rule, groups)
         return cls(
-            rule, sched, _mode(lambda: Mode.from_fields(mode or {})), _mode(lambda: Durability.parse(durability))
+            rule,
+            sched,
+            _mode(lambda: Mode.from_fields(mode or {})),
+            _mode(lambda: Durability.parse(durability)),
+            parsed,
+            rules,
         )
 
     @classmethod
@@ -155,15 +279,19 @@ class ModelConfig:
             data.get("schedule"),
             {k: data[k] for k in MODE_FIELDS if k in data},
             data.get("durability"),
+            data.get("groups"),
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "optimizer": self.rule.to_dict(),
             "schedule": self.schedule.to_dict(),
             **self.mode.to_dict(),
             "durability": self.durability.to_json(),
         }
+        if self.groups:
+            out["groups"] = [g.to_dict() for g in self.groups]
+        return out
 
     def patched(
         self,
@@ -171,8 +299,14 @@ class ModelConfig:
         schedule: Mapping[str, Any] | None,
         mode: Mapping[str, Any] | None = None,
         durability: Any = None,
+        groups: Any = None,
     ) -> ModelConfig:
-        """This config with some hyperparameters, the schedule, the mode and/or the durability changed, validated."""
+        """This config with some hyperparameters, the schedule, the mode, the durability and/or the groups
+        changed, validated.
+
+        ``groups`` as a list replaces the groups; as a mapping ``{group name: changes}`` it changes those
+        groups (their ``params`` and/or hyperparameters), keeping the others.
+        """
         changes = {k: v for k, v in optimizer.items() if k != "rule"}
         try:
             rule = self.rule.updated(**changes)
@@ -183,7 +317,27 @@ class ModelConfig:
         new_schedule = self.schedule if schedule is None else ModelConfig.build(rule.to_dict(), schedule).schedule
         new_mode = self.mode if not mode else _mode(lambda: self.mode.patched(mode))
         new_durability = self.durability if durability is None else _mode(lambda: Durability.parse(durability))
-        return ModelConfig(rule, new_schedule, new_mode, new_durability)
+        group_list: Any = [g.to_dict() for g in self.groups]
+        if isinstance(groups, Mapping):
+            by_name = {g["name"]: g for g in group_list}
+            for gname, change in groups.items():
+                if gname not in by_name:
+                    raise InvalidConfig(
+                        f"the model has no parameter group {gname!r}; its groups are: {', '.join(by_name) or '(none)'}",
+                        "groups",
+                        (gname,),
+                    )
+                if not isinstance(change, Mapping) or "name" in change:
+                    raise InvalidConfig(
+                        f"groups.{gname}: give the params and/or hyperparameters to change (not its name)",
+                        "groups",
+                        (gname,),
+                    )
+                by_name[gname].update(change)
+        elif groups is not None:
+            group_list = groups
+        parsed, rules = _parse_groups(rule, group_list)
+        return ModelConfig(rule, new_schedule, new_mode, new_durability, parsed, rules)
 
 
 def _mode(make: Callable[[], _T]) -> _T:
@@ -215,7 +369,11 @@ def explain_put(body: Any) -> None:
     mode = {k: _integral(body[k]) for k in MODE_FIELDS if k in body and body[k] is not None}
     with contextlib.suppress(TypeError):
         ModelConfig.build(
-            body["optimizer"], schedule if isinstance(schedule, dict) else None, mode, body.get("durability")
+            body["optimizer"],
+            schedule if isinstance(schedule, dict) else None,
+            mode,
+            body.get("durability"),
+            body.get("groups"),
         )
 
 

@@ -27,8 +27,10 @@ from ..settings import Settings
 from ..store import Journal, MemoryJournal
 from . import problems
 from .admission import Admission
+from .checkpoints import router as checkpoints_router
 from .codecs import Limits
 from .forward import Forwarder, hops, model_of
+from .listing import router as listing_router
 from .routes import BODY_MODELS, health, router
 from .schemas import ProblemDetails
 from .step import serve_step
@@ -189,9 +191,12 @@ def create_app(settings: Settings | None = None, *, journal: Journal | None = No
     POOL.max_bytes = settings.buffer_pool_bytes
     app.state.limits = Limits.of(settings)
     app.state.server = server
+    app.state.forwarder = forwarder
     problems.install(app)
     app.include_router(health)
+    app.include_router(listing_router)
     app.include_router(router)
+    app.include_router(checkpoints_router)
     _document_bodies(app)
     return app
 

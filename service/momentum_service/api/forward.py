@@ -15,8 +15,10 @@ finds the new owner.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import httpx
+import orjson
 from momentum_client._transport import BODY, PARTS, AsyncZeroCopyTransport, Body
 from starlette.types import Receive, Scope, Send
 
@@ -25,7 +27,16 @@ from ..errors import OwnerUnreachable
 from ..store.base import Buffer
 from .schemas import MODEL_NAME_PATTERN
 
-__all__ = ["FORWARDED", "Forwarder", "model_of"]
+__all__ = ["FORWARDED", "Forwarder", "RemoteProblem", "model_of"]
+
+
+class RemoteProblem(Exception):
+    """The owner answered a forwarded request with an error: passed on as it is."""
+
+    def __init__(self, status: int, content: bytes, content_type: str) -> None:
+        super().__init__(f"{status}")
+        self.status, self.content, self.content_type = status, content, content_type
+
 
 FORWARDED = b"momentum-forwarded"
 OWNER = b"momentum-owner"
@@ -75,6 +86,26 @@ class Forwarder:
 
     async def aclose(self) -> None:
         await self.transport.aclose()
+
+    async def get_json(self, remote: Remote, model: str, path: str, authorization: bytes | None) -> Any:
+        """``GET path`` of the replica that owns ``model``, as JSON (a 503 ``owner-unreachable`` if it does
+        not answer; its own problem, if any, as :class:`RemoteProblem`)."""
+        headers = [(FORWARDED, b"1")] + ([(b"authorization", authorization)] if authorization else [])
+        request = httpx.Request(
+            "GET", remote.url.rstrip("/") + path, headers=headers, extensions={"timeout": self.timeouts}
+        )
+        try:
+            response = await self.transport.handle_async_request(request)
+            content = await response.aread()
+        except httpx.TransportError as exc:
+            self.server.forget_remote(model)
+            raise OwnerUnreachable(
+                f"the server that owns model {model!r} ({remote.url}) did not answer ({type(exc).__name__}); retry",
+                retry_after=1,
+            ) from None
+        if response.status_code != 200:
+            raise RemoteProblem(response.status_code, content, response.headers.get("content-type", ""))
+        return orjson.loads(content)
 
     async def __call__(
         self, scope: Scope, receive: Receive, send: Send, model: str, body: memoryview, remote: Remote

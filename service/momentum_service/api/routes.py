@@ -169,6 +169,7 @@ async def put_model(
         body.schedule.model_dump() if body.schedule else None,
         body.model_dump(include={"mode", "workers", "max_staleness"}, exclude_none=True),
         _durability(body.durability),
+        None if body.groups is None else [g.model_dump(exclude_none=True) for g in body.groups],
     )
     record, created = await server.put_model(model, config, only_create=only_create)
     params = await server.list_params(model)
@@ -201,13 +202,29 @@ async def patch_model(model: ModelName, request: Request, server: ServerDep, lim
             errors=[{"loc": ["body", k], "msg": "null is not a value"} for k in nulls],
         )
     mode = body.model_dump(include={"mode", "workers", "max_staleness"}, exclude_unset=True)
-    if body.optimizer is None and body.schedule is None and not mode and body.durability is None:
+    groups: Any = None
+    if isinstance(body.groups, list):
+        groups = [g.model_dump(exclude_none=True) for g in body.groups]
+    elif isinstance(body.groups, dict):
+        groups = {k: g.model_dump(exclude_none=True) for k, g in body.groups.items()}
+        empty = sorted(k for k, g in groups.items() if not g)
+        if empty:
+            raise Problem(
+                422,
+                "invalid-request",
+                f"nothing to change in group(s) {', '.join(empty)}: give params and/or hyperparameters",
+                errors=[{"loc": ["body", "groups", k], "msg": "empty"} for k in empty],
+            )
+    if body.optimizer is None and body.schedule is None and not mode and body.durability is None and not groups:
         raise Problem(
             422,
             "invalid-request",
-            "nothing to change: give optimizer (some hyperparameters), schedule, mode fields and/or durability",
+            "nothing to change: give optimizer (some hyperparameters), schedule, mode fields, durability and/or groups",
             errors=[
-                {"loc": ["body"], "msg": "optimizer, schedule, mode, workers, max_staleness or durability is required"}
+                {
+                    "loc": ["body"],
+                    "msg": "optimizer, schedule, mode, workers, max_staleness, durability or groups is required",
+                }
             ],
         )
     changes = body.optimizer.model_dump(exclude_unset=True) if body.optimizer else {}
@@ -220,7 +237,7 @@ async def patch_model(model: ModelName, request: Request, server: ServerDep, lim
             errors=[{"loc": ["body", "optimizer", k], "msg": "null is not a value"} for k in nulls],
         )
     schedule = body.schedule.model_dump() if body.schedule else None
-    record = await server.patch_model(model, changes, schedule, mode, _durability(body.durability))
+    record = await server.patch_model(model, changes, schedule, mode, _durability(body.durability), groups)
     params = await server.list_params(model)
     return _json(_model_json(record, params))
 

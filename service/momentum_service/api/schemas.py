@@ -193,6 +193,42 @@ class OptimizerPatch(_Strict):
     maximize: bool | _Absent = _keep()
 
 
+GROUP_NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9._:-]{0,127}$"
+GroupName = Annotated[str, StringConstraints(pattern=GROUP_NAME_PATTERN)]
+_GroupEntry = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+
+
+class ParamGroupPatch(_Strict):
+    """Change a parameter group: its `params` and/or some hyperparameters (of the model's rule)."""
+
+    params: Annotated[list[_GroupEntry], Field(min_length=1, max_length=100_000)] | _Absent = _keep()
+    lr: _NonNegative | _Absent = _keep()
+    momentum: _NonNegative | _Absent = _keep()
+    dampening: _NonNegative | _Absent = _keep()
+    nesterov: bool | _Absent = _keep()
+    weight_decay: _NonNegative | _Absent = _keep()
+    maximize: bool | _Absent = _keep()
+
+
+class ParamGroup(ParamGroupPatch):
+    """Hyperparameters of their own for some parameters (torch's parameter groups).
+
+    `params`: parameter names or fnmatch patterns (`*.bias`); a parameter takes the first group that
+    names or matches it, else the model's `optimizer`. The hyperparameters given override the
+    model's (the others follow the model's, PATCHes included); each must be one of the model's rule.
+    The schedule scales each group's `lr` as torch's schedulers scale each group's.
+    """
+
+    name: GroupName | _Absent = Field(default=None, description='Default: the group\'s index (`"0"`, ...).')
+    params: list[_GroupEntry] = Field(min_length=1, max_length=100_000, examples=[["*.bias", "bn1.weight"]])
+
+
+_GROUPS_DOC = (
+    "Parameter groups (as torch's): some parameters' own hyperparameters, e.g. "
+    '`[{"params": ["*.bias"], "weight_decay": 0}]`.'
+)
+
+
 # Schedules: torch.optim.lr_scheduler's names and numbers (bitwise torch 2.13's lr).
 
 
@@ -298,6 +334,12 @@ class ModelPut(_Strict):
         default=None, description="Largest accepted staleness, in steps (`bounded` only)."
     )
     durability: Durability = Field(default="step", description=_DURABILITY_DOC)
+    groups: list[ParamGroup] | None = Field(default=None, max_length=1024, description=_GROUPS_DOC)
+
+
+def _groups_schema(schema: dict[str, Any]) -> None:
+    _drop_default(schema)
+    _by_name(schema)
 
 
 class ModelPatch(_Strict):
@@ -315,6 +357,11 @@ class ModelPatch(_Strict):
     workers: WorkerCount | _Absent = _keep()
     max_staleness: Int31 | _Absent = _keep()
     durability: Durability | _Absent = _keep()
+    groups: list[ParamGroup] | dict[GroupName, ParamGroupPatch] | _Absent = Field(
+        default=None,
+        json_schema_extra=_groups_schema,
+        description="A list replaces the groups; an object `{group name: changes}` changes those groups.",
+    )
 
 
 def _by_name(schema: dict[str, Any]) -> None:
@@ -370,7 +417,21 @@ class ModelOut(BaseModel):
     workers: int | None = None
     max_staleness: int | None = None
     durability: Durability
+    groups: list[ParamGroup] | None = Field(default=None, description="Only when the model has parameter groups.")
     params: dict[str, ParamSummary]
+
+
+class ModelSummary(BaseModel):
+    name: str
+    rule: str
+    mode: ModeName
+    params: int = Field(description="Number of parameters.")
+    steps: int = Field(description="The largest step count of its parameters (0 without parameters).")
+
+
+class ModelList(BaseModel):
+    models: list[ModelSummary]
+    next: str | None = Field(description="Pass as `after` for the next page; null on the last page.")
 
 
 class ParamPutOut(ParamSummary):

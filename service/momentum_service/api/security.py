@@ -72,6 +72,19 @@ def require(level: str) -> Callable[..., Awaitable[ApiKey | None]]:
     return check
 
 
+async def caller(request: Request, credentials: Credentials) -> ApiKey | None:
+    """The request's key (401 without a valid one), for routes not about one model; None without keys."""
+    ring: KeyRing = request.app.state.keys
+    if not ring:
+        return None
+    key: ApiKey | None = request.scope.get("state", {}).get("momentum.key")
+    if key is None:
+        header = None if credentials is None else f"{credentials.scheme} {credentials.credentials}"
+        key = authenticate(ring, header or request.headers.get("authorization"))
+    return key
+
+
+CallerDep = Annotated[ApiKey | None, Depends(caller)]
 READ = Depends(require("read"))
 WRITE = Depends(require("write"))
 ADMIN = Depends(require("admin"))

@@ -16,7 +16,16 @@ from typing import Any
 from ..store.base import MAX_CHUNK, Buffer, Record
 from .tensors import RawTensors, as_bytes
 
-__all__ = ["ConfigEntry", "DeleteEntry", "Entry", "PutEntry", "StepEntry", "from_record", "to_record"]
+__all__ = [
+    "ConfigEntry",
+    "DeleteEntry",
+    "Entry",
+    "PutEntry",
+    "RestoreEntry",
+    "StepEntry",
+    "from_record",
+    "to_record",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +59,19 @@ class ConfigEntry:
     rev: str
 
 
-Entry = StepEntry | PutEntry | DeleteEntry | ConfigEntry
+@dataclass(frozen=True, slots=True)
+class RestoreEntry:
+    """The whole model replaced by a checkpoint: its config, and every parameter's value, state
+    buffers and step. ``tensors`` holds ``<name>`` (the value) and ``<name>@<buffer>`` (a state
+    buffer) as received; ``params`` maps each name to ``(step, buffer names)``."""
+
+    config: dict[str, Any]
+    rev: str
+    tensors: RawTensors
+    params: Mapping[str, tuple[int, tuple[str, ...]]]
+
+
+Entry = StepEntry | PutEntry | DeleteEntry | ConfigEntry | RestoreEntry
 
 
 def chunks(data: memoryview) -> tuple[Buffer, ...]:
@@ -96,6 +117,16 @@ def to_record(entry: Entry) -> Record:
         return Record({"kind": "put", "tensors": entry.values.to_json()}, chunks(entry.values.data))
     if isinstance(entry, DeleteEntry):
         return Record({"kind": "delete", "name": entry.name})
+    if isinstance(entry, RestoreEntry):
+        params = {n: [step, list(buffers)] for n, (step, buffers) in entry.params.items()}
+        meta = {
+            "kind": "restore",
+            "config": entry.config,
+            "rev": entry.rev,
+            "tensors": entry.tensors.to_json(),
+            "params": params,
+        }
+        return Record(meta, chunks(entry.tensors.data))
     return Record({"kind": "config", "config": entry.config, "rev": entry.rev})
 
 
@@ -120,4 +151,8 @@ def from_record(record: Record) -> Entry:
         return DeleteEntry(str(meta["name"]))
     if kind == "config":
         return ConfigEntry(dict(meta["config"]), str(meta["rev"]))
+    if kind == "restore":
+        params = {str(n): (int(step), tuple(str(b) for b in bufs)) for n, (step, bufs) in meta["params"].items()}
+        tensors = RawTensors.from_json(meta["tensors"], joined(record.data))
+        return RestoreEntry(dict(meta["config"]), str(meta["rev"]), tensors, params)
     raise ValueError(f"unknown log entry kind {kind!r}")

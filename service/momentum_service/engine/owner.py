@@ -43,7 +43,8 @@ from ..errors import (
 )
 from ..kernels.schedules import LRTable
 from ..store.base import Array, Journal, KeyRecord, Lease, new_token
-from .entries import ConfigEntry, DeleteEntry, Entry, PutEntry, StepEntry, from_record, to_record
+from .checkpoints import Checkpoint, Saved
+from .entries import ConfigEntry, DeleteEntry, Entry, PutEntry, RestoreEntry, StepEntry, from_record, to_record
 from .idempotency import Guard, Idempotency
 from .modes import Push, check_push, staleness
 from .results import StepPending, StepResult
@@ -235,7 +236,7 @@ class ModelOwner:
         state = self._live()
         assert self.writer is not None
         state.apply(entry)
-        config = (entry.config, entry.rev) if isinstance(entry, ConfigEntry) else None
+        config = (entry.config, entry.rev) if isinstance(entry, ConfigEntry | RestoreEntry) else None
         self.writer.add(state.seq, to_record(entry), None, config)
         await self.writer.wait(state.seq)
         return self._live()
@@ -260,14 +261,50 @@ class ModelOwner:
         schedule: Mapping[str, Any] | None,
         mode: Mapping[str, Any] | None,
         durability: Any = None,
+        groups: Any = None,
     ) -> ModelRecord:
         async with self._lock:
             current = self._live().config
             if "rule" in optimizer:
                 _check_same_rule(self.name, current, optimizer["rule"])
-            config = current.patched(optimizer, schedule, mode, durability)
+            config = current.patched(optimizer, schedule, mode, durability, groups)
             state = await self._change(ConfigEntry(config.to_dict(), new_token()))
             return state.record
+
+    async def checkpoint(self) -> Saved:
+        """The model's config and parameters as they are now (once as durable as the model asks)."""
+        state = await self._settled()
+        return Saved(state.config, dict(state.params))
+
+    async def restore(self, checkpoint: Checkpoint, *, only_create: bool) -> tuple[ModelRecord, bool]:
+        """Replace the model whole (config, values, state buffers, steps) by ``checkpoint``, or create it.
+
+        One log entry replaces an existing model, so a crash never leaves it half restored. A new
+        model is created first (with the checkpoint's config) and then restored: a crash between the
+        two leaves it without parameters, and the client's retry (PUT is idempotent) completes it.
+        The model's rule cannot change (:class:`RuleChange`, as for ``put_model``). Sync contributions
+        waiting for other workers are dropped: their workers hear a 409 and go on from the restored
+        steps.
+        """
+        async with self._lock:
+            self._check()
+            config = checkpoint.config
+            created = self.state is None
+            if created:
+                inc, rev = new_token(), new_token()
+                await self.journal.create(self._lease(), self.name, config.to_dict(), rev, inc)
+                self._install(ModelState(self.name, inc, rev, config), self._new_guard(inc))
+            elif only_create:
+                assert self.state is not None
+                raise ModelExists(self.name, self.state.config.to_dict())
+            else:
+                assert self.state is not None
+                _check_same_rule(self.name, self.state.config, config.rule.name)
+            entry = RestoreEntry(config.to_dict(), new_token(), checkpoint.tensors, dict(checkpoint.params))
+            state = await self._change(entry)
+            steps = {n: p.step for n, p in state.params.items()}
+            self.sync.fail(StaleGradient("the model was restored from a checkpoint; push from its steps", steps))
+            return state.record, created
 
     async def delete_model(self) -> None:
         async with self._lock:
@@ -341,12 +378,12 @@ class ModelOwner:
             current = {n: state.params[n].step for n in grads}
             check_push(self.name, state.config, current, push)
             config = state.config
-            lrs = {n: self.lr_table.lr(config.schedule, config.rule.lr, current[n]) for n in grads}
+            lrs = {n: self.lr_table.lr(config.schedule, config.rule_for(n).lr, current[n]) for n in grads}
             if sum(g.size for g in grads.values()) > _THREAD_THRESHOLD:
-                updated = await asyncio.to_thread(compute_step, config.rule, state.params, grads, lrs)
+                updated = await asyncio.to_thread(compute_step, config, state.params, grads, lrs)
                 state = self._live()  # the owner may have ended meanwhile
             else:
-                updated = compute_step(config.rule, state.params, grads, lrs)
+                updated = compute_step(config, state.params, grads, lrs)
             entry = StepEntry(
                 received if received is not None else RawTensors.pack(grads),
                 current,
@@ -439,12 +476,12 @@ class ModelOwner:
     ) -> tuple[int, dict[str, StepResult]]:
         means = self.sync.means(base, names, workers)
         config = state.config
-        lrs = {n: self.lr_table.lr(config.schedule, config.rule.lr, base) for n in names}
+        lrs = {n: self.lr_table.lr(config.schedule, config.rule_for(n).lr, base) for n in names}
         if sum(g.size for g in means.values()) > _THREAD_THRESHOLD:
-            updated = await asyncio.to_thread(compute_step, config.rule, state.params, means, lrs)
+            updated = await asyncio.to_thread(compute_step, config, state.params, means, lrs)
             state = self._live()
         else:
-            updated = compute_step(config.rule, state.params, means, lrs)
+            updated = compute_step(config, state.params, means, lrs)
         entry = StepEntry(RawTensors.pack(means), dict.fromkeys(names, base), lrs, sync=(base, tuple(range(workers))))
         state.apply(entry, updated)
         assert self.writer is not None
@@ -459,7 +496,7 @@ class ModelOwner:
         config = state.config
         out = {}
         for n in names:
-            p, lr = state.params[n], self.lr_table.lr(config.schedule, config.rule.lr, base)
+            p, lr = state.params[n], self.lr_table.lr(config.schedule, config.rule_for(n).lr, base)
             moved = None if p.step == base + 1 else p.step
             out[n] = StepResult(p.value, base + 1, lr, current_step=moved, staleness=0)
         return out

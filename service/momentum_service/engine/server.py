@@ -20,6 +20,7 @@ from ..config import ModelConfig
 from ..errors import Fenced, NotOwner
 from ..kernels.schedules import LRTable
 from ..store.base import Array, Holder, Journal
+from .checkpoints import Checkpoint, Saved
 from .cluster import Cluster, LeaseHandle
 from .idempotency import Idempotency
 from .modes import Push
@@ -212,15 +213,27 @@ class ParameterServer:
         schedule: Mapping[str, Any] | None = None,
         mode: Mapping[str, Any] | None = None,
         durability: Any = None,
+        groups: Any = None,
     ) -> ModelRecord:
-        """Change some hyperparameters, the schedule, the mode and/or the durability; from the next step."""
-        return await (await self.owner(model)).patch_model(optimizer, schedule, mode, durability)
+        """Change some hyperparameters, the schedule, the mode, the durability and/or the parameter groups;
+        from the next step."""
+        return await (await self.owner(model)).patch_model(optimizer, schedule, mode, durability, groups)
 
     async def get_model(self, model: str) -> tuple[ModelRecord, list[ParamMeta]]:
         return await (await self.owner(model)).get_model()
 
     async def list_params(self, model: str) -> list[ParamMeta]:
         return (await self.get_model(model))[1]
+
+    async def checkpoint(self, model: str) -> Saved:
+        """The model's config and every parameter's value, state buffers and step."""
+        return await (await self.owner(model)).checkpoint()
+
+    async def restore(
+        self, model: str, checkpoint: Checkpoint, *, only_create: bool = False
+    ) -> tuple[ModelRecord, bool]:
+        """Create the model from ``checkpoint``, or replace it whole (same rule only); True if created."""
+        return await (await self.owner(model)).restore(checkpoint, only_create=only_create)
 
     async def delete_model(self, model: str) -> None:
         await (await self.owner(model)).delete_model()

@@ -23,7 +23,7 @@ from ..config import ModelConfig
 from ..errors import NonFiniteResult, ParamNotFound, StoreError, TensorMismatch
 from ..kernels import Rule
 from ..store.base import Array
-from .entries import ConfigEntry, DeleteEntry, Entry, PutEntry, StepEntry
+from .entries import ConfigEntry, DeleteEntry, Entry, PutEntry, RestoreEntry, StepEntry
 
 __all__ = ["ModelRecord", "ModelState", "ParamMeta", "ParamRecord", "ParamState", "compute_step"]
 
@@ -74,12 +74,17 @@ class JournalCorrupt(StoreError):
 
 
 def compute_step(
-    rule: Rule, params: Mapping[str, ParamState], grads: Mapping[str, Array], lrs: Mapping[str, float]
+    rules: ModelConfig | Rule,
+    params: Mapping[str, ParamState],
+    grads: Mapping[str, Array],
+    lrs: Mapping[str, float],
 ) -> dict[str, ParamState]:
-    """The parameters' states after one update each; raises :class:`NonFiniteResult` (nothing changes)."""
+    """The parameters' states after one update each, each by its rule (its parameter group's, if any);
+    raises :class:`NonFiniteResult` (nothing changes)."""
     out = {}
     for name, grad in grads.items():
         p = params[name]
+        rule = rules.rule_for(name) if isinstance(rules, ModelConfig) else rules
         with np.errstate(over="ignore", invalid="ignore"):  # a non-finite result is refused just below
             value, state = rule.apply(p.value, p.state, grad, lrs[name])
         if not _finite(value) or not all(_finite(b) for b in state.values()):
@@ -156,6 +161,17 @@ class ModelState:
         elif isinstance(entry, ConfigEntry):
             self.config = ModelConfig.from_dict(entry.config)
             self.rev = entry.rev
+        elif isinstance(entry, RestoreEntry):
+            arrays = entry.tensors.arrays()
+            for a in arrays.values():
+                a.flags.writeable = False
+            self.config = ModelConfig.from_dict(entry.config)
+            self.rev = entry.rev
+            self.params = {
+                name: ParamState(arrays[name], {b: arrays[f"{name}@{b}"] for b in buffers}, step)
+                for name, (step, buffers) in entry.params.items()
+            }
+            self.synced.clear()
         self.seq += 1
 
     def replay(self, entry: Entry) -> None:
@@ -175,7 +191,7 @@ class ModelState:
                     f"but the parameter is at step {self.params[name].step}"
                 )
         try:
-            updated = compute_step(self.config.rule, self.params, grads, entry.lrs)
+            updated = compute_step(self.config, self.params, grads, entry.lrs)
         except NonFiniteResult as exc:
             raise JournalCorrupt(f"log entry {self.seq + 1} of model {self.name!r}: {exc}") from None
         self.apply(entry, updated)

@@ -182,6 +182,11 @@ class Journal(Protocol):
 
     # A model's durable record. Writes are fenced by the lease.
 
+    async def models(self, after: str, limit: int) -> list[str]:
+        """The names of the models that exist, in order, those after ``after`` (``""``: from the first), at
+        most ``limit``."""
+        ...
+
     async def load(self, model: str) -> Loaded | None:
         """The model's head, latest snapshot and log after it; None if the model does not exist."""
 

@@ -18,6 +18,12 @@ class MemoryJournal:
     kind = "memory"
     durable = False
 
+    def __init__(self) -> None:
+        self._names: set[str] = set()  # the models that exist (their state is their owners')
+
+    async def models(self, after: str, limit: int) -> list[str]:
+        return sorted(n for n in self._names if n > after)[:limit]
+
     async def ping(self) -> None:
         return None
 
@@ -43,13 +49,13 @@ class MemoryJournal:
         return None  # a model exists only as long as its owner, in this process
 
     async def create(self, lease: Lease, model: str, config: dict[str, Any], rev: str, inc: str) -> None:
-        return None
+        self._names.add(model)
 
     async def commit(self, lease: Lease, model: str, batch: Batch) -> None:
         return None
 
     async def delete(self, lease: Lease, model: str) -> None:
-        return None
+        self._names.discard(model)
 
     async def lookup(self, model: str, inc: str, key: str) -> KeyRecord | None:
         return None

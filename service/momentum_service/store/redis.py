@@ -165,6 +165,20 @@ class RedisJournal:
 
     # A model's record.
 
+    async def models(self, after: str, limit: int) -> list[str]:
+        # Every head, by SCAN (a cursor, not KEYS: Redis keeps serving others between the batches).
+        head = self.keys.model("\0")
+        before, after_name = head.split("{\0}")
+        pattern = f"{_glob_escape(before)}{{*}}{_glob_escape(after_name)}"
+        names = []
+        async with _guard():
+            async for key in self._redis.scan_iter(match=pattern, count=1000):
+                text = key.decode() if isinstance(key, bytes) else str(key)
+                name = text[len(before) + 1 : len(text) - len(after_name) - 1]
+                if name > after:
+                    names.append(name)
+        return sorted(names)[:limit]
+
     async def load(self, model: str) -> Loaded | None:
         k = self.keys
         async with _guard():
@@ -328,3 +342,8 @@ class RedisJournal:
             return None
         fp, _, summary = _text(raw).split("|", 2)
         return KeyRecord(key, fp, summary)
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` matched literally by a Redis glob pattern."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
