@@ -303,7 +303,7 @@ async def test_update_model_mode_fields(connect: Callable[..., tuple[Api, Server
     await api("update_model", "m", lr=0.2, schedule={"type": "constant"}, mode="async")
     assert body_of(server.requests[2]) == {"optimizer": {"lr": 0.2}, "schedule": {"type": "constant"}, "mode": "async"}
     with pytest.raises(
-        TypeError, match="at least one hyperparameter, a schedule, mode, workers, max_staleness or durability"
+        TypeError, match="at least one hyperparameter, a schedule, mode, workers, max_staleness, durability or groups"
     ):
         await api("update_model", "m", mode=None, workers=None)
     assert len(server.requests) == 3

@@ -39,7 +39,7 @@ from ._exceptions import (
     UnexpectedResponse,
     UnsupportedMediaType,
 )
-from ._models import RULES, ModelInfo, OptimizerConfig, OptimizerUpdate, ParamInfo, ParamState, StepResult
+from ._models import RULES, ModelInfo, ModelSummary, OptimizerConfig, OptimizerUpdate, ParamInfo, ParamState, StepResult
 from ._steps import StepOptions
 from ._version import __version__
 
@@ -50,6 +50,7 @@ __all__ = [
     "AsyncClient",
     # results
     "ModelInfo",
+    "ModelSummary",
     "OptimizerConfig",
     "OptimizerUpdate",
     "StepOptions",

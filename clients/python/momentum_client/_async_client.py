@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Self, TypeVar, Unpack
+from typing import Any, BinaryIO, Self, TypeVar, Unpack
 
 import httpx
 import numpy.typing as npt
 
 from . import _flows, _steps
 from ._exceptions import RequestTimeout, TransportError
+from ._files import read_checkpoint, write_checkpoint
 from ._flow import Flow, Request, Response, Sleep
-from ._models import ModelInfo, OptimizerConfig, OptimizerUpdate, ParamState, StepResult
+from ._models import ModelInfo, ModelSummary, OptimizerConfig, OptimizerUpdate, ParamState, StepResult
 from ._requests import DEFAULT_HEADERS, WIRES, Durability, Wire, auth_headers, normalize_base_url
 from ._retry import DEFAULT_MAX_RETRIES, DEFAULT_SYNC_WAIT, RetryPolicy, check_retry_settings
 from ._steps import DTypes, SeenSteps, StepBack, StepOptions
@@ -106,6 +108,7 @@ class AsyncClient:
         workers: int | None = None,
         max_staleness: int | None = None,
         durability: Durability | None = None,
+        groups: Sequence[Mapping[str, Any]] | None = None,
         exist_ok: bool = False,
     ) -> ModelInfo:
         """Create the model; an existing model is never changed.
@@ -125,11 +128,13 @@ class AsyncClient:
         steps stale). ``durability`` says when a step is acknowledged with Redis: ``"step"`` (the
         default: once its log entry is in Redis) or ``{"flush_ms": N}`` (from the owner's memory, the
         log in Redis within N ms; a crash of the owner loses at most its last N ms of steps, which
-        the workers hear as :class:`StepWentBack`).
+        the workers hear as :class:`StepWentBack`). ``groups`` gives some parameters their own
+        hyperparameters, as torch's parameter groups: ``[{"params": ["*.bias"], "weight_decay": 0.0}]``
+        (names or fnmatch patterns; a parameter takes the first group naming it, else the model's).
         """
         config = OptimizerConfig(lr, momentum, dampening, nesterov, weight_decay, maximize, rule)
         info = await self._run(
-            _flows.create_model(model, config, schedule, mode, workers, max_staleness, exist_ok, durability)
+            _flows.create_model(model, config, schedule, mode, workers, max_staleness, exist_ok, durability, groups)
         )
         self._seen.forget(model)
         return info
@@ -150,11 +155,14 @@ class AsyncClient:
         workers: int | None = None,
         max_staleness: int | None = None,
         durability: Durability | None = None,
+        groups: Sequence[Mapping[str, Any]] | None = None,
     ) -> ModelInfo:
         """Replace the model's whole config (or create the model); its parameters are kept, its rule
         cannot change. Fields left out take their defaults: to change a few, use :meth:`update_model`."""
         config = OptimizerConfig(lr, momentum, dampening, nesterov, weight_decay, maximize, rule)
-        return await self._run(_flows.replace_model(model, config, schedule, mode, workers, max_staleness, durability))
+        return await self._run(
+            _flows.replace_model(model, config, schedule, mode, workers, max_staleness, durability, groups)
+        )
 
     async def update_model(
         self,
@@ -165,18 +173,49 @@ class AsyncClient:
         workers: int | None = None,
         max_staleness: int | None = None,
         durability: Durability | None = None,
+        groups: Sequence[Mapping[str, Any]] | Mapping[str, Mapping[str, Any]] | None = None,
         **hyperparameters: Unpack[OptimizerUpdate],
     ) -> ModelInfo:
-        """Change some hyperparameters, replace the schedule, change the mode and/or the durability; they apply
-        from the next step.
+        """Change some hyperparameters, replace the schedule, change the mode, the durability and/or the
+        parameter groups; they apply from the next step.
 
         A new ``lr`` rescales the schedule. A new ``mode`` replaces the mode with its fields;
-        ``workers`` or ``max_staleness`` alone change the current mode's. Unknown names raise
-        ``TypeError`` listing the valid ones, as does giving nothing to change.
+        ``workers`` or ``max_staleness`` alone change the current mode's. ``groups`` as a list replaces the
+        groups; as a dict ``{group name: changes}`` it changes those groups (``{"1": {"lr": 0.01}}``).
+        Unknown names raise ``TypeError`` listing the valid ones, as does giving nothing to change.
         """
         return await self._run(
-            _flows.update_model(model, hyperparameters, schedule, mode, workers, max_staleness, durability)
+            _flows.update_model(model, hyperparameters, schedule, mode, workers, max_staleness, durability, groups)
         )
+
+    async def list_models(self, *, page_size: int = 100) -> list[ModelSummary]:
+        """Every model this client's key may read, in name order, with its rule, parameter count and steps
+        (fetched ``page_size`` at a time)."""
+        return await self._run(_flows.list_models(page_size))
+
+    async def save_checkpoint(
+        self, model: str, file: str | os.PathLike[str] | BinaryIO | None = None
+    ) -> memoryview | None:
+        """Save the model whole (values, every state buffer, each parameter's step, the config) as one
+        safetensors file: written to ``file`` (a path, replaced atomically, or a binary file), or returned
+        without one (a bytes-like view of the response).
+
+        :meth:`load_checkpoint` restores it; :mod:`momentum_client.torch` converts it to and from torch's
+        ``state_dict`` pair.
+        """
+        content = await self._run(_flows.save_checkpoint(model))
+        return write_checkpoint(content, file)
+
+    async def load_checkpoint(
+        self, model: str, file: str | os.PathLike[str] | BinaryIO | bytes | memoryview, *, replace: bool = True
+    ) -> ModelInfo:
+        """Restore a checkpoint file (a path, a binary file or the bytes) as ``model``: created, or replaced
+        whole (values, state, steps and config; the rule cannot change). ``replace=False`` only creates:
+        :class:`ModelExists` if the model exists. Training on from it gives, bitwise, what the saved model
+        would have given."""
+        info = await self._run(_flows.load_checkpoint(model, read_checkpoint(file), replace))
+        self._seen.forget(model)
+        return info
 
     async def get_model(self, model: str) -> ModelInfo:
         """The model's optimizer configuration and parameter metadata."""

@@ -4,23 +4,35 @@ the health probes. Each is a generator run by a client (see ``_flow``)."""
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import numpy.typing as npt
 
 from . import _safetensors
 from ._errors import error_from_response, raise_for_status, unexpected
 from ._exceptions import ModelConfigWarning, ModelExists, PreconditionFailed
-from ._flow import Flow, Request, Response, send
-from ._models import HYPERPARAMETERS, ModelInfo, OptimizerConfig, ParamState
-from ._parse import expect_bool, expect_int, expect_object, expect_str, parse, parse_entries, parse_model
+from ._flow import Buffer, Flow, Request, Response, send
+from ._models import HYPERPARAMETERS, ModelInfo, ModelSummary, OptimizerConfig, ParamState
+from ._parse import (
+    expect_bool,
+    expect_int,
+    expect_object,
+    expect_str,
+    parse,
+    parse_entries,
+    parse_model,
+    parse_model_page,
+)
 from ._requests import (
     BINARY_ACCEPT,
     NEUTRAL,
     Durability,
     Wire,
+    as_index,
     durability_json,
+    groups_json,
     json_request,
     mode_json,
     model_body,
@@ -31,7 +43,7 @@ from ._requests import (
     segment,
     tensor_request,
 )
-from ._tensors import Array, decode_tensor
+from ._tensors import SAFETENSORS, Array, decode_tensor
 
 # -- models ----------------------------------------------------------------------------------
 
@@ -61,6 +73,13 @@ def config_differences(requested: Mapping[str, Any], existing: Mapping[str, Any]
             out.append(f"{key}: asked {asked!r}, the model has {existing.get(key)!r}")
     if "durability" in requested and requested["durability"] != existing.get("durability", "step"):
         out.append(f"durability: asked {requested['durability']!r}, the model has {existing.get('durability')!r}")
+    if "groups" in requested:
+        asked_groups, have_groups = list(requested["groups"]), list(existing.get("groups") or [])
+        if len(asked_groups) != len(have_groups) or any(
+            {**{k: h.get(k) for k in a}, "name": h.get("name")} != {"name": str(i), **a}
+            for i, (a, h) in enumerate(zip(asked_groups, have_groups, strict=True))
+        ):
+            out.append(f"groups: asked {asked_groups!r}, the model has {have_groups!r}")
     return out
 
 
@@ -73,13 +92,14 @@ def create_model(
     max_staleness: int | None = None,
     exist_ok: bool = False,
     durability: Durability | None = None,
+    groups: Sequence[Mapping[str, Any]] | None = None,
 ) -> Flow[ModelInfo]:
     """PUT the model with ``If-None-Match: *``: create it, never change an existing one.
 
     An existing model raises :class:`ModelExists`, or with ``exist_ok`` is returned as it is
     (a :class:`ModelConfigWarning` lists how its config differs from the one asked for).
     """
-    body = model_body(config, schedule, mode, workers, max_staleness, durability)
+    body = model_body(config, schedule, mode, workers, max_staleness, durability, groups)
     response = yield from send(json_request("PUT", model_path(model), body, {"If-None-Match": "*"}))
     if response.status == 412 and exist_ok:
         error = error_from_response(response)
@@ -105,11 +125,11 @@ def replace_model(
     workers: int | None = None,
     max_staleness: int | None = None,
     durability: Durability | None = None,
+    groups: Sequence[Mapping[str, Any]] | None = None,
 ) -> Flow[ModelInfo]:
     """PUT the model's whole config (created if it does not exist; parameters are kept; same rule only)."""
-    response = yield from send(
-        json_request("PUT", model_path(model), model_body(config, schedule, mode, workers, max_staleness, durability))
-    )
+    body = model_body(config, schedule, mode, workers, max_staleness, durability, groups)
+    response = yield from send(json_request("PUT", model_path(model), body))
     return parse(response, parse_model)
 
 
@@ -121,8 +141,10 @@ def update_model(
     workers: int | None = None,
     max_staleness: int | None = None,
     durability: Durability | None = None,
+    groups: Sequence[Mapping[str, Any]] | Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Flow[ModelInfo]:
-    """PATCH some hyperparameters, the schedule and/or mode fields; unknown names raise ``TypeError`` before sending."""
+    """PATCH some hyperparameters, the schedule, mode fields, durability and/or groups; unknown names raise
+    ``TypeError`` before sending."""
     unknown = [key for key in hyperparameters if key not in HYPERPARAMETERS]
     if unknown:
         raise TypeError(
@@ -130,9 +152,10 @@ def update_model(
             f"valid names are {', '.join(HYPERPARAMETERS)}"
         )
     mode_fields = mode_json(mode, workers, max_staleness)
-    if not hyperparameters and schedule is None and not mode_fields and durability is None:
+    if not hyperparameters and schedule is None and not mode_fields and durability is None and groups is None:
         raise TypeError(
-            "update_model() needs at least one hyperparameter, a schedule, mode, workers, max_staleness or durability"
+            "update_model() needs at least one hyperparameter, a schedule, mode, workers, max_staleness, durability "
+            "or groups"
         )
     body: dict[str, Any] = {}
     if hyperparameters:
@@ -142,7 +165,42 @@ def update_model(
     body.update(mode_fields)
     if durability is not None:
         body["durability"] = durability_json(durability)
+    if groups is not None:
+        body["groups"] = groups_json(groups)
     response = yield from send(json_request("PATCH", model_path(model), body))
+    return parse(response, parse_model)
+
+
+def list_models(page_size: int = 100) -> Flow[list[ModelSummary]]:
+    """GET every page of the model list (those the client's key may read), in name order."""
+    limit = as_index(page_size, "page_size")
+    if not 1 <= limit <= 1000:
+        raise ValueError(f"page_size must be from 1 to 1000, got {page_size!r}")
+    models: list[ModelSummary] = []
+    after: str | None = None
+    while True:
+        params = {"limit": str(limit)} | ({"after": after} if after is not None else {})
+        response = yield from send(Request("GET", "/v1/models", params=params))
+        page, after = parse(response, parse_model_page)
+        models += page
+        if after is None:
+            return models
+
+
+def save_checkpoint(model: str) -> Flow[memoryview]:
+    """GET the model's checkpoint file (safetensors: values, state buffers, steps and config)."""
+    response = yield from send(Request("GET", model_path(model) + "/checkpoint", headers={"Accept": SAFETENSORS}))
+    raise_for_status(response)
+    if response.headers.get("content-type", "").split(";")[0].strip() != SAFETENSORS:
+        raise unexpected(response, "expected a safetensors checkpoint file")
+    content = response.content
+    return (content.data if isinstance(content, np.ndarray) else memoryview(content)).cast("B")
+
+
+def load_checkpoint(model: str, content: Buffer, replace: bool) -> Flow[ModelInfo]:
+    """PUT a checkpoint file: create the model from it, or (``replace``) replace the model whole."""
+    headers = {"Content-Type": SAFETENSORS} | ({} if replace else {"If-None-Match": "*"})
+    response = yield from send(Request("PUT", model_path(model) + "/checkpoint", headers=headers, content=(content,)))
     return parse(response, parse_model)
 
 

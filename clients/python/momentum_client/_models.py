@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
@@ -82,6 +82,22 @@ class ModelInfo:
     durability: str | Mapping[str, int] = "step"
     """When a step is acknowledged: ``"step"`` (once its log entry is in Redis) or ``{"flush_ms": N}``
     (from the owner's memory, written to Redis within N ms)."""
+    groups: Sequence[Mapping[str, Any]] = ()
+    """Parameter groups, as the API writes them: ``{"name", "params", <hyperparameters>}`` each
+    (a parameter takes the first group that names or matches it, else ``optimizer``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSummary:
+    """A model as :meth:`Client.list_models` lists it."""
+
+    name: str
+    rule: str
+    mode: str
+    params: int
+    """The number of parameters."""
+    steps: int
+    """The largest step count of its parameters (0 without parameters)."""
 
 
 @dataclass(frozen=True, slots=True, eq=False)

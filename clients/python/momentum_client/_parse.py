@@ -10,7 +10,7 @@ from typing import Any, TypeAlias, TypeVar
 from . import _safetensors
 from ._errors import raise_for_status, unexpected
 from ._flow import Response
-from ._models import ModelInfo, OptimizerConfig, ParamInfo
+from ._models import ModelInfo, ModelSummary, OptimizerConfig, ParamInfo
 from ._tensors import DTYPES, SAFETENSORS, Array, decode_tensor, loads
 
 T = TypeVar("T")
@@ -83,7 +83,27 @@ def parse_model(body: Any) -> ModelInfo:
         workers=expect_optional_int(body.get("workers")),
         max_staleness=expect_optional_int(body.get("max_staleness")),
         durability=_durability_of(body.get("durability", "step")),
+        groups=tuple(expect_object(g) for g in body.get("groups") or ()),
     )
+
+
+def parse_model_page(body: Any) -> tuple[list[ModelSummary], str | None]:
+    """The models of one page of ``GET /v1/models``, and the cursor of the next page (None on the last)."""
+    body = expect_object(body)
+    models = []
+    for raw in body["models"]:
+        m = expect_object(raw)
+        models.append(
+            ModelSummary(
+                expect_str(m["name"]),
+                expect_str(m["rule"]),
+                expect_str(m["mode"]),
+                expect_int(m["params"]),
+                expect_int(m["steps"]),
+            )
+        )
+    after = body.get("next")
+    return models, None if after is None else expect_str(after)
 
 
 def _durability_of(value: Any) -> str | dict[str, int]:

@@ -8,7 +8,7 @@ import numbers
 import operator
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict
 from typing import Any, Literal, TypeAlias
 from urllib.parse import quote
@@ -189,8 +189,10 @@ def model_body(
     workers: int | None,
     max_staleness: int | None,
     durability: Durability | None = None,
+    groups: Sequence[Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """A model config body; ``mode`` is sent unless it is the default, async; ``durability`` if given."""
+    """A model config body; ``mode`` is sent unless it is the default, async; ``durability`` and ``groups``
+    if given."""
     fields = {k: v for k, v in asdict(config).items() if k not in NEUTRAL or v != NEUTRAL[k]}
     body: dict[str, Any] = {"optimizer": optimizer_json(fields)}
     if schedule is not None:
@@ -200,4 +202,29 @@ def model_body(
     body.update(mode_json(None if mode == "async" else mode, workers, max_staleness))
     if durability is not None:
         body["durability"] = durability_json(durability)
+    if groups is not None:
+        body["groups"] = groups_json(groups)
     return body
+
+
+def groups_json(groups: Any) -> Any:
+    """Parameter groups as the API takes them: a list of ``{"params": [...], <hyperparameters>}`` (or, for
+    :meth:`update_model`, ``{group name: changes}``)."""
+    if isinstance(groups, Mapping):
+        return {str(name): _group(change, f"groups[{name!r}]") for name, change in groups.items()}
+    if isinstance(groups, str | bytes) or not isinstance(groups, Sequence):
+        raise TypeError(f"groups must be a list of dicts (or a dict of changes by group name), got {groups!r}")
+    return [_group(g, f"groups[{i}]") for i, g in enumerate(groups)]
+
+
+def _group(group: Mapping[str, Any], what: str) -> dict[str, Any]:
+    if not isinstance(group, Mapping):
+        raise TypeError(f"{what} must be a dict of params and hyperparameters, got {group!r}")
+    out = dict(group)
+    if "params" in out:
+        params = out["params"]
+        if isinstance(params, str) or not isinstance(params, Iterable):
+            raise TypeError(f"{what}['params'] must be a list of parameter names or patterns, got {params!r}")
+        out["params"] = [str(p) for p in params]
+    hyper = {k: v for k, v in out.items() if k not in ("params", "name")}
+    return {**{k: out[k] for k in ("name", "params") if k in out}, **optimizer_json(hyper)}
