@@ -4,6 +4,7 @@ and ``AsyncClient`` over ``httpx.ASGITransport``, with the in-memory store."""
 from __future__ import annotations
 
 import asyncio
+import io
 import warnings
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
@@ -300,3 +301,58 @@ async def test_a_push_with_a_base_step_reports_its_staleness(connect: Connect) -
     with pytest.raises(mc.Conflict) as ahead:
         await api("step", "m", {"w": np.ones(2, np.float32)}, base_step=9)
     assert ahead.value.code == "stale-gradient"
+
+
+async def test_groups_checkpoints_and_the_model_list_through_the_sdk(connect: Connect, tmp_path: Any) -> None:
+    api = connect()
+    groups = [{"params": ["*.bias"], "weight_decay": 0.0, "lr": 0.05}]
+    info = await api("create_model", "net", lr=0.1, momentum=0.9, weight_decay=0.01, groups=groups)
+    assert info.groups == ({"name": "0", "params": ["*.bias"], "weight_decay": 0.0, "lr": 0.05},)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        await api("create_model", "net", lr=0.1, momentum=0.9, weight_decay=0.01, groups=groups, exist_ok=True)
+        assert not caught  # the same groups: no warning
+        await api("create_model", "net", lr=0.1, momentum=0.9, weight_decay=0.01, exist_ok=True, groups=[])
+        assert any(issubclass(w.category, mc.ModelConfigWarning) and "groups" in str(w.message) for w in caught)
+    values = {"fc.weight": np.ones((2, 2), np.float32), "fc.bias": np.ones(2, np.float32)}
+    await api("init_params", "net", values)
+    results = await api("step_results", "net", {n: np.ones_like(v) for n, v in values.items()})
+    assert results["fc.bias"].lr == 0.05 and results["fc.weight"].lr == 0.1
+    # weight decay 0.01 on the weight only (momentum's first step: the buffer is the gradient)
+    assert results["fc.weight"].value[0, 0] == np.float32(1) - np.float32(0.1) * np.float32(1.01)
+    assert results["fc.bias"].value[0] == np.float32(1) - np.float32(0.05)
+    info = await api("update_model", "net", groups={"0": {"lr": 0.5}})
+    assert info.groups[0]["lr"] == 0.5
+
+    # Checkpoints: to a path, a file and bytes; restored bitwise, steps and velocities included.
+    path = tmp_path / "net.safetensors"
+    assert await api("save_checkpoint", "net", path) is None
+    saved = bytes(await api("save_checkpoint", "net"))
+    assert path.read_bytes() == saved
+    buffer = io.BytesIO()
+    await api("save_checkpoint", "net", buffer)
+    assert buffer.getvalue() == saved
+    before = await api("get_param_state", "net", "fc.weight")
+    await api("step", "net", {n: np.ones_like(v) for n, v in values.items()})
+    await api("delete_model", "net")
+    info = await api("load_checkpoint", "net", path)
+    assert {n: p.step for n, p in info.params.items()} == {"fc.weight": 1, "fc.bias": 1}
+    assert info.groups[0]["lr"] == 0.5
+    after = await api("get_param_state", "net", "fc.weight")
+    assert after.value.tobytes() == before.value.tobytes() and after.velocity.tobytes() == before.velocity.tobytes()
+    with pytest.raises(mc.ModelExists):
+        await api("load_checkpoint", "net", saved, replace=False)
+    await api("load_checkpoint", "copy", memoryview(saved), replace=False)
+    with pytest.raises(mc.InvalidRequest, match="format"):
+        await api("load_checkpoint", "bad", b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    with pytest.raises(mc.NotFound):
+        await api("save_checkpoint", "nope")
+
+    # The list: every model, in name order, across pages.
+    for name in ("a", "b", "c"):
+        await api("create_model", name, lr=0.1, rule="keras")
+    listed = await api("list_models", page_size=2)
+    assert [m.name for m in listed] == ["a", "b", "c", "copy", "net"]
+    assert listed[-1] == mc.ModelSummary("net", "pytorch", "async", 2, 1)
+    with pytest.raises(ValueError, match="page_size"):
+        await api("list_models", page_size=0)

@@ -1,4 +1,4 @@
-"""Command line: ``momentum-service serve`` and ``momentum-service keys create``."""
+"""Command line: ``momentum-service serve``, ``keys create`` and ``checkpoint save|load|list``."""
 
 from __future__ import annotations
 
@@ -37,11 +37,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         required=True,
         help="read:PATTERN, write:PATTERN or admin:PATTERN (a glob over model names); repeatable",
     )
+    ckpt = sub.add_parser(
+        "checkpoint", help="save, restore or list models over the HTTP API (for operators; uses the SDK)"
+    ).add_subparsers(dest="checkpoint_command", required=True)
+    for name, text in (
+        ("save", "write a model's checkpoint (values, state, steps, config) to a safetensors file"),
+        ("load", "restore a checkpoint file as a model: created, or replaced whole (--no-replace: only create)"),
+        ("list", "list the models the key may read"),
+    ):
+        cmd = ckpt.add_parser(name, help=text)
+        cmd.add_argument("--url", default=None, help="server URL (env MOMENTUM_URL, default http://127.0.0.1:8000)")
+        cmd.add_argument("--api-key", default=None, help="API key (env MOMENTUM_API_KEY)")
+        if name != "list":
+            cmd.add_argument("model", help="model name")
+            cmd.add_argument("file", help="checkpoint file (.safetensors)")
+        if name == "load":
+            cmd.add_argument("--no-replace", action="store_true", help="only create: fail if the model exists")
     args = parser.parse_args(argv)
     if args.command == "serve":
         return _serve(args)
     if args.command == "keys":
         return _keys_create(args.scope)
+    if args.command == "checkpoint":
+        return _checkpoint(args)
     return 2  # pragma: no cover - argparse enforces the subcommand
 
 
@@ -56,6 +74,31 @@ def _keys_create(scopes: list[str]) -> int:
     key = new_key()
     print(key)
     print(ApiKey(hash_key(key), parsed, "new").line())
+    return 0
+
+
+def _checkpoint(args: argparse.Namespace) -> int:
+    import os
+
+    import momentum_client as mc
+
+    url = args.url or os.environ.get("MOMENTUM_URL") or "http://127.0.0.1:8000"
+    try:
+        with mc.Client(url, api_key=args.api_key) as client:
+            if args.checkpoint_command == "save":
+                client.save_checkpoint(args.model, args.file)
+                info = client.get_model(args.model)
+                print(f"saved model {args.model!r} ({len(info.params)} parameters) to {args.file}")
+            elif args.checkpoint_command == "load":
+                info = client.load_checkpoint(args.model, args.file, replace=not args.no_replace)
+                steps = max((p.step for p in info.params.values()), default=0)
+                print(f"restored model {args.model!r} from {args.file}: {len(info.params)} parameters, step {steps}")
+            else:
+                for m in client.list_models():
+                    print(f"{m.name}\t{m.rule}\t{m.mode}\t{m.params} params\tstep {m.steps}")
+    except (mc.MomentumError, OSError) as exc:
+        print(f"momentum-service checkpoint {args.checkpoint_command}: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
