@@ -285,3 +285,25 @@ async def test_the_model_list_shows_only_what_the_key_may_read() -> None:
         r = await api.get("/v1/models", headers=root)
         assert [m["name"] for m in r.json()["models"]] == ["other-b", "own-a", "own-c"]
         assert_problem(await api.get("/v1/models"), 401)
+
+
+def test_a_checkpoint_streams_both_ways_without_a_second_copy() -> None:
+    """Saving hands the parameters' own arrays to the response; restoring keeps the body's bytes as the
+    tensors (the restore entry's tensors are a view of the request body, not a copy)."""
+    from momentum_service.api.codecs import Limits
+    from momentum_service.api.codecs.checkpoint import decode, encode_checkpoint
+    from momentum_service.config import ModelConfig
+    from momentum_service.engine.checkpoints import Saved
+    from momentum_service.engine.state import ParamState
+
+    value, velocity = np.arange(1 << 16, dtype=np.float32), np.ones(1 << 16, np.float32)
+    saved = Saved(ModelConfig.from_dict(GOOD_CONFIG), {"w": ParamState(value, {"velocity": velocity}, 5)})
+    encoded = encode_checkpoint("m", saved)
+    parts = [np.frombuffer(p, np.uint8) for p in encoded.parts]
+    assert any(np.shares_memory(p, value) for p in parts) and any(np.shares_memory(p, velocity) for p in parts)
+    body = np.frombuffer(b"".join(bytes(p) for p in encoded.parts), np.uint8)
+    checkpoint = decode(memoryview(body.data), Limits())
+    assert np.shares_memory(np.frombuffer(checkpoint.tensors.data, np.uint8), body)
+    restored = checkpoint.tensors.arrays()
+    assert np.shares_memory(restored["w"], body) and restored["w"].tobytes() == value.tobytes()
+    assert checkpoint.params == {"w": (5, ("velocity",))}
