@@ -14,7 +14,8 @@
 - **Redis SIGKILLed and restarted from its AOF** (``appendfsync always``) under load: nothing
   acknowledged is lost, none twice, and the same server processes serve on without a restart.
 - **Models spread over the replicas:** 30 models created through one replica are owned by all
-  three, and every replica answers for every model.
+  three, every replica answers for every model, and every replica lists them all (each summary
+  from the model's owner).
 """
 
 from __future__ import annotations
@@ -255,6 +256,12 @@ def test_models_created_through_one_replica_are_spread_over_all(redis_server: Re
                 assert r.status_code == 200 and r.json()["params"]["w"]["data"] == [0.5, 0.5], r.text
                 forwarded = owners[name] != url
                 assert (r.headers.get("momentum-owner") == owners[name]) == forwarded, (r.headers, owners[name])
+            for server in servers:  # every replica lists every model, summarised by its owner
+                r = client.get(f"{server.url}/v1/models", params={"limit": 1000})
+                assert r.status_code == 200, r.text
+                listed = r.json()["models"]
+                assert [m["name"] for m in listed] == sorted(names)
+                assert all(m["params"] == 1 and m["steps"] == 1 for m in listed), listed
     finally:
         stop_all(servers)
 
