@@ -90,6 +90,12 @@ class FakeJournal:
         cur = self.leases.get(lease.model)
         return cur is None or cur.fence != lease.fence
 
+    async def append_points(self, model: str, inc: str, points: Sequence[bytes], cap: int) -> None:
+        return None
+
+    async def load_points(self, model: str, inc: str, cap: int) -> list[bytes]:
+        return []
+
     async def models(self, after: str, limit: int) -> list[str]:
         return sorted(n for n in self.models if n > after)[:limit]
 

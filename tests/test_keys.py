@@ -10,7 +10,9 @@ from momentum_service.api.schemas import MODEL_NAME_PATTERN
 from momentum_service.store.keys import Keys
 
 # Model names (the API's pattern), biased towards what looks like key parts.
-_PART = st.sampled_from(["m", "i", "log", "snap", "stage", "idem", "-exp", "meta", "1", ".", "_", "-", "model"])
+_PART = st.sampled_from(
+    ["m", "i", "log", "snap", "stage", "idem", "-exp", "meta", "points", "1", ".", "_", "-", "model"]
+)
 MODELS = st.lists(_PART, min_size=1, max_size=5).map("".join).filter(lambda s: re.fullmatch(MODEL_NAME_PATTERN, s))
 INCS = st.sampled_from(["0a1b", "ffee", "1"])
 NUMS = st.integers(0, 30)
@@ -24,6 +26,7 @@ KEY = st.one_of(
     st.tuples(st.just("snap"), MODELS, INCS, NUMS, NUMS, NUMS),
     st.tuples(st.just("idem"), MODELS, INCS),
     st.tuples(st.just("idem-exp"), MODELS, INCS),
+    st.tuples(st.just("points"), MODELS, INCS),
     st.tuples(st.just("replicas")),
     st.tuples(st.just("replica-urls")),
 )
@@ -41,6 +44,7 @@ def build(spec: tuple[object, ...]) -> str:
         "snap": keys.snap,
         "idem": keys.idempotency,
         "idem-exp": keys.idempotency_expiry,
+        "points": keys.points,
         "replicas": keys.replicas,
         "replica-urls": keys.replica_urls,
     }[str(kind)](*args)

@@ -64,6 +64,13 @@ class Settings(BaseSettings):
         description="A model not used for this long is handed back by its owner (its log written, its lease "
         "released, its memory freed); the next request takes it again on any replica. Not with the embedded store.",
     )
+    series_points: int = Field(
+        default=10_000,
+        ge=1,
+        le=1_000_000,
+        description="Points of a model's training series kept (one per applied push, with the scalars its worker "
+        "sent: GET /v1/models/{model}/metrics); the oldest are dropped.",
+    )
     snapshot_log_ratio: float = Field(
         default=4.0,
         gt=0,

@@ -4,6 +4,7 @@ check that a model's steps did not go back (:class:`SeenSteps`), and the step fl
 
 from __future__ import annotations
 
+import math
 import re
 import threading
 import uuid
@@ -38,14 +39,17 @@ class StepOptions(TypedDict, total=False):
     gradients were computed from (required in ``bounded`` and ``sync`` mode); ``worker_id``: this
     worker's id (``sync`` mode). ``idempotency_key``: the key to send (1 to 255 visible ASCII
     characters), by default a fresh one per call; pass the same key to re-send a step whose
-    outcome you do not know (after an exception), with the same arguments. ``None`` is the same
-    as leaving an option out.
+    outcome you do not know (after an exception), with the same arguments. ``metrics``
+    (``{"loss": 0.31}``): training scalars kept with the push in the model's series (``GET
+    /v1/models/{model}/metrics``, the dashboard's curves); at most 32, finite numbers. ``None`` is
+    the same as leaving an option out.
     """
 
     expected_steps: Mapping[str, int] | None
     worker_id: int | None
     base_step: int | None
     idempotency_key: str | None
+    metrics: Mapping[str, float] | None
 
 
 def check_options(method: str, options: Mapping[str, object]) -> None:
@@ -69,6 +73,21 @@ def idempotency_key(key: str | None) -> str:
     return key
 
 
+def metrics_json(metrics: Mapping[str, float]) -> dict[str, float]:
+    """Training scalars as JSON numbers (numpy and torch scalars too); ``ValueError`` for a non-finite one."""
+    if not isinstance(metrics, Mapping):
+        raise TypeError(f"metrics must be a mapping {{name: number}}, got {metrics!r}")
+    out = {}
+    for name, value in metrics.items():
+        if not isinstance(name, str):
+            raise TypeError(f"metrics names must be str, got {name!r}")
+        number = float(value)
+        if not math.isfinite(number):
+            raise ValueError(f"metrics[{name!r}] must be finite, got {value!r}")
+        out[name] = number
+    return out
+
+
 def _step_request(
     model: str, gradients: Mapping[str, npt.ArrayLike], return_params: bool, options: StepOptions, wire: Wire
 ) -> Request:
@@ -86,6 +105,9 @@ def _step_request(
     base_step = options.get("base_step")
     if base_step is not None:
         body["base_step"] = as_index(base_step, "base_step")
+    metrics = options.get("metrics")
+    if metrics is not None:
+        body["metrics"] = metrics_json(metrics)
     key = options.get("idempotency_key")
     headers = {"Idempotency-Key": idempotency_key(key)}
     if key is None:

@@ -33,6 +33,7 @@ from .forward import Forwarder, hops, model_of
 from .listing import router as listing_router
 from .routes import BODY_MODELS, health, router
 from .schemas import ProblemDetails
+from .series import router as series_router
 from .step import serve_step
 
 log = logging.getLogger("momentum_service")
@@ -77,6 +78,7 @@ def make_server(journal: Journal, settings: Settings) -> ParameterServer:
         snapshots=SnapshotPolicy(ratio=settings.snapshot_log_ratio),
         max_pending_bytes=settings.flush_max_pending_bytes,
         idle_s=settings.owner_idle_s,
+        series_points=settings.series_points,
     )
     return ParameterServer(journal, url=advertised_url(settings), lease_ms=settings.lease_ms, options=options)
 
@@ -197,6 +199,7 @@ def create_app(settings: Settings | None = None, *, journal: Journal | None = No
     app.include_router(listing_router)
     app.include_router(router)
     app.include_router(checkpoints_router)
+    app.include_router(series_router)
     _document_bodies(app)
     return app
 

@@ -24,6 +24,8 @@ PATTERN_HELP = {
     "starting with a letter, digit or '_')",
     "include": "'state' and/or 'velocity', comma-separated",
     "If-None-Match": "'*' (create only)",
+    "metric": "1 to 64 letters, digits, '.', '_', ':', '/' or '-', starting with a letter or '_'",
+    "group": "1 to 128 letters, digits, '.', '_', ':' or '-', starting with a letter, digit or '_'",
 }
 
 _TYPE_NAMES = {
@@ -139,7 +141,9 @@ def message(error: Mapping[str, Any], loc: list[Any], model: type[BaseModel] | N
         return f"{field} must be a JSON object whose rule is {_RULES} (default pytorch), got {shown(value)}"
     if kind == "string_pattern_mismatch" and error.get("loc", ())[-1:] == ("[key]",):
         where = _path([p for p in loc[:-1] if p != "body"]) or "the body"
-        return f"{where} has an invalid parameter name {shown(value)}: a name is {PATTERN_HELP['name']}"
+        what = {"metrics": "metric", "groups": "group"}.get(str(loc[-2]) if len(loc) > 1 else "", "name")
+        noun = "parameter" if what == "name" else what
+        return f"{where} has an invalid {noun} name {shown(value)}: a name is {PATTERN_HELP[what]}"
     if kind == "string_pattern_mismatch":
         return f"{field} must be {PATTERN_HELP.get(name, 'of the documented form')}, got {shown(value)}"
     if kind in ("too_short", "too_long"):

@@ -378,6 +378,11 @@ class ParamsPut(_Strict):
     params: dict[ParamName, Tensor] = Field(min_length=1, json_schema_extra=_by_name)
 
 
+METRIC_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.:/-]{0,63}$"
+MetricName = Annotated[str, StringConstraints(pattern=METRIC_NAME_PATTERN)]
+MAX_METRICS = 32
+
+
 class StepOptions(_Strict):
     """A step's options: the JSON body's fields besides ``gradients``, or the safetensors metadata."""
 
@@ -393,6 +398,13 @@ class StepOptions(_Strict):
         default=None,
         description="The step the gradients were computed from: required in `sync` and `bounded` modes; in "
         "`async` mode it makes each result report its `staleness` (a `base_step` ahead of a parameter is a 409).",
+    )
+    metrics: dict[MetricName, Annotated[float, Field(allow_inf_nan=False)]] | None = Field(
+        default=None,
+        max_length=MAX_METRICS,
+        description='Training scalars of the worker (`{"loss": 0.31}`), kept with the step in the model\'s '
+        "series (`GET /v1/models/{model}/metrics`); at most 32, finite.",
+        json_schema_extra=_by_name,
     )
 
 
@@ -432,6 +444,22 @@ class ModelSummary(BaseModel):
 class ModelList(BaseModel):
     models: list[ModelSummary]
     next: str | None = Field(description="Pass as `after` for the next page; null on the last page.")
+
+
+class PointOut(BaseModel):
+    id: int = Field(description="Grows by one per point (per model incarnation).")
+    time: float = Field(description="When the push was applied (Unix seconds).")
+    step: int = Field(description="The step the push brought its parameters to.")
+    lr: float = Field(description="The learning rate its update used.")
+    worker: int | None = Field(description="The push's worker_id, if it gave one.")
+    staleness: int | None = Field(description="For a push with base_step: its staleness.")
+    metrics: dict[str, float] = Field(description="The scalars the worker sent with the push (may be empty).")
+
+
+class PointsOut(BaseModel):
+    model: str
+    points: list[PointOut] = Field(description="Oldest first.")
+    next: int = Field(description="The last id returned (or `since`): poll with `since=next`.")
 
 
 class ParamPutOut(ParamSummary):

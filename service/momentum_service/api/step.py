@@ -94,6 +94,7 @@ async def step_response(
         idempotency=key,
         worker_id=options.worker_id,
         base_step=options.base_step,
+        metrics=options.metrics,
     )
     if isinstance(results, StepPending):
         pending = {

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ from .entries import ConfigEntry, DeleteEntry, Entry, PutEntry, RestoreEntry, St
 from .idempotency import Guard, Idempotency
 from .modes import Push, check_push, staleness
 from .results import StepPending, StepResult
+from .series import Point, Series
 from .snapshots import from_snapshot, to_snapshot
 from .state import ModelRecord, ModelState, ParamMeta, ParamRecord, check_grads, compute_step
 from .sync import SyncCoordinator
@@ -55,6 +57,8 @@ from .tensors import RawTensors
 from .writer import LogWriter, SnapshotPolicy
 
 __all__ = ["EngineOptions", "ModelOwner", "OwnerLost"]
+
+log = logging.getLogger("momentum_service")
 
 _THREAD_THRESHOLD = 1 << 16
 """Updates bigger than this many elements are computed in a worker thread (numpy and the native kernel
@@ -70,6 +74,7 @@ class EngineOptions:
     snapshots: SnapshotPolicy = field(default_factory=SnapshotPolicy)
     max_pending_bytes: int = 256 << 20
     idle_s: float = 600.0  # an owner not used for this long hands its model back (with a durable journal)
+    series_points: int = 10_000  # training-series points kept per model
 
 
 def summary(steps: list[int], lrs: list[float]) -> str:
@@ -109,6 +114,7 @@ class ModelOwner:
         self.guard: Guard | None = None
         self.sync = SyncCoordinator(options.sync_ttl_s)
         self._lock = asyncio.Lock()
+        self.series = Series(options.series_points)
         self.loaded_entries = 0  # log entries replayed by the last load
         self.last_used = time.monotonic()
 
@@ -137,6 +143,11 @@ class ModelOwner:
                 guard.remember(KeyRecord(entry.key, entry.fingerprint, text))
         self.loaded_entries = len(loaded.log)
         self._install(state, guard, log_bytes, len(loaded.log))
+        try:
+            raw = await self.journal.load_points(self.name, head.inc, self.options.series_points)
+            self.series = Series(self.options.series_points, [Point.loads(r) for r in raw])
+        except (StoreUnavailable, ValueError, KeyError, TypeError) as exc:  # the series is not the record
+            log.warning("model %r: its training series could not be read back (%s); it starts empty", self.name, exc)
 
     def _new_guard(self, inc: str) -> Guard:
         if not self.journal.durable:
@@ -203,6 +214,26 @@ class ModelOwner:
         """Write what is queued (best effort) before the process stops."""
         if self.writer is not None and self.lost is None:
             await self.writer.aclose()
+            await self.save_points()
+
+    async def save_points(self) -> None:
+        """Append the series' new points to the journal (a failure keeps them for the next time)."""
+        state = self.state
+        if state is None or not self.journal.durable or not self.series.unsaved:
+            return
+        points = self.series.take_unsaved()
+        try:
+            await self.journal.append_points(
+                self.name, state.inc, [p.dumps() for p in points], self.options.series_points
+            )
+        except BaseException:
+            self.series.put_back(points)
+            raise
+
+    def points(self, since: int, limit: int) -> list[Point]:
+        """The training series after point ``since`` (at most ``limit``)."""
+        self._live()
+        return self.series.since(since, limit)
 
     # Reads: what is applied, once it is as durable as the model asks.
 
@@ -315,6 +346,7 @@ class ModelOwner:
             self.sync.fail(ModelNotFound(self.name))
             self.state, self.writer, self.guard = None, None, None
             self.sync = SyncCoordinator(self.options.sync_ttl_s)
+            self.series = Series(self.options.series_points)
 
     async def put_params(self, values: RawTensors, *, only_create: bool) -> dict[str, bool]:
         async with self._lock:
@@ -342,11 +374,15 @@ class ModelOwner:
         received: RawTensors | None,
         push: Push,
         idempotency: Idempotency | None,
+        metrics: Mapping[str, float] | None = None,
     ) -> dict[str, StepResult] | StepPending:
         """Apply one update to every named parameter, all or none (see ``ParameterServer.step``)."""
         state = self._live()
         if state.config.mode.kind == "sync":
-            return await self._sync(grads, push)
+            synced = await self._sync(grads, push)
+            if not isinstance(synced, StepPending):
+                self._record(synced, push, metrics)
+            return synced
         guard = self.guard
         assert guard is not None
         if idempotency is not None:
@@ -359,11 +395,26 @@ class ModelOwner:
             if idempotency is not None:
                 guard.abandon(idempotency.key)
             raise
+        self._record(results, push, metrics)
         writer = self.writer
         assert writer is not None
         if self._durable() and (state.config.durability.flush_ms is None or writer.backlogged):
             await writer.wait(seq)
         return results
+
+    def _record(self, results: Mapping[str, StepResult], push: Push, metrics: Mapping[str, float] | None) -> None:
+        """One point of the training series for an applied push."""
+        first = next(iter(results.values()), None)
+        if first is None:
+            return
+        stale = [r.staleness for r in results.values() if r.staleness is not None]
+        self.series.add(
+            max(r.step for r in results.values()),
+            first.lr,
+            push.worker_id,
+            max(stale) if stale else None,
+            metrics,
+        )
 
     async def _apply_step(
         self, grads: Mapping[str, Array], received: RawTensors | None, push: Push, idem: Idempotency | None

@@ -26,10 +26,14 @@ from .idempotency import Idempotency
 from .modes import Push
 from .owner import EngineOptions, ModelOwner
 from .results import StepPending, StepResult
+from .series import Point
 from .state import ModelRecord, ParamMeta, ParamRecord
 from .tensors import RawTensors
 
 log = logging.getLogger("momentum_service")
+
+POINTS_FLUSH_S = 0.5
+"""How often owners append their new training-series points to the journal (what a crash can lose of it)."""
 
 __all__ = ["NotOwner", "ParameterServer", "Remote"]
 
@@ -60,6 +64,7 @@ class ParameterServer:
         self._routing: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self._remote: dict[str, tuple[Remote, float]] = {}  # model -> (its owner elsewhere, until)
         self._sweeper: asyncio.Future[None] | None = None
+        self._saver: asyncio.Future[None] | None = None
 
     @property
     def store(self) -> Journal:
@@ -69,17 +74,29 @@ class ParameterServer:
         await self.cluster.start()
         if self.journal.durable:
             self._sweeper = asyncio.ensure_future(self._sweeps())
+            self._saver = asyncio.ensure_future(self._save_points())
 
     async def close(self) -> None:
         """Write what every owner has queued, and hand the models over."""
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            with contextlib.suppress(BaseException):
-                await self._sweeper
+        for task in (self._sweeper, self._saver):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
         for owner in list(self.owners.values()):
             with contextlib.suppress(Exception):
                 await owner.close()
         await self.cluster.stop()
+
+    async def _save_points(self) -> None:
+        """Every ``POINTS_FLUSH_S``, each owner's new training-series points go to the journal."""
+        while True:
+            await asyncio.sleep(POINTS_FLUSH_S)
+            for owner in list(self.owners.values()):
+                try:
+                    await owner.save_points()
+                except Exception as exc:
+                    log.warning("model %r: saving its training series failed: %s", owner.name, exc)
 
     async def _sweeps(self) -> None:
         while True:
@@ -260,6 +277,7 @@ class ParameterServer:
         idempotency: Idempotency | None = None,
         worker_id: int | None = None,
         base_step: int | None = None,
+        metrics: Mapping[str, float] | None = None,
     ) -> dict[str, StepResult] | StepPending:
         """Apply one momentum update to every named parameter, all or none.
 
@@ -269,7 +287,12 @@ class ParameterServer:
         key: a repeat returns the first result. In ``bounded`` mode, ``base_step`` (the step the
         gradients were computed from) may be at most ``max_staleness`` behind
         (:class:`StaleGradient`). In ``sync`` mode the push is ``worker_id``'s contribution to
-        ``base_step``. ``received``: the gradients as they came (logged as they are).
+        ``base_step``. ``received``: the gradients as they came (logged as they are). ``metrics``: the
+        worker's scalars, kept in the model's training series with the push.
         """
         owner = await self.owner(model)
-        return await owner.step(grads, received, Push(expected_steps, worker_id, base_step), idempotency)
+        return await owner.step(grads, received, Push(expected_steps, worker_id, base_step), idempotency, metrics)
+
+    async def points(self, model: str, since: int, limit: int) -> list[Point]:
+        """The model's training series after point ``since`` (at most ``limit``)."""
+        return (await self.owner(model)).points(since, limit)

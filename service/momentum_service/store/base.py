@@ -199,5 +199,13 @@ class Journal(Protocol):
     async def delete(self, lease: Lease, model: str) -> None:
         """Delete the model and everything of it, at once. Works even when the store is full."""
 
+    async def append_points(self, model: str, inc: str, points: Sequence[bytes], cap: int) -> None:
+        """Append training-series points (JSON) to the incarnation's list, keeping its last ``cap``."""
+        ...
+
+    async def load_points(self, model: str, inc: str, cap: int) -> list[bytes]:
+        """The incarnation's last ``cap`` training-series points, oldest first."""
+        ...
+
     async def lookup(self, model: str, inc: str, key: str) -> KeyRecord | None:
         """The live idempotency record of ``key`` in the incarnation, if any."""

@@ -19,6 +19,7 @@ old one. The lease is the model name's, across incarnations: its fencing token o
 - ``<p>:{<m>}:i:<inc>:snap:<fence>:<seq>:<k>``   string: data buffer ``k`` of a snapshot
 - ``<p>:{<m>}:i:<inc>:idem``              hash: Idempotency-Key -> ``<fingerprint>|<expiry ms>|<summary>``
 - ``<p>:{<m>}:i:<inc>:idem-exp``          sorted set: Idempotency-Key by expiry (ms), to trim the hash
+- ``<p>:{<m>}:i:<inc>:points``            list: the training series' points (JSON), capped (see ``engine/series.py``)
 - ``<p>:{replicas}:live``                 sorted set: replica id by expiry (ms)
 - ``<p>:{replicas}:urls``                 hash: replica id -> URL
 
@@ -36,6 +37,7 @@ STAGE = "stage:"
 SNAP = "snap:"
 IDEM = "idem"
 IDEM_EXPIRY = "idem-exp"
+POINTS = "points"
 
 
 class Keys:
@@ -73,6 +75,9 @@ class Keys:
 
     def idempotency_expiry(self, model: str, inc: str) -> str:
         return self.base(model, inc) + IDEM_EXPIRY
+
+    def points(self, model: str, inc: str) -> str:
+        return self.base(model, inc) + POINTS
 
     def replicas(self) -> str:
         return f"{self.prefix}:{{replicas}}:live"

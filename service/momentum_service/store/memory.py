@@ -57,5 +57,11 @@ class MemoryJournal:
     async def delete(self, lease: Lease, model: str) -> None:
         self._names.discard(model)
 
+    async def append_points(self, model: str, inc: str, points: Sequence[bytes], cap: int) -> None:
+        return None  # the owner's series is the only copy
+
+    async def load_points(self, model: str, inc: str, cap: int) -> list[bytes]:
+        return []
+
     async def lookup(self, model: str, inc: str, key: str) -> KeyRecord | None:
         return None

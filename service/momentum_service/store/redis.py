@@ -336,6 +336,19 @@ class RedisJournal:
         if int(res) == -1:
             raise Fenced(f"this server's lease on model {model!r} was taken over; nothing was deleted")
 
+    async def append_points(self, model: str, inc: str, points: Sequence[bytes], cap: int) -> None:
+        key = self.keys.points(model, inc)
+        async with _guard():
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.rpush(key, *points)
+            pipe.ltrim(key, -cap, -1)
+            await pipe.execute()
+
+    async def load_points(self, model: str, inc: str, cap: int) -> list[bytes]:
+        async with _guard():
+            raw = await self._redis.lrange(self.keys.points(model, inc), -cap, -1)
+        return [r if isinstance(r, bytes) else str(r).encode() for r in raw]
+
     async def lookup(self, model: str, inc: str, key: str) -> KeyRecord | None:
         raw = await self._run("LOOKUP", [self.keys.model(model), self.keys.idempotency(model, inc)], [inc, key])
         if not raw:

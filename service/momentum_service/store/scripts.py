@@ -237,7 +237,7 @@ for _, seq in ipairs(redis.call('HKEYS', logmeta)) do
   local nbuf = tonumber(string.match(redis.call('HGET', logmeta, seq), '^(%d+)'))
   for j = 0, nbuf - 1 do redis.call('UNLINK', base .. '{_k.LOG}' .. seq .. ':' .. j) end
 end
-redis.call('UNLINK', logmeta, base .. '{_k.IDEM}', base .. '{_k.IDEM_EXPIRY}')
+redis.call('UNLINK', logmeta, base .. '{_k.IDEM}', base .. '{_k.IDEM_EXPIRY}', base .. '{_k.POINTS}')
 return 1
 """
 

@@ -87,6 +87,7 @@ class StepOptions:
     expected_steps: dict[str, int] | None = None
     worker_id: int | None = None
     base_step: int | None = None
+    metrics: dict[str, float] | None = None
 
 
 @dataclass(frozen=True, slots=True)

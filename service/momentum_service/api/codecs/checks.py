@@ -119,4 +119,4 @@ def step_options(valid: StepOptionsSchema, loc: list[Any], grads: dict[str, Arra
                     for n in extra
                 ]
             )
-    return StepOptions(valid.return_params, valid.expected_steps, valid.worker_id, valid.base_step)
+    return StepOptions(valid.return_params, valid.expected_steps, valid.worker_id, valid.base_step, valid.metrics)

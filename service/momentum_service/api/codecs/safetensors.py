@@ -46,7 +46,7 @@ _WRITE = NAMES
 STATE_DTYPES = STATE_CODES
 GRADIENT_DTYPES = frozenset(_READ)
 _MAX_HEADER = 16 * 1024 * 1024
-STEP_OPTIONS = ("return_params", "expected_steps", "worker_id", "base_step")
+STEP_OPTIONS = ("return_params", "expected_steps", "worker_id", "base_step", "metrics")
 
 
 def _bad(detail: str) -> BodyError:
