@@ -5,7 +5,9 @@ initial weights) and starts several worker processes. Each worker owns one shard
 training set, computes minibatch gradients of a one-hidden-layer MLP (64-32-10, tanh, softmax
 cross-entropy) in numpy, pushes them with ``step`` and carries on from the parameters the
 server returns, without waiting for the other workers (asynchronous SGD). After every step
-the worker records the training loss (whole training set) at the parameters it got back.
+the worker records the training loss (whole training set) at the parameters it got back, and
+reports it with its next push, whose gradient it computes from them (``metrics={"loss": ...}``):
+the server keeps it as the model's training metrics, which ``/dashboard`` draws live.
 
 Outputs: a PNG of the loss curves and of the final test accuracy per momentum, and a Markdown
 table (momentum, final loss, test accuracy, steps to reach a loss threshold), printed and
@@ -215,6 +217,7 @@ def train_worker(task: WorkerTask) -> list[WorkerRecord]:
     with mc.Client(task.url) as client:
         params: Params = client.get_params(task.model)
         base = min(p.step for p in client.get_model(task.model).params.values())
+        current = loss(params, task.x_train, task.y_train)  # the training loss at ``params``, sent with the push
         i = 0
         while i < task.steps:
             if pos + task.batch_size > n:
@@ -225,18 +228,22 @@ def train_worker(task: WorkerTask) -> list[WorkerRecord]:
                 raise FloatingPointError(f"{task.model}: non-finite gradient at worker {task.worker}, step {i}")
             worker_id = task.worker if task.mode == "sync" else None
             try:
-                results = client.step_results(task.model, grads, base_step=base, worker_id=worker_id)
+                results = client.step_results(
+                    task.model, grads, base_step=base, worker_id=worker_id, metrics={"loss": current}
+                )
             except mc.Conflict as exc:
                 if exc.code != "stale-gradient" or task.mode != "bounded":
                     raise
                 params = client.get_params(task.model)  # too stale: start again from the current values
                 base = min(exc.current_steps.values())
+                current = loss(params, task.x_train, task.y_train)
                 continue
             pos += task.batch_size
             params = {name: r.value for name, r in results.items() if r.value is not None}
             base = results["w1"].step
             staleness = results["w1"].staleness or 0
-            records.append(WorkerRecord(time.monotonic(), base, loss(params, task.x_train, task.y_train), staleness))
+            current = loss(params, task.x_train, task.y_train)
+            records.append(WorkerRecord(time.monotonic(), base, current, staleness))
             i += 1
             if _progress is not None and (i % 10 == 0 or i == task.steps):
                 _progress.put((task.model, i % 10 or 10))
