@@ -72,9 +72,12 @@ REDIS_ACL_COMMANDS = {
     "hkeys": "scripts: the log entries of a deleted model",
     "pexpire": "scripts: a lease key's expiry (a day after its last use)",
     "unlink": "scripts: deleted models, trimmed logs, old snapshots, refused staged buffers (freed in the background)",
-    "zadd": "scripts: the expiry of idempotency records and replica heartbeats",
-    "zrange": "scripts: expired idempotency records; live and dead replicas",
-    "zrem": "scripts: forgetting expired idempotency records and dead replicas",
+    "zadd": "scripts: the expiry of idempotency records and replica heartbeats; the index of model names",
+    "zrange": "scripts: expired idempotency records; live and dead replicas; GET /v1/models (a lexical range)",
+    "zrem": "scripts: forgetting expired idempotency records and dead replicas; a deleted model's name",
+    "rpush": "a model's training series: new points appended",
+    "ltrim": "a model's training series: capped",
+    "lrange": "a model's training series: read back by a new owner",
     "time": "scripts: Redis's clock, for leases, heartbeats and record expiry",
 }
 

@@ -112,7 +112,8 @@ class Live:
 
     def snapshot(self) -> dict[str, Any]:
         """The state as the API shows it, and every Redis key of the prefix with its content (but the
-        leases and the replicas' heartbeats, which change as time passes)."""
+        leases and the replicas' heartbeats, which change as time passes, and the training series, whose
+        points of earlier steps are written in the background)."""
         state: dict[str, Any] = {}
         for model in ("m", "s"):
             state[f"{model} model"] = self.api.get(f"/v1/models/{model}").json()
@@ -120,8 +121,8 @@ class Live:
         state["new"] = self.api.get("/v1/models/new").status_code
         keys: dict[bytes, Any] = {}
         for key in self.store.scan_iter(match=f"{PREFIX}:*", count=1000):
-            if key.endswith(b":lease") or b"{replicas}" in key:
-                continue
+            if key.endswith((b":lease", b":points")) or b"{replicas}" in key:
+                continue  # the training series' points are appended in the background, from earlier steps
             kind = self.store.type(key)
             if kind == b"string":
                 keys[key] = self.store.get(key)

@@ -28,6 +28,7 @@ KEY = st.one_of(
     st.tuples(st.just("idem-exp"), MODELS, INCS),
     st.tuples(st.just("points"), MODELS, INCS),
     st.tuples(st.just("replicas")),
+    st.tuples(st.just("index")),
     st.tuples(st.just("replica-urls")),
 )
 
@@ -46,6 +47,7 @@ def build(spec: tuple[object, ...]) -> str:
         "idem-exp": keys.idempotency_expiry,
         "points": keys.points,
         "replicas": keys.replicas,
+        "index": keys.index,
         "replica-urls": keys.replica_urls,
     }[str(kind)](*args)
 
@@ -60,5 +62,6 @@ def test_a_models_keys_share_its_hash_tag(spec: tuple[object, ...]) -> None:
     key = build(spec)
     tag = re.search(r"\{([^}]*)\}", key)
     assert tag is not None
-    expected = "replicas" if spec[0] in ("replicas", "replica-urls") else spec[1]
+    expected = {"replicas": "replicas", "replica-urls": "replicas", "index": "models"}.get(str(spec[0]))
+    expected = expected or spec[1]
     assert tag.group(1) == expected

@@ -198,6 +198,14 @@ def test_the_whole_api_works_through_the_acl_user(acl_redis: AclRedis, service: 
         assert any(k.endswith(":idem") for k in keys) and any(":log:" in k for k in keys), keys
         assert any(k.endswith(":lease") for k in keys) and any(":snap:" in k for k in keys), keys
 
+        # the list of models (an index, no SCAN), a checkpoint saved and restored, the training series
+        listed = ok(api.get("/v1/models"), 200).json()["models"]
+        assert [m["name"] for m in listed] == ["bounded", "net", "sync"]
+        saved = ok(api.get("/v1/models/net/checkpoint"), 200).content
+        ok(api.put("/v1/models/net/checkpoint", content=saved, headers={"content-type": ST}), 200)
+        ok(api.post("/v1/models/net/step", json={**grad, "metrics": {"loss": 0.5}}), 200)
+        assert ok(api.get("/v1/models/net/metrics"), 200).json()["points"][-1]["metrics"] == {"loss": 0.5}
+
         # deletes (a parameter: a log entry; models: a script)
         ok(api.delete("/v1/models/net/params/b"), 204)
         ok(api.get("/v1/models/net/params/b"), 404)

@@ -20,6 +20,8 @@ old one. The lease is the model name's, across incarnations: its fencing token o
 - ``<p>:{<m>}:i:<inc>:idem``              hash: Idempotency-Key -> ``<fingerprint>|<expiry ms>|<summary>``
 - ``<p>:{<m>}:i:<inc>:idem-exp``          sorted set: Idempotency-Key by expiry (ms), to trim the hash
 - ``<p>:{<m>}:i:<inc>:points``            list: the training series' points (JSON), capped (see ``engine/series.py``)
+- ``<p>:{models}:index``                  sorted set: every model's name (score 0, read by lexical range), for
+  ``GET /v1/models``; written after a create and a delete, and again whenever a model is loaded
 - ``<p>:{replicas}:live``                 sorted set: replica id by expiry (ms)
 - ``<p>:{replicas}:urls``                 hash: replica id -> URL
 
@@ -78,6 +80,10 @@ class Keys:
 
     def points(self, model: str, inc: str) -> str:
         return self.base(model, inc) + POINTS
+
+    def index(self) -> str:
+        """The names of the models (a model named ``models`` has ``...{models}:model``, never ``:index``)."""
+        return f"{self.prefix}:{{models}}:index"
 
     def replicas(self) -> str:
         return f"{self.prefix}:{{replicas}}:live"

@@ -166,18 +166,11 @@ class RedisJournal:
     # A model's record.
 
     async def models(self, after: str, limit: int) -> list[str]:
-        # Every head, by SCAN (a cursor, not KEYS: Redis keeps serving others between the batches).
-        head = self.keys.model("\0")
-        before, after_name = head.split("{\0}")
-        pattern = f"{_glob_escape(before)}{{*}}{_glob_escape(after_name)}"
-        names = []
+        # The index of model names (a sorted set, read by lexical range: no SCAN, which the ACL forbids).
+        low = f"({after}" if after else "-"
         async with _guard():
-            async for key in self._redis.scan_iter(match=pattern, count=1000):
-                text = key.decode() if isinstance(key, bytes) else str(key)
-                name = text[len(before) + 1 : len(text) - len(after_name) - 1]
-                if name > after:
-                    names.append(name)
-        return sorted(names)[:limit]
+            raw = await self._redis.zrange(self.keys.index(), low, "+", bylex=True, offset=0, num=limit)
+        return [_text(r) for r in raw]
 
     async def load(self, model: str) -> Loaded | None:
         k = self.keys
@@ -185,6 +178,8 @@ class RedisJournal:
             raw = await self._redis.hgetall(k.model(model))
         if not raw:
             return None
+        async with _guard():  # the index entry, again: a crash between a create and its index write is repaired
+            await self._redis.zadd(self.keys.index(), {model: 0})
         head_fields = {_text(f): v for f, v in raw.items()}
         inc = _text(head_fields["inc"])
         head = Head(json.loads(head_fields["config"]), _text(head_fields["rev"]), inc, int(head_fields["seq"]))
@@ -237,6 +232,8 @@ class RedisJournal:
             raise Fenced(f"this server's lease on model {model!r} was taken over; nothing was written")
         if int(res) == 0:
             raise Fenced(f"model {model!r} was created by another server meanwhile; nothing was written")
+        async with _guard():  # the list of models (GET /v1/models); another slot, so not in the script
+            await self._redis.zadd(self.keys.index(), {model: 0})
 
     async def commit(self, lease: Lease, model: str, batch: Batch) -> None:
         k, inc = self.keys, batch.inc
@@ -335,6 +332,8 @@ class RedisJournal:
         )
         if int(res) == -1:
             raise Fenced(f"this server's lease on model {model!r} was taken over; nothing was deleted")
+        async with _guard():
+            await self._redis.zrem(self.keys.index(), model)
 
     async def append_points(self, model: str, inc: str, points: Sequence[bytes], cap: int) -> None:
         key = self.keys.points(model, inc)
@@ -355,8 +354,3 @@ class RedisJournal:
             return None
         fp, _, summary = _text(raw).split("|", 2)
         return KeyRecord(key, fp, summary)
-
-
-def _glob_escape(text: str) -> str:
-    """``text`` matched literally by a Redis glob pattern."""
-    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
