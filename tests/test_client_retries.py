@@ -6,6 +6,7 @@ sleeping advances records the waits), then against the real app in process."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import re
 import time
@@ -162,7 +163,9 @@ async def test_the_same_bytes_and_key_are_resent_on_every_transient_failure(conn
         "504",
     ],
 )
-async def test_each_transient_failure_is_retried(connect: Connect, failure: Exception | str) -> None:
+async def test_each_transient_failure_is_retried(
+    connect: Connect, failure: Exception | str, caplog: pytest.LogCaptureFixture
+) -> None:
     answer: httpx.Response | Exception
     if failure == "503":
         answer = unavailable()
@@ -176,10 +179,18 @@ async def test_each_transient_failure_is_retried(connect: Connect, failure: Exce
         assert isinstance(failure, Exception)
         answer = failure
     api, server, _ = connect(answer, ok(RESULT))
-    assert await api("push_gradients", "m", GRADS) == {"w": 1}
+    with caplog.at_level(logging.INFO, logger="momentum_client"):
+        assert await api("push_gradients", "m", GRADS) == {"w": 1}
     assert len(server.requests) == 2
     assert server.requests[0].content == server.requests[1].content
     assert len(set(keys(server))) == 1
+    retries = [r for r in caplog.records if r.name == "momentum_client"]  # the SDK logs each retry
+    assert (
+        len(retries) == 1
+        and "retry 1 of" in retries[0].getMessage()
+        and "same Idempotency-Key" in retries[0].getMessage()
+    )
+    assert keys(server)[0] not in retries[0].getMessage()
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     serve.add_argument("--port", type=int, help="port (env MOMENTUM_PORT, default 8000)")
     serve.add_argument("--redis-url", help="Redis URL (env MOMENTUM_REDIS_URL); unset: the embedded store")
     serve.add_argument("--log-level", help="debug, info, warning, error (env MOMENTUM_LOG_LEVEL)")
+    serve.add_argument("--log-format", choices=("text", "json"), help="text or json (env MOMENTUM_LOG_FORMAT)")
     serve.add_argument("--keys-file", help="file of API keys, from `keys create` (env MOMENTUM_KEYS_FILE)")
     serve.add_argument(
         "--insecure",
@@ -136,6 +137,7 @@ def _serve(args: argparse.Namespace) -> int:
             "port": args.port,
             "redis_url": args.redis_url,
             "log_level": args.log_level,
+            "log_format": args.log_format,
             "keys_file": args.keys_file,
             "insecure": args.insecure,
         }.items()
@@ -161,8 +163,9 @@ def _serve(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    level = settings.log_level.upper()
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .logs import configure
+
+    configure(settings.log_level, settings.log_format)
     log = logging.getLogger("momentum_service")
     store = "redis at " + _redact(settings.redis_url) if settings.redis_url else "the embedded in-memory store"
     log.info("momentum-service %s on http://%s:%d using %s", __version__, settings.host, settings.port, store)
@@ -179,6 +182,7 @@ def _serve(args: argparse.Namespace) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level.lower(),
+        log_config=None,  # uvicorn's lines go through configure()'s handler: the same format, request ids
         access_log=settings.access_log,
         proxy_headers=False,
         http=http_protocol(settings.header_timeout_s, settings.max_body_bytes),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -90,6 +92,18 @@ class Settings(BaseSettings):
         default=False, description="Run without API keys on a non-loopback address (refused otherwise)."
     )
     public_docs: bool = Field(default=False, description="Serve /docs and /openapi.json without a key.")
+    public_metrics: bool = Field(
+        default=False,
+        description="Serve /metrics (Prometheus) without a key; otherwise it needs a key with a scope on every "
+        "model (read:*, write:* or admin:*).",
+    )
+    metrics_max_models: int = Field(
+        default=100,
+        ge=1,
+        le=100_000,
+        description="Distinct model names that get their own label in /metrics; the others are counted as "
+        'model="_other" (bounds the exposition\'s size).',
+    )
     max_concurrent_requests: int = Field(
         default=256, gt=0, description="Requests handled at once; beyond it, 503 with Retry-After."
     )
@@ -115,6 +129,12 @@ class Settings(BaseSettings):
     max_params_per_request: int = Field(default=10_000, gt=0, description="Tensors in one request (413).")
     max_json_depth: int = Field(default=32, gt=0, description="Nesting depth of a JSON body (422).")
     log_level: str = "info"
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="text, or json (one object per line, for log collectors)."
+    )
+    slow_step_ms: float = Field(
+        default=1000.0, gt=0, description="A step whose server time exceeds this is logged (with its request id)."
+    )
     access_log: bool = Field(
         default=False,
         description="Log every request (uvicorn's access log); off by default, as it costs time per step.",

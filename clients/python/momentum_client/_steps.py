@@ -4,6 +4,7 @@ check that a model's steps did not go back (:class:`SeenSteps`), and the step fl
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import threading
@@ -58,6 +59,9 @@ def check_options(method: str, options: Mapping[str, object]) -> None:
         if key not in StepOptions.__optional_keys__:
             raise TypeError(f"{method}() got an unexpected keyword argument {key!r}")
 
+
+log = logging.getLogger("momentum_client")
+"""The SDK's logger: each retry of a step (INFO) and each step given up (WARNING), never a key."""
 
 _KEY = re.compile(r"[\x21-\x7e]{1,255}")
 
@@ -154,11 +158,24 @@ def _post_step(request: Request, policy: RetryPolicy) -> Flow[Response]:
     while True:
         try:
             response = yield from send(request)
-        except TransportError:
+        except TransportError as exc:
             request = _retry_of(request)
             if failures >= policy.max_retries:
+                log.warning(
+                    "%s %s: no answer (%s); giving up after %d retries", request.method, request.path, exc, failures
+                )
                 raise
-            yield Sleep(policy.delay(failures, None))
+            delay = policy.delay(failures, None)
+            log.info(
+                "%s %s: no answer (%s); retry %d of %d in %.3f s, same Idempotency-Key",
+                request.method,
+                request.path,
+                exc,
+                failures + 1,
+                policy.max_retries,
+                delay,
+            )
+            yield Sleep(delay)
             failures += 1
             continue
         request = _retry_of(request)
@@ -184,8 +201,21 @@ def _post_step(request: Request, policy: RetryPolicy) -> Flow[Response]:
             continue
         if is_transient(response):
             if failures >= policy.max_retries:
+                log.warning(
+                    "%s %s: %d; giving up after %d retries", request.method, request.path, response.status, failures
+                )
                 raise error_from_response(response)
-            yield Sleep(policy.delay(failures, parse_retry_after(response.headers.get("retry-after"))))
+            delay = policy.delay(failures, parse_retry_after(response.headers.get("retry-after")))
+            log.info(
+                "%s %s: %d; retry %d of %d in %.3f s, same Idempotency-Key",
+                request.method,
+                request.path,
+                response.status,
+                failures + 1,
+                policy.max_retries,
+                delay,
+            )
+            yield Sleep(delay)
             failures += 1
             continue
         return response

@@ -30,7 +30,9 @@ memoryview, see :func:`body_of`); ``receive`` replays it for anything else that 
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -42,9 +44,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..auth import ApiKey, KeyRing
 from ..kernels.buffers import POOL
+from ..logs import REQUEST_ID, new_request_id
+from ..telemetry import Telemetry, reset_current, set_current
 from .problems import PROBLEM_JSON, Problem, render
 from .protocol import BODY_BUFFER, BodyBuffer
 from .security import authenticate
+
+log = logging.getLogger("momentum_service")
 
 BODY = "momentum.body"
 KEY = "momentum.key"
@@ -57,6 +63,8 @@ Router = Callable[[Scope, Receive, Send, memoryview], Awaitable[bool]]
 
 _DOCS = ("/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
 _UNLIMITED = ("/healthz", "/readyz")
+_DOCS_ASSETS = "/docs/assets/"
+_DASHBOARD = re.compile(r"^/dashboard(?:/[^/]*)?$")
 
 
 def body_of(request: Request) -> memoryview:
@@ -100,8 +108,11 @@ class Admission:
         bodies_in_flight: int,
         fast_step: FastStep | None = None,
         router: Router | None = None,
+        telemetry: Telemetry | None = None,
+        public_metrics: bool = False,
     ) -> None:
         self.app, self.ring, self.public_docs = app, ring, public_docs
+        self.telemetry, self.public_metrics = telemetry or Telemetry(), public_metrics
         self.fast_step, self.router = fast_step, router
         self.max_concurrent, self.max_per_key = max_concurrent, max_concurrent_per_key
         self.max_body, self.body_timeout = max_body_bytes, body_timeout_s
@@ -115,27 +126,48 @@ class Admission:
             await self.app(scope, receive, send)
             return
         started = False
+        status, sent = 0, 0
+        offered = next((v.decode("latin-1") for n, v in scope["headers"] if n == b"x-request-id"), None)
+        rid = new_request_id(offered)
+        rid_header = (b"x-request-id", rid.encode())
 
         async def tracked(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
+            nonlocal started, status, sent
+            if message["type"] == "http.response.start":
+                started, status = True, message["status"]
+                message = {**message, "headers": [*message.get("headers", ()), rid_header]}
+            elif message["type"] == "http.response.body":
+                sent += len(message.get("body", b""))
             await send(message)
 
+        tokens = set_current(self.telemetry), REQUEST_ID.set(rid)
+        began = time.perf_counter()
         try:
             await self._admit(scope, receive, tracked)
         except _Refused as refused:
-            await _reply(send, refused, scope["path"])
+            self.telemetry.problem(refused.status, refused.slug)
+            if refused.status in (401, 403):
+                log.info("refused %s %s: %s (%s)", scope["method"], scope["path"], refused.slug, refused.detail)
+            await _reply(tracked, refused, scope["path"])
         except Exception as exc:  # a bug: answered as problem+json like any other error, never a bare 500
             if started:
                 raise
             response = render(exc, scope["method"], scope["path"])
-            await response(scope, receive, send)
+            await response(scope, receive, tracked)
+        finally:
+            kind = route_kind(scope["path"])
+            t = self.telemetry
+            t.requests.labels(kind, str(status)).inc()
+            t.request_seconds.labels(kind).observe(time.perf_counter() - began)
+            t.bytes_out.labels(kind).inc(sent)
+            reset_current(tokens[0])
+            REQUEST_ID.reset(tokens[1])
 
     async def _admit(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
         key = self._authenticate(scope)
-        if key is None and self.ring and path in _DOCS and self.public_docs:
-            await self.app(scope, receive, send)  # public docs: no key, no body
+        if key is None and self.ring and self._public(path):
+            await self.app(scope, receive, send)  # public docs, dashboard or metrics: no key, no body
             return
         who = "" if key is None else key.digest
         if key is not None and self.per_key[who] >= self.max_per_key:
@@ -149,6 +181,7 @@ class Admission:
         self.per_key[who] += 1
         try:
             body = await self._read_body(scope, receive)
+            self.telemetry.bytes_in.labels(route_kind(path)).inc(body.nbytes)
             if self.active >= self.max_concurrent:
                 raise _Refused(
                     503,
@@ -175,6 +208,15 @@ class Admission:
             if not self.per_key[who]:
                 del self.per_key[who]
 
+    def _public(self, path: str) -> bool:
+        """Served without a key: the dashboard's page and files (they hold no data: its script asks for a
+        key), the docs and their assets (``MOMENTUM_PUBLIC_DOCS``) and ``/metrics`` (``MOMENTUM_PUBLIC_METRICS``)."""
+        return (
+            _DASHBOARD.match(path) is not None
+            or ((path in _DOCS or path.startswith(_DOCS_ASSETS)) and self.public_docs)
+            or (path == "/metrics" and self.public_metrics)
+        )
+
     def _authenticate(self, scope: Scope) -> ApiKey | None:
         """The request's key; 401 without a valid one (when keys are configured, and for every
         path but the public docs)."""
@@ -188,7 +230,7 @@ class Admission:
         try:
             return authenticate(self.ring, header)
         except Problem as problem:
-            if scope["path"] in _DOCS and self.public_docs:
+            if self._public(scope["path"]):
                 return None
             challenge = problem.headers["WWW-Authenticate"].encode()
             raise _Refused(
@@ -281,6 +323,27 @@ class Admission:
                 break
         view = buffer.data[:size]
         return view.toreadonly()
+
+
+_KINDS = (
+    (re.compile(r"^/v1/models/[^/]+/step$"), "step"),
+    (re.compile(r"^/v1/models/[^/]+/params(/[^/]+)?$"), "params"),
+    (re.compile(r"^/v1/models/[^/]+/checkpoint$"), "checkpoint"),
+    (re.compile(r"^/v1/models/[^/]+/metrics$"), "series"),
+    (re.compile(r"^/v1/models/[^/]+$"), "model"),
+    (re.compile(r"^/v1/models/?$"), "models"),
+    (re.compile(r"^/metrics$"), "metrics"),
+    (re.compile(r"^/dashboard(/.*)?$"), "dashboard"),
+    (re.compile(r"^/(docs|redoc|openapi\.json)"), "docs"),
+)
+
+
+def route_kind(path: str) -> str:
+    """A request's kind, as a bounded label (never the path itself: model names are unbounded)."""
+    for pattern, kind in _KINDS:
+        if pattern.match(path):
+            return kind
+    return "other"
 
 
 def _content_length(scope: Scope) -> int | None:

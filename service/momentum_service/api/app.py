@@ -25,12 +25,15 @@ from ..engine.writer import SnapshotPolicy
 from ..kernels.buffers import POOL
 from ..settings import Settings
 from ..store import Journal, MemoryJournal
+from ..telemetry import Telemetry, timed_journal
 from . import problems
 from .admission import Admission
 from .checkpoints import router as checkpoints_router
 from .codecs import Limits
+from .dashboard import router as dashboard_router
 from .forward import Forwarder, hops, model_of
 from .listing import router as listing_router
+from .metrics import router as metrics_router
 from .routes import BODY_MODELS, health, router
 from .schemas import ProblemDetails
 from .series import router as series_router
@@ -69,7 +72,8 @@ def advertised_url(settings: Settings) -> str:
     return f"http://{host}:{settings.port}"
 
 
-def make_server(journal: Journal, settings: Settings) -> ParameterServer:
+def make_server(journal: Journal, settings: Settings, telemetry: Telemetry | None = None) -> ParameterServer:
+    telemetry = telemetry or Telemetry(settings.metrics_max_models, settings.slow_step_ms)
     options = EngineOptions(
         idempotency_ttl_s=settings.idempotency_ttl_s,
         idempotency_memory_keys=settings.idempotency_memory_keys,
@@ -79,7 +83,9 @@ def make_server(journal: Journal, settings: Settings) -> ParameterServer:
         max_pending_bytes=settings.flush_max_pending_bytes,
         idle_s=settings.owner_idle_s,
         series_points=settings.series_points,
+        events=telemetry,
     )
+    journal = timed_journal(journal, telemetry)
     return ParameterServer(journal, url=advertised_url(settings), lease_ms=settings.lease_ms, options=options)
 
 
@@ -140,7 +146,8 @@ def create_app(settings: Settings | None = None, *, journal: Journal | None = No
     """Build the application. Without ``journal``, one is made from ``settings``."""
     settings = settings or Settings()
     journal = journal or make_journal(settings)
-    server = make_server(journal, settings)
+    telemetry = Telemetry(settings.metrics_max_models, settings.slow_step_ms)
+    server = make_server(journal, settings, telemetry)
     forwarder = Forwarder(server)
 
     @asynccontextmanager
@@ -184,6 +191,8 @@ def create_app(settings: Settings | None = None, *, journal: Journal | None = No
         "bodies_in_flight": settings.bodies_in_flight,
         "fast_step": serve_step,
         "router": None if server.cluster.single else route,
+        "telemetry": telemetry,
+        "public_metrics": settings.public_metrics,
     }
     app = MomentumAPI(
         admission, title="momentum-service", version=__version__, description=DESCRIPTION, lifespan=lifespan
@@ -194,12 +203,15 @@ def create_app(settings: Settings | None = None, *, journal: Journal | None = No
     app.state.limits = Limits.of(settings)
     app.state.server = server
     app.state.forwarder = forwarder
+    app.state.telemetry = telemetry
     problems.install(app)
     app.include_router(health)
     app.include_router(listing_router)
     app.include_router(router)
     app.include_router(checkpoints_router)
     app.include_router(series_router)
+    app.include_router(metrics_router)
+    app.include_router(dashboard_router)
     _document_bodies(app)
     return app
 

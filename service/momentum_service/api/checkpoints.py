@@ -7,6 +7,8 @@ parameters' arrays (no second copy).
 
 from __future__ import annotations
 
+import logging
+
 from fastapi import APIRouter, Request, Response
 
 from ..engine import ModelRecord, ParamMeta
@@ -22,6 +24,7 @@ from .routes import IfNoneMatchModel, _model_json, _only_create
 from .schemas import ModelOut, problem_responses
 from .security import ADMIN, READ
 
+log = logging.getLogger("momentum_service")
 router = APIRouter(prefix="/v1", responses=problem_responses(401, 403, 422, 503))
 
 _FILE = {
@@ -76,6 +79,13 @@ async def put_checkpoint(
     raw = body_of(request)
     checkpoint = await off_the_loop(len(raw), codec.decode, raw, limits)
     record, created = await server.restore(model, checkpoint, only_create=only_create)
+    log.info(
+        "model %r %s from a checkpoint (%d parameters)",
+        model,
+        "created" if created else "restored",
+        len(checkpoint.params),
+        extra={"model": model},
+    )
     return _restored(record, await server.list_params(model), created, model)
 
 

@@ -18,6 +18,7 @@ from starlette.responses import Response
 from starlette.routing import Match
 
 from .. import errors
+from ..telemetry import current
 from . import messages
 from .codecs import BodyError
 
@@ -64,6 +65,9 @@ def problem_response(request: Request, problem: Problem) -> Response:
 
 
 def _response(problem: Problem, path: str) -> Response:
+    telemetry = current()
+    if telemetry is not None:
+        telemetry.problem(problem.status, problem.slug)
     body = {
         "type": f"urn:momentum-service:problem:{problem.slug}",
         "title": _TITLES.get(problem.status, "Error"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Annotated, Any, Literal
 
@@ -27,6 +28,7 @@ from .step import step_response
 
 # Every v1 route may answer 401/403 (API keys) and 503 (store unavailable, or the concurrency cap).
 # It may answer 422 too (a path parameter that does not match its pattern).
+log = logging.getLogger("momentum_service")
 router = APIRouter(prefix="/v1", responses=problem_responses(401, 403, 422, 503))
 
 _PARAM_NAME = re.compile(schemas.PARAM_NAME_PATTERN)
@@ -172,6 +174,14 @@ async def put_model(
         None if body.groups is None else [g.model_dump(exclude_none=True) for g in body.groups],
     )
     record, created = await server.put_model(model, config, only_create=only_create)
+    log.info(
+        "model %r %s: rule %s, mode %s",
+        model,
+        "created" if created else "config replaced",
+        config.rule.name,
+        config.mode.kind,
+        extra={"model": model},
+    )
     params = await server.list_params(model)
     headers = {"Location": f"/v1/models/{model}"} if created else None
     return _json(_model_json(record, params), 201 if created else 200, headers)
@@ -238,6 +248,9 @@ async def patch_model(model: ModelName, request: Request, server: ServerDep, lim
         )
     schedule = body.schedule.model_dump() if body.schedule else None
     record = await server.patch_model(model, changes, schedule, mode, _durability(body.durability), groups)
+    changed = [*(f"optimizer.{k}" for k in changes), *(["schedule"] if schedule else []), *mode]
+    changed += [k for k in ("durability", "groups") if getattr(body, k) is not None]
+    log.info("model %r reconfigured: %s", model, ", ".join(changed), extra={"model": model})
     params = await server.list_params(model)
     return _json(_model_json(record, params))
 
@@ -245,6 +258,7 @@ async def patch_model(model: ModelName, request: Request, server: ServerDep, lim
 @router.delete("/models/{model}", dependencies=[ADMIN], status_code=204, responses=problem_responses(404))
 async def delete_model(model: ModelName, server: ServerDep) -> Response:
     await server.delete_model(model)
+    log.info("model %r deleted", model, extra={"model": model})
     return Response(status_code=204)
 
 

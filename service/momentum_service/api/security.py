@@ -78,6 +78,8 @@ async def caller(request: Request, credentials: Credentials) -> ApiKey | None:
     if not ring:
         return None
     key: ApiKey | None = request.scope.get("state", {}).get("momentum.key")
+    if key is None and request.url.path == "/metrics" and request.app.state.settings.public_metrics:
+        return None  # served without a key (MOMENTUM_PUBLIC_METRICS)
     if key is None:
         header = None if credentials is None else f"{credentials.scheme} {credentials.credentials}"
         key = authenticate(ring, header or request.headers.get("authorization"))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 
 import xxhash
 from starlette.datastructures import Headers
@@ -21,6 +22,7 @@ from starlette.types import Receive, Scope, Send
 
 from ..auth import ApiKey
 from ..engine import Idempotency, ParameterServer, StepPending
+from ..telemetry import current
 from . import codecs
 from .body import off_the_loop
 from .messages import PATTERN_HELP, shown
@@ -82,6 +84,27 @@ async def step_response(
     model: str, path: str, headers: Headers, body: memoryview, server: ParameterServer, limits: codecs.Limits
 ) -> Response:
     """Decode, step, encode: the response to a step request whose body has been read."""
+    began = time.perf_counter()
+    response = await _step_response(model, path, headers, body, server, limits)
+    elapsed = time.perf_counter() - began
+    telemetry = current()
+    if telemetry is not None:
+        telemetry.step_seconds.labels(telemetry.label(model)).observe(elapsed)
+        if elapsed * 1000 > telemetry.slow_step_ms:
+            log.warning(
+                "slow step: model %r took %.0f ms (over %g ms), %d bytes",
+                model,
+                elapsed * 1000,
+                telemetry.slow_step_ms,
+                len(body),
+                extra={"model": model, "elapsed_ms": round(elapsed * 1000, 1)},
+            )
+    return response
+
+
+async def _step_response(
+    model: str, path: str, headers: Headers, body: memoryview, server: ParameterServer, limits: codecs.Limits
+) -> Response:
     codec = codecs.for_request(headers.get("content-type"))
     received = await off_the_loop(len(body), codec.decode_step, body, limits)
     key = await off_the_loop(len(body), idempotency, headers, path, body)

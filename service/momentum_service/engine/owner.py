@@ -46,6 +46,7 @@ from ..kernels.schedules import LRTable
 from ..store.base import Array, Journal, KeyRecord, Lease, new_token
 from .checkpoints import Checkpoint, Saved
 from .entries import ConfigEntry, DeleteEntry, Entry, PutEntry, RestoreEntry, StepEntry, from_record, to_record
+from .events import Events
 from .idempotency import Guard, Idempotency
 from .modes import Push, check_push, staleness
 from .results import StepPending, StepResult
@@ -75,6 +76,7 @@ class EngineOptions:
     max_pending_bytes: int = 256 << 20
     idle_s: float = 600.0  # an owner not used for this long hands its model back (with a durable journal)
     series_points: int = 10_000  # training-series points kept per model
+    events: Events = field(default_factory=Events)  # what the engine tells an observer (metrics)
 
 
 def summary(steps: list[int], lrs: list[float]) -> str:
@@ -175,6 +177,7 @@ class ModelOwner:
             policy=self.options.snapshots,
             max_pending_bytes=self.options.max_pending_bytes,
             key_ttl_ms=max(1, round(self.options.idempotency_ttl_s * 1000)),
+            events=self.options.events,
         )
 
     def _flush_ms(self) -> int | None:
@@ -388,6 +391,7 @@ class ModelOwner:
         if idempotency is not None:
             found = await guard.begin(idempotency)
             if found is not None:
+                self.options.events.pushed(self.name, "replayed")
                 return await self._replay(found, list(grads))
         try:
             seq, results = await self._apply_step(grads, received, push, idempotency)
@@ -395,19 +399,22 @@ class ModelOwner:
             if idempotency is not None:
                 guard.abandon(idempotency.key)
             raise
-        self._record(results, push, metrics)
         writer = self.writer
         assert writer is not None
         if self._durable() and (state.config.durability.flush_ms is None or writer.backlogged):
             await writer.wait(seq)
+        self.options.events.stepped(self.name, len(results))  # acknowledged: as durable as the model asks
+        self._record(results, push, metrics)
         return results
 
     def _record(self, results: Mapping[str, StepResult], push: Push, metrics: Mapping[str, float] | None) -> None:
-        """One point of the training series for an applied push."""
+        """One point of the training series for an applied push (and the push counted)."""
         first = next(iter(results.values()), None)
         if first is None:
             return
         stale = [r.staleness for r in results.values() if r.staleness is not None]
+        sync = push.worker_id is not None and self.state is not None and self.state.config.mode.kind == "sync"
+        self.options.events.pushed(self.name, "contributed" if sync else "applied", max(stale) if stale else None)
         self.series.add(
             max(r.step for r in results.values()),
             first.lr,
@@ -516,9 +523,13 @@ class ModelOwner:
             seq, results = applied
             if self._durable() and (state.config.durability.flush_ms is None or writer.backlogged):
                 await writer.wait(seq)
+            self.options.events.stepped(self.name, len(results))
             self.sync.applied(base, results)
+        started = time.monotonic()
         done, _ = await asyncio.wait(waiters.values(), timeout=self.options.sync_timeout_s)
+        self.options.events.sync_waited(self.name, time.monotonic() - started)
         if len(done) < len(waiters):
+            self.options.events.pushed(self.name, "pending")
             return StepPending(base, self.sync.counts(base, names, workers), workers)
         return {n: fut.result() for n, fut in waiters.items()}
 

@@ -132,6 +132,7 @@ class ParameterServer:
                     with contextlib.suppress(Exception):
                         await self.journal.release(handle.lease)
                 released.append(model)
+                self.options.events.owner_changed(model, "released")
         if released:
             log.info("handed back %d idle model(s): %s", len(released), ", ".join(map(repr, released[:10])))
         return released
@@ -141,6 +142,7 @@ class ParameterServer:
     def _lost(self, model: str) -> None:
         owner = self.owners.pop(model, None)
         if owner is not None:
+            self.options.events.owner_changed(model, "lost")
             owner.invalidate(Fenced(f"another server took model {model!r} over"))
 
     def forget_remote(self, model: str) -> None:
@@ -200,6 +202,7 @@ class ParameterServer:
             raise
         self._remote.pop(model, None)
         self.owners[model] = owner
+        self.options.events.owner_changed(model, "took")
         if owner.loaded_entries:
             log.info("model %r: rebuilt from the journal (%d log entries replayed)", model, owner.loaded_entries)
         return owner

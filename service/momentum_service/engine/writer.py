@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from ..errors import StoreFull, StoreUnavailable
 from ..store.base import Batch, Journal, KeyRecord, Lease, Record
+from .events import Events
 
 log = logging.getLogger("momentum_service")
 
@@ -67,8 +68,10 @@ class LogWriter:
         policy: SnapshotPolicy = SnapshotPolicy(),
         max_pending_bytes: int = 256 << 20,
         key_ttl_ms: int = 86_400_000,
+        events: Events | None = None,
     ) -> None:
         self.key_ttl_ms = key_ttl_ms
+        self.events = events or Events()
         self.journal, self.model, self.inc = journal, model, inc
         self._lease, self._flush_ms, self._snapshot, self._state_bytes = lease, flush_ms, snapshot, state_bytes
         self._on_lost = on_lost
@@ -228,6 +231,7 @@ class LogWriter:
             self.log_bytes, self.log_entries = 0, 0
         else:
             self.log_bytes, self.log_entries = log_bytes, entries
+        self.events.written(self.model, batch.nbytes, snapshot is not None, self.log_bytes)
         self._written(batch.seq)
 
     def _written(self, seq: int) -> None:
