@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import httpx
 import momentum_client as mc
 import numpy as np
 import pytest
@@ -489,3 +490,21 @@ def test_an_existing_model_is_joined_or_refused(client: mc.Client) -> None:
 def test_importing_the_client_does_not_import_torch() -> None:
     code = "import sys, momentum_client\nassert 'torch' not in sys.modules, 'torch imported'\n"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_metrics_go_with_the_step_into_the_series(client: mc.Client) -> None:
+    model = _name("metrics")
+    net = _net()
+    opt = RemoteSGD(net.parameters(), lr=0.01, momentum=0.9, model=model, client=client)
+    losses = []
+    for k in range(3):
+        x, y = _batch(k, torch.float32)
+        opt.zero_grad()
+        loss = F.cross_entropy(net(x), y)
+        loss.backward()
+        opt.step(metrics={"loss": loss.detach(), "k": k})  # a 0-d tensor and an int
+        losses.append(loss.item())
+    body = httpx.get(f"{client.base_url}/v1/models/{model}/metrics").json()
+    assert [p["metrics"] for p in body["points"]] == [{"loss": v, "k": float(k)} for k, v in enumerate(losses)]
+    assert [p["step"] for p in body["points"]] == [1, 2, 3]
+    client.delete_model(model)

@@ -320,14 +320,19 @@ class RemoteSGD(Optimizer):
             self._connect(added)
 
     @overload
-    def step(self, closure: None = None) -> None: ...
+    def step(self, closure: None = None, *, metrics: Mapping[str, Any] | None = None) -> None: ...
 
     @overload
-    def step(self, closure: Callable[[], float]) -> float: ...
+    def step(self, closure: Callable[[], float], *, metrics: Mapping[str, Any] | None = None) -> float: ...
 
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+    def step(
+        self, closure: Callable[[], float] | None = None, *, metrics: Mapping[str, Any] | None = None
+    ) -> float | None:
         """One step: the closure (if given), then every gradient in one request; the new values are copied
-        into the parameters in place. Returns the closure's loss (``None`` without one)."""
+        into the parameters in place. Returns the closure's loss (``None`` without one).
+
+        ``metrics`` (``{"loss": loss.item()}``; numbers or 0-d tensors) go with the push into the model's
+        training series: the dashboard's curves."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -358,6 +363,8 @@ class RemoteSGD(Optimizer):
             options["base_step"] = bases.pop()
             if self.mode == "sync":
                 options["worker_id"] = self.rank
+        if metrics is not None:
+            options["metrics"] = {k: float(v) for k, v in metrics.items()}
         results = client.step_results(self.model, grads, **options)
         with torch.no_grad():
             for name, p in targets:
