@@ -96,7 +96,7 @@ class FakeJournal:
     async def load_points(self, model: str, inc: str, cap: int) -> list[bytes]:
         return []
 
-    async def models(self, after: str, limit: int) -> list[str]:
+    async def model_names(self, after: str, limit: int) -> list[str]:
         return sorted(n for n in self.models if n > after)[:limit]
 
     async def load(self, model: str) -> Loaded | None:

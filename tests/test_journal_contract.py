@@ -171,6 +171,21 @@ async def test_idempotency_records_are_written_with_their_batch_and_expire(journ
     assert await journal.lookup("m", "inc0", "k1") is None  # expired
 
 
+async def test_the_models_are_listed_in_name_order_and_a_deleted_one_is_not(journal: Journal) -> None:
+    leases = {name: await created(journal, name) for name in ("b", "a.x", "c-1", "a")}
+    assert await journal.model_names("", 10) == ["a", "a.x", "b", "c-1"]
+    assert await journal.model_names("a", 2) == ["a.x", "b"] and await journal.model_names("c-1", 10) == []
+    await journal.delete(leases["b"], "b")
+    assert await journal.model_names("", 10) == ["a", "a.x", "c-1"]
+
+
+async def test_series_points_are_appended_capped_and_read_back(journal: Journal) -> None:
+    await created(journal)
+    await journal.append_points("m", "inc0", [b"1", b"2", b"3"], 4)
+    await journal.append_points("m", "inc0", [b"4", b"5"], 4)
+    assert await journal.load_points("m", "inc0", 4) == ([b"2", b"3", b"4", b"5"] if journal.kind == "redis" else [])
+
+
 async def test_delete_makes_the_model_unknown(journal: Journal) -> None:
     lease = await created(journal)
     await journal.commit(lease, "m", Batch("inc0", 0, 1, [entry(1)], keys=[KeyRecord("k", "f", "s")]))
@@ -202,7 +217,8 @@ async def test_redis_keys_stay_under_the_prefix_and_the_models_tag(redis_proc: R
         await journal.commit(lease, "m", Batch("inc0", 0, 2, [entry(1), big], keys=[KeyRecord("k", "f", "s")]))
         await journal.commit(lease, "m", Batch("inc0", 2, 3, snapshot=Record({"seq": 3}, (b"s",))))
         keys = sorted(k.decode() for k in client.scan_iter(match=f"{redis_prefix}:*"))
-        assert all(k.startswith(f"{redis_prefix}:{{m}}:") or "{replicas}" in k for k in keys), keys
+        index = f"{redis_prefix}:{{models}}:index"  # the names of the models (GET /v1/models)
+        assert all(k.startswith(f"{redis_prefix}:{{m}}:") or "{replicas}" in k or k == index for k in keys), keys
         assert not any(":stage:" in k for k in keys), "a staged buffer outlived its transaction"
         assert not any(":log:" in k for k in keys), "the snapshot dropped the log"
     finally:

@@ -44,7 +44,7 @@ async def list_models(
     names: list[str] = []
     cursor, batch = after or "", max(limit + 1, 100)
     while len(names) <= limit:  # one more than a page tells whether there is a next one
-        found = await server.store.models(cursor, batch)
+        found = await server.store.model_names(cursor, batch)
         names += [n for n in found if caller is None or caller.allows("read", n)]
         if len(found) < batch:
             break

@@ -182,7 +182,7 @@ class Journal(Protocol):
 
     # A model's durable record. Writes are fenced by the lease.
 
-    async def models(self, after: str, limit: int) -> list[str]:
+    async def model_names(self, after: str, limit: int) -> list[str]:
         """The names of the models that exist, in order, those after ``after`` (``""``: from the first), at
         most ``limit``."""
         ...

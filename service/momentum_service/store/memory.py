@@ -21,7 +21,7 @@ class MemoryJournal:
     def __init__(self) -> None:
         self._names: set[str] = set()  # the models that exist (their state is their owners')
 
-    async def models(self, after: str, limit: int) -> list[str]:
+    async def model_names(self, after: str, limit: int) -> list[str]:
         return sorted(n for n in self._names if n > after)[:limit]
 
     async def ping(self) -> None:

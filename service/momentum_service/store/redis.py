@@ -9,7 +9,9 @@ about them (see :func:`_guard`).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -38,6 +40,8 @@ from ..errors import Fenced, KeyTaken, StoreError, StoreFull, StoreUnavailable
 from . import scripts
 from .base import Batch, Buffer, Head, Holder, KeyRecord, Lease, Loaded, Record, Replica
 from .keys import Keys
+
+log = logging.getLogger("momentum_service")
 
 INLINE_BYTES = 256 << 10
 """A batch whose buffers total at most this many bytes passes them to ``COMMIT`` as arguments (one command);
@@ -165,7 +169,7 @@ class RedisJournal:
 
     # A model's record.
 
-    async def models(self, after: str, limit: int) -> list[str]:
+    async def model_names(self, after: str, limit: int) -> list[str]:
         # The index of model names (a sorted set, read by lexical range: no SCAN, which the ACL forbids).
         low = f"({after}" if after else "-"
         async with _guard():
@@ -178,8 +182,11 @@ class RedisJournal:
             raw = await self._redis.hgetall(k.model(model))
         if not raw:
             return None
-        async with _guard():  # the index entry, again: a crash between a create and its index write is repaired
-            await self._redis.zadd(self.keys.index(), {model: 0})
+        # The index entry, again: a crash between a create and its index write is repaired. Best effort: a
+        # full Redis refuses the write, and a model must still load (to be read, or deleted to free memory).
+        with contextlib.suppress(StoreFull, StoreError):
+            async with _guard():
+                await self._redis.zadd(self.keys.index(), {model: 0})
         head_fields = {_text(f): v for f, v in raw.items()}
         inc = _text(head_fields["inc"])
         head = Head(json.loads(head_fields["config"]), _text(head_fields["rev"]), inc, int(head_fields["seq"]))
@@ -232,8 +239,7 @@ class RedisJournal:
             raise Fenced(f"this server's lease on model {model!r} was taken over; nothing was written")
         if int(res) == 0:
             raise Fenced(f"model {model!r} was created by another server meanwhile; nothing was written")
-        async with _guard():  # the list of models (GET /v1/models); another slot, so not in the script
-            await self._redis.zadd(self.keys.index(), {model: 0})
+        await self._index(model, add=True)
 
     async def commit(self, lease: Lease, model: str, batch: Batch) -> None:
         k, inc = self.keys, batch.inc
@@ -332,8 +338,20 @@ class RedisJournal:
         )
         if int(res) == -1:
             raise Fenced(f"this server's lease on model {model!r} was taken over; nothing was deleted")
-        async with _guard():
-            await self._redis.zrem(self.keys.index(), model)
+        await self._index(model, add=False)
+
+    async def _index(self, model: str, *, add: bool) -> None:
+        """The model's name in (or out of) the index of GET /v1/models: another slot than the model's, so
+        not in its script. Best effort: the model is created or deleted already; a name missing is added
+        again when the model is next loaded, and a name left over is skipped by the list."""
+        try:
+            async with _guard():
+                if add:
+                    await self._redis.zadd(self.keys.index(), {model: 0})
+                else:
+                    await self._redis.zrem(self.keys.index(), model)
+        except (StoreUnavailable, StoreFull, StoreError) as exc:
+            log.warning("model %r: the index of model names could not be updated (%s)", model, exc)
 
     async def append_points(self, model: str, inc: str, points: Sequence[bytes], cap: int) -> None:
         key = self.keys.points(model, inc)
