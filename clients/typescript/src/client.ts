@@ -268,7 +268,7 @@ export class Client {
   /** Create the model; an existing one is never changed (ModelExists, or with `existOk` it is returned). */
   async createModel(model: string, options: CreateModelOptions): Promise<ModelInfo> {
     const body = modelBody(options);
-    const res = await this.send({ method: "PUT", path: modelPath(model), ...jsonBody(body), headers: { "If-None-Match": "*" } }, options.signal);
+    const res = await this.send(jsonRequest("PUT", modelPath(model), body, { "If-None-Match": "*" }), options.signal);
     if (res.status === 412 && options.existOk) {
       const error = this.error(res);
       if (error instanceof ModelExists) return this.getModel(model, options);
@@ -279,14 +279,14 @@ export class Client {
 
   /** Create the model, or replace its config (parameters are kept; the rule cannot change). */
   async replaceModel(model: string, options: ModelConfig & CallOptions): Promise<ModelInfo> {
-    const res = await this.send({ method: "PUT", path: modelPath(model), ...jsonBody(modelBody(options)) }, options.signal);
+    const res = await this.send(jsonRequest("PUT", modelPath(model), modelBody(options)), options.signal);
     return this.parse(res, (b) => b as ModelInfo);
   }
 
   /** PATCH the config: `{optimizer: {lr: 0.01}}`, `schedule`, `groups` (from the next step on). */
   async updateModel(model: string, update: ModelUpdate): Promise<ModelInfo> {
     const { signal, ...body } = update;
-    const res = await this.send({ method: "PATCH", path: modelPath(model), ...jsonBody(body) }, signal);
+    const res = await this.send(jsonRequest("PATCH", modelPath(model), body), signal);
     return this.parse(res, (b) => b as ModelInfo);
   }
 
@@ -583,7 +583,7 @@ export class Client {
       const key = what === "gradient" ? "gradients" : "params";
       const encoded: Record<string, RawJSON> = {};
       for (const [n, t] of Object.entries(tensors)) encoded[n] = encodeTensorJSON(t, `${what} ${JSON.stringify(n)}`, half);
-      return { method, path, ...jsonBody({ [key]: encoded, ...fields }) };
+      return jsonRequest(method, path, { [key]: encoded, ...fields });
     }
     return {
       method,
@@ -692,8 +692,8 @@ function retryOf(req: Req): Req {
   return { ...req, headers };
 }
 
-function jsonBody(body: unknown): { body: string; headers: Record<string, string> } {
-  return { body: stringify(body), headers: { "Content-Type": "application/json" } };
+function jsonRequest(method: string, path: string, body: unknown, headers: Record<string, string> = {}): Req {
+  return { method, path, body: stringify(body), headers: { "Content-Type": "application/json", ...headers } };
 }
 
 function modelBody(config: ModelConfig): Record<string, unknown> {
