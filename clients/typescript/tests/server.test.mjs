@@ -1,0 +1,231 @@
+// Every operation against a real momentum-service process (embedded store), in both wires.
+import assert from "node:assert/strict";
+import { execFileSync } from "node:child_process";
+import path from "node:path";
+import { after, before, describe, test } from "node:test";
+import * as mc from "../dist/index.js";
+import { fromHex, hexOf, sameBits, startServer, VENV, vectors } from "./helpers.mjs";
+
+let server;
+before(async () => {
+  server = await startServer({ env: { MOMENTUM_SYNC_TIMEOUT_S: "0.3" } });
+});
+after(async () => {
+  await server?.stop();
+});
+
+test("health and ready; a server that is not there is not healthy", async () => {
+  const c = new mc.Client(server.url);
+  assert.equal(await c.health(), true);
+  assert.equal(await c.ready(), true);
+  const gone = new mc.Client("http://127.0.0.1:9", { timeout: 2 });
+  assert.equal(await gone.health(), false);
+  await assert.rejects(gone.getModel("m"), mc.TransportError);
+});
+
+for (const wire of ["safetensors", "json"]) {
+  describe(`${wire} wire`, () => {
+    const m = `ts-${wire}`;
+    let c;
+    before(() => {
+      c = new mc.Client(server.url, { wire });
+    });
+
+    test("createModel only creates: ModelExists with the existing config, or the existing model with existOk", async () => {
+      const info = await c.createModel(m, { lr: 0.1, momentum: 0.9, nesterov: true });
+      assert.equal(info.name, m);
+      assert.equal(info.optimizer.rule, "pytorch");
+      assert.equal(info.optimizer.nesterov, true);
+      await assert.rejects(c.createModel(m, { lr: 0.5 }), (e) => {
+        assert.ok(e instanceof mc.ModelExists && e instanceof mc.PreconditionFailed && e instanceof mc.Conflict);
+        assert.equal(e.code, "model-exists");
+        assert.equal(e.existingConfig.optimizer.lr, 0.1);
+        return true;
+      });
+      const same = await c.createModel(m, { lr: 0.5, existOk: true });
+      assert.equal(same.optimizer.lr, 0.1);
+    });
+
+    test("initParams, existOk never overwrites; getParams and getParamState give back the exact bits", async () => {
+      const edges = fromHex(vectors("tensors").find((t) => t.name === "f32-edges"));
+      const w = mc.float32([0.1, 0.2, 0.3, 0.4], [2, 2]);
+      const s = fromHex(vectors("tensors").find((t) => t.name === "f64-scalar"));
+      assert.deepEqual(await c.initParams(m, { w, edges, s }), { w: true, edges: true, s: true });
+      const again = await c.initParams(m, { w: mc.float32([9, 9, 9, 9], [2, 2]), b: mc.float32([0.5]) }, { existOk: true });
+      assert.deepEqual(again, { w: false, b: true });
+      const got = await c.getParams(m);
+      assert.deepEqual(Object.keys(got).sort(), ["b", "edges", "s", "w"]);
+      assert.ok(sameBits(got.w, w));
+      assert.ok(sameBits(got.edges, edges), hexOf(got.edges));
+      assert.ok(sameBits(got.s, s));
+      assert.deepEqual(got.s.shape, []);
+      const some = await c.getParams(m, ["w", "b"]);
+      assert.deepEqual(Object.keys(some).sort(), ["b", "w"]);
+      const state = await c.getParamState(m, "w");
+      assert.equal(state.step, 0);
+      assert.equal(state.velocity, null);
+      assert.ok(sameBits(state.value, w));
+    });
+
+    test("step, stepResults and pushGradients: steps, lr, staleness, velocity, metrics, bf16/f16 gradients", async () => {
+      const g = mc.float32([1, -1, 0.5, 0], [2, 2]);
+      const v1 = await c.step(m, { w: g });
+      assert.deepEqual(v1.w.shape, [2, 2]);
+      assert.equal(v1.w.dtype, "float32");
+      const r = await c.stepResults(m, { w: g }, { baseStep: 1, expectedSteps: { w: 1 }, metrics: { loss: 0.31 } });
+      assert.equal(r.w.step, 2);
+      assert.equal(r.w.lr, 0.1);
+      assert.equal(r.w.staleness, 0);
+      assert.equal(r.w.replayed, false);
+      assert.ok(r.w.value instanceof Object);
+      const steps = await c.pushGradients(m, { w: g, b: mc.float32([0.25]) });
+      assert.deepEqual(steps, { w: 3, b: 1 });
+      const noValues = await c.stepResults(m, { b: mc.float32([1]) }, { returnParams: false });
+      assert.equal(noValues.b.value, null);
+      assert.equal(noValues.b.step, 2);
+      const state = await c.getParamState(m, "w");
+      assert.equal(state.step, 3);
+      assert.ok(state.velocity !== null);
+      assert.ok(state.state.velocity !== undefined);
+      if (wire === "safetensors") {
+        const h = { data: mc.toBfloat16Bits([1, -1, 0.5, 0]), shape: [2, 2], dtype: "bfloat16" };
+        const f = { data: new Uint16Array([0x3c00, 0xbc00, 0x3800, 0x0000]), shape: [2, 2], dtype: "float16" };
+        assert.equal((await c.stepResults(m, { w: h })).w.step, 4);
+        assert.equal((await c.stepResults(m, { w: f })).w.step, 5);
+      } else {
+        const h = { data: mc.toBfloat16Bits([1, -1, 0.5, 0]), shape: [2, 2], dtype: "bfloat16" };
+        assert.equal((await c.stepResults(m, { w: h })).w.step, 4);
+        assert.equal((await c.stepResults(m, { w: g })).w.step, 5);
+      }
+    });
+
+    test("a key sent twice is applied once: the replay says so", async () => {
+      const g = { b: mc.float32([1]) };
+      const first = await c.stepResults(m, g, { idempotencyKey: `key-${wire}` });
+      const second = await c.stepResults(m, g, { idempotencyKey: `key-${wire}` });
+      assert.equal(second.b.step, first.b.step);
+      assert.equal(second.b.replayed, true);
+      assert.ok(sameBits(second.b.value, first.b.value));
+      assert.equal((await c.getParamState(m, "b")).step, first.b.step);
+      await assert.rejects(c.stepResults(m, { b: mc.float32([2]) }, { idempotencyKey: `key-${wire}` }), (e) => {
+        assert.ok(e instanceof mc.InvalidRequest);
+        assert.equal(e.code, "idempotency-key-reused");
+        return true;
+      });
+    });
+
+    test("errors: step-mismatch with currentSteps, tensor-mismatch, not found, invalid config", async () => {
+      await assert.rejects(c.step(m, { w: mc.float32([1, 1, 1, 1], [2, 2]) }, { expectedSteps: { w: 1 } }), (e) => {
+        assert.ok(e instanceof mc.Conflict && !(e instanceof mc.TensorMismatch));
+        assert.equal(e.code, "step-mismatch");
+        assert.deepEqual(e.currentSteps, { w: 5 });
+        return true;
+      });
+      await assert.rejects(c.step(m, { w: mc.float64([1, 1, 1, 1], [2, 2]) }), (e) => {
+        assert.ok(e instanceof mc.TensorMismatch);
+        assert.equal(e.mismatches.w.expected.dtype, "float32");
+        return true;
+      });
+      await assert.rejects(c.step(m, { nope: mc.float32([1]) }), (e) => e instanceof mc.NotFound && e.code === "param-not-found");
+      await assert.rejects(c.getModel(`${m}-missing`), (e) => e instanceof mc.NotFound && e.code === "model-not-found");
+      await assert.rejects(c.updateModel(m, { optimizer: { lr: -0.1 } }), (e) => {
+        assert.ok(e instanceof mc.InvalidRequest);
+        assert.equal(e.code, "invalid-config");
+        assert.deepEqual(e.errors[0].loc, ["body", "optimizer", "lr"]);
+        return true;
+      });
+    });
+
+    test("updateModel, replaceModel, getModel, listModels (paged)", async () => {
+      const u = await c.updateModel(m, { optimizer: { lr: 0.01 } });
+      assert.equal(u.optimizer.lr, 0.01);
+      const r = await c.replaceModel(m, { lr: 0.05, momentum: 0.5, schedule: { type: "cosine", T_max: 100 } });
+      assert.equal(r.optimizer.momentum, 0.5);
+      assert.equal(r.schedule.type, "cosine");
+      const info = await c.getModel(m);
+      assert.equal(info.params.w.step, 5);
+      assert.deepEqual(info.params.w.shape, [2, 2]);
+      const all = await c.listModels({ pageSize: 1 });
+      assert.ok(all.some((s) => s.name === m && s.rule === "pytorch" && s.params === 4));
+    });
+
+    test("saveCheckpoint and loadCheckpoint restore the model bitwise; deleteParam and deleteModel", async () => {
+      const before = await c.getParams(m);
+      const file = await c.saveCheckpoint(m);
+      assert.ok(file instanceof Uint8Array && file.length > 8);
+      const { metadata } = mc.decodeSafetensors(file);
+      assert.equal(JSON.parse(JSON.stringify(metadata)).format, "momentum-checkpoint/1");
+      await c.deleteModel(m);
+      await assert.rejects(c.getModel(m), mc.NotFound);
+      const restored = await c.loadCheckpoint(m, file, { replace: false });
+      assert.equal(restored.params.w.step, 5);
+      const after = await c.getParams(m);
+      for (const n of Object.keys(before)) assert.ok(sameBits(after[n], before[n]), n);
+      await assert.rejects(c.loadCheckpoint(m, file, { replace: false }), mc.ModelExists);
+      await c.loadCheckpoint(m, file);
+      await c.deleteParam(m, "edges");
+      await assert.rejects(c.getParamState(m, "edges"), mc.NotFound);
+      await c.deleteModel(m);
+    });
+  });
+}
+
+test("bitwise: the same pushes from this client and from the Python SDK give the same bits, both wires", async () => {
+  const pushes = [];
+  for (let i = 0; i < 20; i++) {
+    pushes.push(Array.from({ length: 6 }, (_, j) => Math.sin(i * 7 + j * 3) * 10 ** ((j % 5) - 2)));
+  }
+  const init = [0.1, -0.2, 3e-39, -0, 1e30, 7];
+  const config = { lr: 0.05, momentum: 0.9, nesterov: true, weight_decay: 0.01 };
+  const ours = {};
+  for (const wire of ["safetensors", "json"]) {
+    const c = new mc.Client(server.url, { wire });
+    const m = `bitwise-ts-${wire}`;
+    await c.createModel(m, config);
+    await c.initParams(m, { w: mc.float32(init, [2, 3]), d: mc.float64(init) });
+    for (const p of pushes) await c.step(m, { w: mc.float32(p, [2, 3]), d: mc.float64(p) });
+    const s = await c.getParamState(m, "w");
+    const d = await c.getParamState(m, "d");
+    ours[wire] = [hexOf(s.value), hexOf(s.velocity), hexOf(d.value), hexOf(d.velocity)];
+  }
+  const script = `
+import json, sys
+import numpy as np
+import momentum_client as mc
+url, pushes, init = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+c = mc.Client(url)
+c.create_model("bitwise-py", lr=0.05, momentum=0.9, nesterov=True, weight_decay=0.01)
+c.init_params("bitwise-py", {"w": np.float32(init).reshape(2, 3), "d": np.float64(init)})
+for p in pushes:
+    c.step("bitwise-py", {"w": np.float32(p).reshape(2, 3), "d": np.float64(p)})
+w, d = c.get_param_state("bitwise-py", "w"), c.get_param_state("bitwise-py", "d")
+print(json.dumps([a.astype(a.dtype.newbyteorder("<")).tobytes().hex() for a in (w.value, w.velocity, d.value, d.velocity)]))
+`;
+  const out = execFileSync(path.join(VENV, "bin", "python"), ["-c", script, server.url, JSON.stringify(pushes), JSON.stringify(init)], {
+    encoding: "utf8",
+  });
+  const python = JSON.parse(out);
+  assert.deepEqual(ours.safetensors, python);
+  assert.deepEqual(ours.json, python);
+});
+
+test("sync mode: a push waits for the other worker (202 re-sent), StepTimeout after syncWait", async () => {
+  const c = new mc.Client(server.url, { syncWait: 0.1 });
+  await c.createModel("ts-sync", { lr: 0.1, momentum: 0.9, mode: "sync", workers: 2 });
+  await c.initParams("ts-sync", { w: mc.float32([1, 1]) });
+  await assert.rejects(c.step("ts-sync", { w: mc.float32([0.1, 0.2]) }, { workerId: 1, baseStep: 0 }), (e) => {
+    assert.ok(e instanceof mc.StepTimeout);
+    assert.equal(e.baseStep, 0);
+    assert.equal(e.workers, 2);
+    assert.deepEqual(e.contributions, { w: 1 });
+    return true;
+  });
+  const patient = new mc.Client(server.url, { syncWait: 30 });
+  const one = patient.stepResults("ts-sync", { w: mc.float32([0.1, 0.2]) }, { workerId: 1, baseStep: 0 });
+  await new Promise((r) => setTimeout(r, 500)); // at least one 202 and re-send
+  const zero = await patient.stepResults("ts-sync", { w: mc.float32([0.3, 0.4]) }, { workerId: 0, baseStep: 0 });
+  const r1 = await one;
+  assert.deepEqual([...zero.w.value.data], [0.9800000190734863, 0.9699999690055847]);
+  assert.ok(sameBits(r1.w.value, zero.w.value));
+  assert.equal(r1.w.step, 1);
+});
