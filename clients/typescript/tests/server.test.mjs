@@ -229,3 +229,18 @@ test("sync mode: a push waits for the other worker (202 re-sent), StepTimeout af
   assert.ok(sameBits(r1.w.value, zero.w.value));
   assert.equal(r1.w.step, 1);
 });
+
+test("examples/worker.mjs trains a linear regression", async () => {
+  const { execFile } = await import("node:child_process");
+  const { promisify } = await import("node:util");
+  const { fileURLToPath } = await import("node:url");
+  const worker = fileURLToPath(new URL("../examples/worker.mjs", import.meta.url));
+  const { stdout } = await promisify(execFile)(process.execPath, [worker, server.url, "150"], {
+    env: { ...process.env, MODEL: "linreg-example" },
+  });
+  const last = stdout.trim().split("\n").at(-2);
+  const loss = Number(last.match(/loss ([0-9.e-]+)/)[1]);
+  assert.ok(loss < 0.01, stdout);
+  const w = (await new mc.Client(server.url).getParams("linreg-example", ["w"])).w;
+  [2, -3, 0.5, 1].forEach((t, j) => assert.ok(Math.abs(w.data[j] - t) < 0.05, stdout));
+});
