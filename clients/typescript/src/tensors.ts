@@ -186,7 +186,7 @@ export function encodeSafetensors(
     header[e.name] = { dtype: e.wire, shape: e.t.shape, data_offsets: [offset, offset + e.bytes] };
     offset += e.bytes;
   }
-  let text = new TextEncoder().encode(JSON.stringify(header));
+  const text = new TextEncoder().encode(JSON.stringify(header));
   const pad = (8 - ((text.length + 8) % 8)) % 8;
   const body = new Uint8Array(8 + text.length + pad + offset);
   const view = new DataView(body.buffer);
@@ -199,7 +199,6 @@ export function encodeSafetensors(
     body.set(new Uint8Array(e.t.data.buffer, e.t.data.byteOffset, e.bytes), at);
     at += e.bytes;
   }
-  text = new Uint8Array(0);
   return body;
 }
 
