@@ -78,6 +78,8 @@ for (const wire of ["safetensors", "json"]) {
       assert.equal(r.w.staleness, 0);
       assert.equal(r.w.replayed, false);
       assert.ok(r.w.value instanceof Object);
+      const series = await (await fetch(`${server.url}/v1/models/${m}/metrics`)).json();
+      assert.ok(JSON.stringify(series.points).includes("0.31"), JSON.stringify(series)); // the metrics were kept
       const steps = await c.pushGradients(m, { w: g, b: mc.float32([0.25]) });
       assert.deepEqual(steps, { w: 3, b: 1 });
       const noValues = await c.stepResults(m, { b: mc.float32([1]) }, { returnParams: false });
