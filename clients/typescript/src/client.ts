@@ -88,19 +88,31 @@ export interface ParamState {
   state: Record<string, Tensor>;
 }
 
-export interface ModelConfig {
-  lr: number;
+/** The hyperparameters (camelCase; sent as the API names them: `weight_decay`). */
+export interface Hyperparameters {
+  lr?: number;
   momentum?: number;
   dampening?: number;
   nesterov?: boolean;
-  weight_decay?: number;
+  weightDecay?: number;
   maximize?: boolean;
+}
+
+/** When a step is acknowledged with Redis: `"step"` (once logged) or `{flushMs: N}` (from the owner's memory). */
+export type Durability = "step" | { flushMs: number };
+
+/** A model's config, as `createModel` and `replaceModel` take it (the Python SDK's keyword arguments). */
+export interface ModelConfig extends Hyperparameters {
+  lr: number;
+  /** `"pytorch"` (default), `"keras"`, `"tf1"`, `"ema"`, `"previous_delta"`. */
   rule?: string;
+  /** In the API's form, e.g. `{type: "cosine", T_max: 1000}` (default constant). */
   schedule?: Record<string, unknown>;
   mode?: "async" | "sync" | "bounded";
   workers?: number;
-  max_staleness?: number;
-  durability?: "step" | { flush_ms: number };
+  maxStaleness?: number;
+  durability?: Durability;
+  /** In the API's form: `[{params: ["*.bias"], weight_decay: 0}]`. */
   groups?: Array<Record<string, unknown>>;
 }
 
@@ -109,11 +121,15 @@ export interface CreateModelOptions extends ModelConfig, CallOptions {
   existOk?: boolean;
 }
 
-export interface ModelUpdate extends CallOptions {
-  optimizer?: Record<string, unknown>;
+/** What `updateModel` may change (at least one): hyperparameters, the schedule, mode fields, durability, groups. */
+export interface ModelUpdate extends Hyperparameters, CallOptions {
   schedule?: Record<string, unknown>;
-  groups?: unknown;
-  [key: string]: unknown;
+  mode?: "async" | "sync" | "bounded";
+  workers?: number;
+  maxStaleness?: number;
+  durability?: Durability;
+  /** A list replaces the groups; `{groupName: changes}` changes those groups. */
+  groups?: Array<Record<string, unknown>> | Record<string, Record<string, unknown>>;
 }
 
 /** A model as the server describes it (`GET /v1/models/{model}`), fields as the API names them. */
@@ -136,7 +152,6 @@ export interface ModelSummary {
 }
 
 const NEUTRAL: Record<string, unknown> = { dampening: 0, nesterov: false, weight_decay: 0, maximize: false };
-const OPTIMIZER_KEYS = ["rule", "lr", "momentum", "dampening", "nesterov", "weight_decay", "maximize"] as const;
 const KEY = /^[\x21-\x7e]{1,255}$/;
 const BINARY_ACCEPT = `${SAFETENSORS}, application/json, application/problem+json`;
 const JSON_ACCEPT = "application/json, application/problem+json";
@@ -283,10 +298,10 @@ export class Client {
     return this.parse(res, (b) => b as ModelInfo);
   }
 
-  /** PATCH the config: `{optimizer: {lr: 0.01}}`, `schedule`, `groups` (from the next step on). */
+  /** Change some hyperparameters, the schedule, mode fields, durability and/or groups (from the next step on). */
   async updateModel(model: string, update: ModelUpdate): Promise<ModelInfo> {
-    const { signal, ...body } = update;
-    const res = await this.send(jsonRequest("PATCH", modelPath(model), body), signal);
+    const { signal, ...fields } = update;
+    const res = await this.send(jsonRequest("PATCH", modelPath(model), updateBody(fields)), signal);
     return this.parse(res, (b) => b as ModelInfo);
   }
 
@@ -696,22 +711,63 @@ function jsonRequest(method: string, path: string, body: unknown, headers: Recor
   return { method, path, body: stringify(body), headers: { "Content-Type": "application/json", ...headers } };
 }
 
+const HYPER: Record<string, string> = {
+  lr: "lr", momentum: "momentum", dampening: "dampening", nesterov: "nesterov", weightDecay: "weight_decay", maximize: "maximize",
+};
+
+function hyperparameters(config: Record<string, unknown>, skipNeutral: boolean): Record<string, unknown> {
+  const out: Record<string, unknown> = {};
+  for (const [k, api] of Object.entries(HYPER)) {
+    const v = config[k];
+    if (v === undefined || (skipNeutral && api in NEUTRAL && v === NEUTRAL[api])) continue;
+    if (typeof v === "number" && !Number.isFinite(v)) throw new RangeError(`${k} must be finite, got ${v}`);
+    out[api] = v;
+  }
+  return out;
+}
+
+function modeFields(config: { mode?: string; workers?: number; maxStaleness?: number }, body: Record<string, unknown>): void {
+  if (config.mode !== undefined) body.mode = config.mode;
+  if (config.workers !== undefined) body.workers = asIndex(config.workers, "workers");
+  if (config.maxStaleness !== undefined) body.max_staleness = asIndex(config.maxStaleness, "maxStaleness");
+}
+
+function durabilityJSON(d: Durability): unknown {
+  if (d === "step") return "step";
+  if (d !== null && typeof d === "object" && Object.keys(d).length === 1 && "flushMs" in d) return { flush_ms: asIndex(d.flushMs, "durability.flushMs") };
+  throw new RangeError(`durability must be "step" or {flushMs: N}, got ${JSON.stringify(d)}`);
+}
+
+const CONFIG_KEYS = new Set([...Object.keys(HYPER), "rule", "schedule", "mode", "workers", "maxStaleness", "durability", "groups", "existOk", "signal"]);
+
 function modelBody(config: ModelConfig): Record<string, unknown> {
   if (typeof config?.lr !== "number") throw new TypeError("lr is required");
-  const optimizer: Record<string, unknown> = {};
-  for (const k of OPTIMIZER_KEYS) {
-    const v = (config as unknown as Record<string, unknown>)[k];
-    if (v === undefined || (k in NEUTRAL && v === NEUTRAL[k])) continue;
-    if (typeof v === "number" && !Number.isFinite(v)) throw new RangeError(`${k} must be finite, got ${v}`);
-    optimizer[k] = v;
-  }
+  const unknown = Object.keys(config).filter((k) => !CONFIG_KEYS.has(k));
+  if (unknown.length) throw new TypeError(`unknown model option(s) ${unknown.join(", ")}; valid: ${[...CONFIG_KEYS].join(", ")}`);
+  const optimizer = hyperparameters(config as unknown as Record<string, unknown>, true);
+  if (config.rule !== undefined) optimizer.rule = config.rule;
   const body: Record<string, unknown> = { optimizer };
   if (config.schedule !== undefined) body.schedule = config.schedule;
-  if (config.mode !== undefined && config.mode !== "async") body.mode = config.mode;
-  if (config.workers !== undefined) body.workers = asIndex(config.workers, "workers");
-  if (config.max_staleness !== undefined) body.max_staleness = asIndex(config.max_staleness, "max_staleness");
-  if (config.durability !== undefined) body.durability = config.durability;
+  modeFields({ ...config, mode: config.mode === "async" ? undefined : config.mode }, body);
+  if (config.durability !== undefined) body.durability = durabilityJSON(config.durability);
   if (config.groups !== undefined) body.groups = config.groups;
+  return body;
+}
+
+function updateBody(update: Omit<ModelUpdate, "signal">): Record<string, unknown> {
+  const valid = new Set([...Object.keys(HYPER), "schedule", "mode", "workers", "maxStaleness", "durability", "groups"]);
+  const unknown = Object.keys(update).filter((k) => !valid.has(k));
+  if (unknown.length) throw new TypeError(`updateModel: unknown option(s) ${unknown.join(", ")}; valid: ${[...valid].join(", ")}`);
+  const body: Record<string, unknown> = {};
+  const optimizer = hyperparameters(update as Record<string, unknown>, false);
+  if (Object.keys(optimizer).length) body.optimizer = optimizer;
+  if (update.schedule !== undefined) body.schedule = update.schedule;
+  modeFields(update, body);
+  if (update.durability !== undefined) body.durability = durabilityJSON(update.durability);
+  if (update.groups !== undefined) body.groups = update.groups;
+  if (!Object.keys(body).length) {
+    throw new TypeError("updateModel needs at least one hyperparameter, a schedule, mode, workers, maxStaleness, durability or groups");
+  }
   return body;
 }
 

@@ -5,6 +5,8 @@ export type {
   CallOptions,
   ClientOptions,
   CreateModelOptions,
+  Durability,
+  Hyperparameters,
   ModelConfig,
   ModelInfo,
   ModelSummary,

@@ -130,7 +130,7 @@ for (const wire of ["safetensors", "json"]) {
       });
       await assert.rejects(c.step(m, { nope: mc.float32([1]) }), (e) => e instanceof mc.NotFound && e.code === "param-not-found");
       await assert.rejects(c.getModel(`${m}-missing`), (e) => e instanceof mc.NotFound && e.code === "model-not-found");
-      await assert.rejects(c.updateModel(m, { optimizer: { lr: -0.1 } }), (e) => {
+      await assert.rejects(c.updateModel(m, { lr: -0.1 }), (e) => {
         assert.ok(e instanceof mc.InvalidRequest);
         assert.equal(e.code, "invalid-config");
         assert.deepEqual(e.errors[0].loc, ["body", "optimizer", "lr"]);
@@ -139,8 +139,14 @@ for (const wire of ["safetensors", "json"]) {
     });
 
     test("updateModel, replaceModel, getModel, listModels (paged)", async () => {
-      const u = await c.updateModel(m, { optimizer: { lr: 0.01 } });
+      const u = await c.updateModel(m, { lr: 0.01, weightDecay: 0.001 });
       assert.equal(u.optimizer.lr, 0.01);
+      assert.equal(u.optimizer.weight_decay, 0.001);
+      await assert.rejects(c.updateModel(m, {}), TypeError);
+      await assert.rejects(c.updateModel(m, { weight_decay: 0.1 }), TypeError);
+      await assert.rejects(c.createModel(`${m}-x`, { lr: 0.1, max_staleness: 2 }), TypeError);
+      const g = await c.updateModel(m, { groups: [{ name: "biases", params: ["b"], weight_decay: 0 }] });
+      assert.equal(g.groups[0].name, "biases");
       const r = await c.replaceModel(m, { lr: 0.05, momentum: 0.5, schedule: { type: "cosine", T_max: 100 } });
       assert.equal(r.optimizer.momentum, 0.5);
       assert.equal(r.schedule.type, "cosine");
@@ -178,7 +184,7 @@ test("bitwise: the same pushes from this client and from the Python SDK give the
     pushes.push(Array.from({ length: 6 }, (_, j) => Math.sin(i * 7 + j * 3) * 10 ** ((j % 5) - 2)));
   }
   const init = [0.1, -0.2, 3e-39, -0, 1e30, 7];
-  const config = { lr: 0.05, momentum: 0.9, nesterov: true, weight_decay: 0.01 };
+  const config = { lr: 0.05, momentum: 0.9, nesterov: true, weightDecay: 0.01 };
   const ours = {};
   for (const wire of ["safetensors", "json"]) {
     const c = new mc.Client(server.url, { wire });
