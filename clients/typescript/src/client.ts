@@ -8,6 +8,7 @@ import {
   parseRetryAfter,
   RequestTimeout,
   StepTimeout,
+  StepWentBack,
   TransportError,
   UnexpectedResponse,
 } from "./errors.js";
@@ -44,6 +45,12 @@ export interface ClientOptions {
   fetch?: typeof fetch;
   /** Aborts every request of this client (each call also takes its own `signal`). */
   signal?: AbortSignal;
+  /**
+   * A step whose answer has a parameter's step not past one this client saw before (acknowledged
+   * steps were lost): `"raise"` (default) throws StepWentBack after the step was applied; `"warn"`
+   * emits a warning and returns the result.
+   */
+  onStepBack?: "raise" | "warn";
   /** For tests: random numbers in [0, 1) for the backoff jitter. */
   random?: () => number;
 }
@@ -245,6 +252,9 @@ export class Client {
   private readonly fetchImpl: typeof fetch;
   private readonly signal?: AbortSignal;
   private readonly random: () => number;
+  private readonly onStepBack: "raise" | "warn";
+  /** The highest step seen per model and parameter. */
+  private readonly seen = new Map<string, Map<string, number>>();
 
   constructor(baseUrl: string, options: ClientOptions = {}) {
     let url: URL;
@@ -276,6 +286,8 @@ export class Client {
     this.fetchImpl = f.bind(globalThis);
     this.signal = options.signal;
     this.random = options.random ?? Math.random;
+    this.onStepBack = options.onStepBack ?? "raise";
+    if (this.onStepBack !== "raise" && this.onStepBack !== "warn") throw new RangeError('onStepBack must be "raise" or "warn"');
   }
 
   // -- models --------------------------------------------------------------------------
@@ -284,6 +296,7 @@ export class Client {
   async createModel(model: string, options: CreateModelOptions): Promise<ModelInfo> {
     const body = modelBody(options);
     const res = await this.send(jsonRequest("PUT", modelPath(model), body, { "If-None-Match": "*" }), options.signal);
+    this.forget(model);
     if (res.status === 412 && options.existOk) {
       const error = this.error(res);
       if (error instanceof ModelExists) return this.getModel(model, options);
@@ -312,6 +325,7 @@ export class Client {
 
   async deleteModel(model: string, options: CallOptions = {}): Promise<void> {
     this.check(await this.send({ method: "DELETE", path: modelPath(model) }, options.signal));
+    this.forget(model);
   }
 
   /** Every model the key may read, in name order (all pages). */
@@ -344,7 +358,9 @@ export class Client {
     const headers: Record<string, string> = { "Content-Type": SAFETENSORS };
     if (options.replace === false) headers["If-None-Match"] = "*";
     const res = await this.send({ method: "PUT", path: `${modelPath(model)}/checkpoint`, headers, body: file }, options.signal);
-    return this.parse(res, (b) => b as ModelInfo);
+    const info = this.parse(res, (b) => b as ModelInfo);
+    this.forget(model);
+    return info;
   }
 
   // -- parameters ----------------------------------------------------------------------
@@ -384,6 +400,7 @@ export class Client {
     }
     const out: Record<string, boolean> = {};
     for (const n of Object.keys(params)) out[n] = created[n];
+    this.forget(model, Object.keys(out).filter((n) => out[n] || !options.existOk));
     return out;
   }
 
@@ -436,6 +453,7 @@ export class Client {
 
   async deleteParam(model: string, name: string, options: CallOptions = {}): Promise<void> {
     this.check(await this.send({ method: "DELETE", path: paramPath(model, name) }, options.signal));
+    this.forget(model, [name]);
   }
 
   // -- steps -----------------------------------------------------------------------------
@@ -455,6 +473,7 @@ export class Client {
     options: StepOptions & { returnParams?: boolean } = {},
   ): Promise<Record<string, StepResult>> {
     const returnParams = options.returnParams ?? true;
+    const known = this.known(model, Object.keys(gradients));
     const res = await this.postStep(model, gradients, returnParams, options);
     const replayed = (res.headers.get("idempotent-replayed") ?? "").trim().toLowerCase() === "true";
     const out: Record<string, StepResult> = {};
@@ -473,6 +492,10 @@ export class Client {
       }
     } catch (e) {
       throw this.unexpected(res, String(e), e);
+    }
+    // A replay of the caller's own key may be an old step's answer: it says nothing about going back.
+    if (!(replayed && options.idempotencyKey !== undefined && options.idempotencyKey !== null)) {
+      this.saw(model, out, known);
     }
     return out;
   }
@@ -496,6 +519,45 @@ export class Client {
   }
 
   // -- internals -----------------------------------------------------------------------
+
+  private known(model: string, names: string[]): Map<string, number> {
+    const steps = this.seen.get(model);
+    const out = new Map<string, number>();
+    for (const n of names) if (steps?.has(n)) out.set(n, steps.get(n)!);
+    return out;
+  }
+
+  /** Record an answer's steps; throw (or warn) if one is not past what was known at sending. */
+  private saw(model: string, results: Record<string, StepResult>, known: Map<string, number>): void {
+    const steps = this.seen.get(model) ?? new Map<string, number>();
+    this.seen.set(model, steps);
+    const regressions: Record<string, [number, number]> = {};
+    for (const [n, r] of Object.entries(results)) {
+      const before = known.get(n);
+      if (before !== undefined && r.step <= before) regressions[n] = [r.step, before];
+      if (n in regressions || r.step > (steps.get(n) ?? -1)) steps.set(n, r.step);
+    }
+    const names = Object.keys(regressions);
+    if (!names.length) return;
+    const lost = names.map((n) => `${JSON.stringify(n)} is at step ${regressions[n][0]} after step ${regressions[n][1]}`).join(", ");
+    const message =
+      `model ${JSON.stringify(model)} went back: ${lost} was seen by this client. Steps it acknowledged were lost ` +
+      "(a server that acknowledged them from memory, with flush_ms durability, crashed; or the model was deleted " +
+      "and created again). This step was applied to the state as it is now.";
+    if (this.onStepBack === "warn") {
+      const p = (globalThis as { process?: { emitWarning?: (m: string, name: string) => void } }).process;
+      if (p?.emitWarning) p.emitWarning(message, "StepWentBackWarning");
+      else console.warn(message);
+      return;
+    }
+    throw new StepWentBack(message, { model, regressions, result: results });
+  }
+
+  /** Forget what was seen of a model (or of some of its parameters): they start over legitimately. */
+  private forget(model: string, names?: string[]): void {
+    if (names === undefined) this.seen.delete(model);
+    else for (const n of names) this.seen.get(model)?.delete(n);
+  }
 
   private async probe(path: string, signal?: AbortSignal): Promise<boolean> {
     try {

@@ -6,6 +6,8 @@
  *     │   └── RequestTimeout        the client's `timeout` passed
  *     ├── StepTimeout               a sync-mode step still waits after `syncWait` (baseStep, workers, contributions)
  *     ├── UnexpectedResponse        a success answer the client cannot interpret
+ *     ├── StepWentBack              a step was applied, but a parameter's step is not past one this
+ *     │                             client saw before: acknowledged steps were lost (regressions, result)
  *     └── APIError                  an error status (4xx/5xx); `code` is the problem slug
  *         ├── InvalidRequest        400, 422 (`errors`)
  *         ├── Unauthorized          401
@@ -74,6 +76,24 @@ export class UnexpectedResponse extends MomentumError {
     this.status = init.status;
     this.method = init.method;
     this.url = init.url;
+  }
+}
+
+/**
+ * A step was applied, but a parameter's step count is not past one this client had seen: steps it
+ * was told of were lost (a `flush_ms` model's owner crashed, or the model was deleted and created
+ * again by someone else). `regressions` is `{name: [step now, highest seen before]}`; `result` is
+ * the step's results (`{name: StepResult}`, as `stepResults` returns them); the step was applied once.
+ */
+export class StepWentBack extends MomentumError {
+  readonly model: string;
+  readonly regressions: Record<string, [number, number]>;
+  readonly result: unknown;
+  constructor(message: string, init: { model: string; regressions: Record<string, [number, number]>; result: unknown }) {
+    super(message);
+    this.model = init.model;
+    this.regressions = { ...init.regressions };
+    this.result = init.result;
   }
 }
 

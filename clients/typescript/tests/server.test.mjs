@@ -252,3 +252,39 @@ test("examples/worker.mjs trains a linear regression", async () => {
   const w = (await new mc.Client(server.url).getParams("linreg-example", ["w"])).w;
   [2, -3, 0.5, 1].forEach((t, j) => assert.ok(Math.abs(w.data[j] - t) < 0.05, stdout));
 });
+
+test("StepWentBack: a model re-created by another client; warn returns the result; a client's own deletes are no regression", async () => {
+  const a = new mc.Client(server.url);
+  const b = new mc.Client(server.url);
+  await a.createModel("went-back", { lr: 0.1 });
+  await a.initParams("went-back", { w: mc.float32([1, 2]) });
+  await a.pushGradients("went-back", { w: mc.float32([1, 1]) });
+  await a.pushGradients("went-back", { w: mc.float32([1, 1]) });
+  await b.deleteModel("went-back");
+  await b.createModel("went-back", { lr: 0.1 });
+  await b.initParams("went-back", { w: mc.float32([1, 2]) });
+  await assert.rejects(a.pushGradients("went-back", { w: mc.float32([1, 1]) }), (e) => {
+    assert.ok(e instanceof mc.StepWentBack && e instanceof mc.MomentumError);
+    assert.deepEqual(e.regressions, { w: [1, 2] });
+    assert.equal(e.result.w.step, 1);
+    return true;
+  });
+  assert.deepEqual(await a.pushGradients("went-back", { w: mc.float32([1, 1]) }), { w: 2 }); // seen again from 1
+  const warn = new mc.Client(server.url, { onStepBack: "warn" });
+  await warn.pushGradients("went-back", { w: mc.float32([1, 1]) });
+  await b.deleteModel("went-back");
+  await b.createModel("went-back", { lr: 0.1 });
+  await b.initParams("went-back", { w: mc.float32([1, 2]) });
+  const warnings = [];
+  const onWarning = (w) => warnings.push(w);
+  process.on("warning", onWarning);
+  assert.deepEqual(await warn.pushGradients("went-back", { w: mc.float32([1, 1]) }), { w: 1 });
+  await new Promise((r) => setImmediate(r));
+  process.off("warning", onWarning);
+  assert.ok(warnings.some((w) => w.name === "StepWentBackWarning"), String(warnings));
+  // the client's own delete and re-create forget what it saw
+  await a.deleteModel("went-back");
+  await a.createModel("went-back", { lr: 0.1 });
+  await a.initParams("went-back", { w: mc.float32([1, 2]) });
+  assert.deepEqual(await a.pushGradients("went-back", { w: mc.float32([1, 1]) }), { w: 1 });
+});
