@@ -9,6 +9,7 @@ import {
   RequestTimeout,
   StepTimeout,
   StepWentBack,
+  TensorMismatch,
   TransportError,
   UnexpectedResponse,
 } from "./errors.js";
@@ -51,6 +52,11 @@ export interface ClientOptions {
    * emits a warning and returns the result.
    */
   onStepBack?: "raise" | "warn";
+  /**
+   * Cast float32/float64 gradients to their parameters' dtypes: learnt from step answers, or from a
+   * 409 tensor-mismatch in dtypes only, after which the step is sent again, cast (default false).
+   */
+  castGradients?: boolean;
   /** For tests: random numbers in [0, 1) for the backoff jitter. */
   random?: () => number;
 }
@@ -255,6 +261,8 @@ export class Client {
   private readonly onStepBack: "raise" | "warn";
   /** The highest step seen per model and parameter. */
   private readonly seen = new Map<string, Map<string, number>>();
+  /** Parameters' dtypes as learnt by a client that casts gradients, per model. */
+  private readonly dtypes: Map<string, Map<string, "float32" | "float64">> | null;
 
   constructor(baseUrl: string, options: ClientOptions = {}) {
     let url: URL;
@@ -287,6 +295,7 @@ export class Client {
     this.signal = options.signal;
     this.random = options.random ?? Math.random;
     this.onStepBack = options.onStepBack ?? "raise";
+    this.dtypes = options.castGradients ? new Map() : null;
     if (this.onStepBack !== "raise" && this.onStepBack !== "warn") throw new RangeError('onStepBack must be "raise" or "warn"');
   }
 
@@ -474,7 +483,18 @@ export class Client {
   ): Promise<Record<string, StepResult>> {
     const returnParams = options.returnParams ?? true;
     const known = this.known(model, Object.keys(gradients));
-    const res = await this.postStep(model, gradients, returnParams, options);
+    let res = await this.postStep(model, this.cast(model, gradients), returnParams, options);
+    if (this.dtypes !== null && res.status === 409) {
+      // a client that casts: a mismatch in dtypes only teaches the parameters' dtypes; send again, cast
+      const error = this.error(res);
+      const mismatches = error instanceof TensorMismatch ? Object.entries(error.mismatches) : [];
+      if (mismatches.length && mismatches.every(([, m]) => JSON.stringify(m.expected.shape) === JSON.stringify(m.got.shape))) {
+        const learnt = this.dtypes.get(model) ?? new Map();
+        this.dtypes.set(model, learnt);
+        for (const [n, m] of mismatches) learnt.set(n, m.expected.dtype as "float32" | "float64");
+        res = await this.postStep(model, this.cast(model, gradients), returnParams, options);
+      }
+    }
     const replayed = (res.headers.get("idempotent-replayed") ?? "").trim().toLowerCase() === "true";
     const out: Record<string, StepResult> = {};
     const entries = this.entries(res);
@@ -492,6 +512,11 @@ export class Client {
       }
     } catch (e) {
       throw this.unexpected(res, String(e), e);
+    }
+    if (this.dtypes !== null) {
+      const learnt = this.dtypes.get(model) ?? new Map();
+      this.dtypes.set(model, learnt);
+      for (const [n, r] of Object.entries(out)) if (r.value) learnt.set(n, r.value.dtype as "float32" | "float64");
     }
     // A replay of the caller's own key may be an old step's answer: it says nothing about going back.
     if (!(replayed && options.idempotencyKey !== undefined && options.idempotencyKey !== null)) {
@@ -519,6 +544,19 @@ export class Client {
   }
 
   // -- internals -----------------------------------------------------------------------
+
+  /** The gradients, each float32/float64 one cast to its parameter's dtype where that is known. */
+  private cast(model: string, gradients: Record<string, Tensor>): Record<string, Tensor> {
+    const learnt = this.dtypes?.get(model);
+    if (!learnt) return gradients;
+    const out: Record<string, Tensor> = {};
+    for (const [n, t] of Object.entries(gradients)) {
+      const want = learnt.get(n);
+      if (want === undefined || t.dtype === want || (t.dtype !== "float32" && t.dtype !== "float64")) out[n] = t;
+      else out[n] = { data: want === "float32" ? Float32Array.from(t.data) : Float64Array.from(t.data), shape: t.shape, dtype: want };
+    }
+    return out;
+  }
 
   private known(model: string, names: string[]): Map<string, number> {
     const steps = this.seen.get(model);

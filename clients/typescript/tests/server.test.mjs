@@ -288,3 +288,17 @@ test("StepWentBack: a model re-created by another client; warn returns the resul
   await a.initParams("went-back", { w: mc.float32([1, 2]) });
   assert.deepEqual(await a.pushGradients("went-back", { w: mc.float32([1, 1]) }), { w: 1 });
 });
+
+test("castGradients: a float64 gradient for a float32 parameter is cast (after one 409), else TensorMismatch", async () => {
+  const c = new mc.Client(server.url, { castGradients: true, wire: "json" });
+  await c.createModel("cast", { lr: 0.5 });
+  await c.initParams("cast", { w: mc.float32([1, 2]), d: mc.float64([1, 2]) });
+  const g = mc.float64([0.1, 0.3]);
+  const r = await c.step("cast", { w: g, d: mc.float32([0.1, 0.3]) });
+  assert.equal(r.w.dtype, "float32");
+  assert.deepEqual([...r.w.data], [Math.fround(1 - 0.5 * Math.fround(0.1)), Math.fround(2 - 0.5 * Math.fround(0.3))]);
+  assert.equal(r.d.dtype, "float64");
+  assert.equal((await c.stepResults("cast", { w: g })).w.step, 2);
+  const strict = new mc.Client(server.url);
+  await assert.rejects(strict.step("cast", { w: g }), mc.TensorMismatch);
+});
