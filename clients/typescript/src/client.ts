@@ -308,8 +308,15 @@ export class Client {
     this.forget(model);
     if (res.status === 412 && options.existOk) {
       const error = this.error(res);
-      if (error instanceof ModelExists) return this.getModel(model, options);
-      throw error;
+      if (!(error instanceof ModelExists)) throw error;
+      const differences = configDifferences(body, error.existingConfig);
+      if (differences.length) {
+        warn(
+          `model ${JSON.stringify(model)} exists with another config than asked for, and was left as it is: ${differences.join("; ")}`,
+          "ModelConfigWarning",
+        );
+      }
+      return this.getModel(model, options);
     }
     return this.parse(res, (b) => b as ModelInfo);
   }
@@ -582,12 +589,7 @@ export class Client {
       `model ${JSON.stringify(model)} went back: ${lost} was seen by this client. Steps it acknowledged were lost ` +
       "(a server that acknowledged them from memory, with flush_ms durability, crashed; or the model was deleted " +
       "and created again). This step was applied to the state as it is now.";
-    if (this.onStepBack === "warn") {
-      const p = (globalThis as { process?: { emitWarning?: (m: string, name: string) => void } }).process;
-      if (p?.emitWarning) p.emitWarning(message, "StepWentBackWarning");
-      else console.warn(message);
-      return;
-    }
+    if (this.onStepBack === "warn") return warn(message, "StepWentBackWarning");
     throw new StepWentBack(message, { model, regressions, result: results });
   }
 
@@ -796,6 +798,45 @@ export class Client {
   }
 }
 
+/** A warning: `process.emitWarning` in Node (a "warning" event named `name`), else `console.warn`. */
+function warn(message: string, name: string): void {
+  const p = (globalThis as { process?: { emitWarning?: (m: string, name: string) => void } }).process;
+  if (p?.emitWarning) p.emitWarning(message, name);
+  else console.warn(`${name}: ${message}`);
+}
+
+const same = (a: unknown, b: unknown) => JSON.stringify(a) === JSON.stringify(b);
+
+/** What a requested config body sets differently from an existing model's config (the Python SDK's rules). */
+function configDifferences(requested: Record<string, unknown>, existing: Record<string, unknown>): string[] {
+  const out: string[] = [];
+  const asked = { rule: "pytorch", ...(requested.optimizer as Record<string, unknown>) };
+  const have = (existing.optimizer ?? {}) as Record<string, unknown>;
+  for (const [k, v] of Object.entries(asked)) {
+    if (!same(k in have ? have[k] : NEUTRAL[k], v)) out.push(`optimizer.${k}: asked ${JSON.stringify(v)}, the model has ${JSON.stringify(have[k])}`);
+  }
+  for (const [k, v] of Object.entries(have)) {
+    if (k in NEUTRAL && !(k in asked) && !same(v, NEUTRAL[k])) {
+      out.push(`optimizer.${k}: asked ${JSON.stringify(NEUTRAL[k])} (the default), the model has ${JSON.stringify(v)}`);
+    }
+  }
+  const askedSchedule = (requested.schedule ?? { type: "constant" }) as Record<string, unknown>;
+  const haveSchedule = (existing.schedule ?? { type: "constant" }) as Record<string, unknown>;
+  if (Object.entries(askedSchedule).some(([k, v]) => !same(haveSchedule[k], v))) {
+    out.push(`schedule: asked ${JSON.stringify(askedSchedule)}, the model has ${JSON.stringify(haveSchedule)}`);
+  }
+  for (const k of ["mode", "workers", "max_staleness"]) {
+    const dflt = k === "mode" ? "async" : null;
+    const a = requested[k] ?? dflt;
+    const h = existing[k] ?? dflt;
+    if (!same(a, h)) out.push(`${k}: asked ${JSON.stringify(a)}, the model has ${JSON.stringify(h)}`);
+  }
+  if ("durability" in requested && !same(requested.durability, existing.durability ?? "step")) {
+    out.push(`durability: asked ${JSON.stringify(requested.durability)}, the model has ${JSON.stringify(existing.durability)}`);
+  }
+  return out;
+}
+
 function isBinary(res: Res): boolean {
   return (res.headers.get("content-type") ?? "").split(";")[0].trim().toLowerCase() === SAFETENSORS;
 }
@@ -844,8 +885,9 @@ function modelBody(config: ModelConfig): Record<string, unknown> {
   if (typeof config?.lr !== "number") throw new TypeError("lr is required");
   const unknown = Object.keys(config).filter((k) => !CONFIG_KEYS.has(k));
   if (unknown.length) throw new TypeError(`unknown model option(s) ${unknown.join(", ")}; valid: ${[...CONFIG_KEYS].join(", ")}`);
-  const optimizer = hyperparameters(config as unknown as Record<string, unknown>, true);
-  if (config.rule !== undefined) optimizer.rule = config.rule;
+  // as the Python SDK: lr, momentum and rule always; the others when they differ from their neutral value
+  const optimizer = hyperparameters({ momentum: 0, ...config } as unknown as Record<string, unknown>, true);
+  optimizer.rule = config.rule ?? "pytorch";
   const body: Record<string, unknown> = { optimizer };
   if (config.schedule !== undefined) body.schedule = config.schedule;
   modeFields({ ...config, mode: config.mode === "async" ? undefined : config.mode }, body);

@@ -42,8 +42,19 @@ for (const wire of ["safetensors", "json"]) {
         assert.equal(e.existingConfig.optimizer.lr, 0.1);
         return true;
       });
+      const warnings = [];
+      const onWarning = (w) => warnings.push(w);
+      process.on("warning", onWarning);
       const same = await c.createModel(m, { lr: 0.5, existOk: true });
       assert.equal(same.optimizer.lr, 0.1);
+      await c.createModel(m, { lr: 0.1, momentum: 0.9, nesterov: true, existOk: true }); // the same config: no warning
+      await new Promise((r) => setImmediate(r));
+      process.off("warning", onWarning);
+      assert.equal(warnings.length, 1, String(warnings));
+      assert.equal(warnings[0].name, "ModelConfigWarning");
+      assert.match(warnings[0].message, /optimizer\.lr: asked 0\.5, the model has 0\.1/);
+      assert.match(warnings[0].message, /optimizer\.momentum: asked 0, the model has 0\.9/);
+      assert.match(warnings[0].message, /optimizer\.nesterov: asked false \(the default\), the model has true/);
     });
 
     test("initParams, existOk never overwrites; getParams and getParamState give back the exact bits", async () => {
