@@ -114,10 +114,12 @@ test("backoff: full jitter, 50 ms doubling; Retry-After is honoured (capped at 2
   ]);
   await client(fetch, { random: () => 0.999 }).step("m", grads);
   const gaps = seen.slice(1).map((s, i) => s.at - seen[i].at);
-  assert.ok(gaps[0] >= 45 && gaps[0] < 150, `${gaps}`);
-  assert.ok(gaps[1] >= 95 && gaps[1] < 250, `${gaps}`);
-  assert.ok(gaps[2] >= 195 && gaps[2] < 400, `${gaps}`);
-  assert.ok(gaps[3] >= 295 && gaps[3] < 500, `${gaps}`);
+  // lower bounds are exact (timers never fire early); the upper ones leave room for a loaded machine
+  assert.ok(gaps[0] >= 45 && gaps[0] < 1000, `${gaps}`);
+  assert.ok(gaps[1] >= 95 && gaps[1] < 1000, `${gaps}`);
+  assert.ok(gaps[2] >= 195 && gaps[2] < 1000, `${gaps}`);
+  assert.ok(gaps[3] >= 295 && gaps[3] < 1200, `${gaps}`);
+  assert.ok(gaps[0] < gaps[1] && gaps[1] < gaps[2], `${gaps}`);
 });
 
 test("sync: a 202 is re-sent (same key and bytes) until the step completes, or StepTimeout after syncWait", async () => {
