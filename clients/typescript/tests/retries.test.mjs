@@ -62,7 +62,9 @@ for (const wire of ["safetensors", "json"]) {
 }
 
 test("a fresh key per step; a given idempotencyKey is sent as is", async () => {
-  const { fetch, seen } = scripted([() => ok()]);
+  let step = 0;
+  const next = () => ok({ params: { w: { shape: [2], dtype: "float32", data: [1, 2], step: ++step, lr: 0.1 } } });
+  const { fetch, seen } = scripted([next, next, next]);
   const c = client(fetch);
   await c.step("m", grads);
   await c.step("m", grads);
