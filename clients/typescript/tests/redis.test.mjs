@@ -5,7 +5,7 @@ import { after, before, test } from "node:test";
 import * as mc from "../dist/index.js";
 import { startRedis, startServer } from "./helpers.mjs";
 
-const ENV = { MOMENTUM_LEASE_MS: "1000" };
+const ENV = { MOMENTUM_LEASE_MS: "1000", MOMENTUM_REDIS_TIMEOUT_S: "0.5" };
 let redis;
 let server;
 
@@ -20,12 +20,14 @@ after(async () => {
 
 /** fetch, counting the step attempts and those that got no answer. */
 function counting() {
-  const counts = { steps: 0, failed: 0 };
+  const counts = { steps: 0, failed: 0, statuses: [] };
   const f = async (url, init) => {
     const isStep = String(url).endsWith("/step");
     if (isStep) counts.steps += 1;
     try {
-      return await fetch(url, init);
+      const res = await fetch(url, init);
+      if (isStep) counts.statuses.push(res.status);
+      return res;
     } catch (e) {
       if (isStep) counts.failed += 1;
       throw e;
@@ -83,4 +85,21 @@ test("Redis frozen past the client's timeout: the push is retried with the same 
   const state = await patient.getParamState("frozen", "w");
   assert.equal(state.step, 2);
   assert.deepEqual([...state.value.data], [-1, -1, 0]);
+});
+
+test("Redis frozen longer than the server's Redis timeout: 503s, retried with the same key, then applied once", async () => {
+  const { fetch, counts } = counting();
+  const c = new mc.Client(server.url, { timeout: 30, maxRetries: 40, fetch });
+  await c.createModel("frozen-503", { lr: 1 });
+  await c.initParams("frozen-503", { w: mc.float32([0, 0]) });
+  redis.child.kill("SIGSTOP");
+  const push = c.stepResults("frozen-503", { w: oneHot(0, 2) });
+  await sleep(3000);
+  redis.child.kill("SIGCONT");
+  const r = await push;
+  assert.equal(r.w.step, 1);
+  assert.ok(counts.statuses.includes(503), JSON.stringify(counts)); // the server said so, and the client retried
+  const state = await c.getParamState("frozen-503", "w");
+  assert.equal(state.step, 1);
+  assert.deepEqual([...state.value.data], [-1, 0]);
 });
