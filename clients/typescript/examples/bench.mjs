@@ -12,6 +12,9 @@ const WORKLOADS = { "tiny (1,000 floats)": [1000], "mlp-sized (8 params, ~1M flo
 
 async function tsRun(url, wire, sizes, model) {
   const c = new Client(url, { wire });
+  // the Python run left this process's pooled connection idle past the server's keep-alive timeout:
+  // a probe takes the stale socket's error (health() is false on no answer) before the real calls
+  await c.health();
   await c.createModel(model, { lr: 0.01, momentum: 0.9 });
   const params = Object.fromEntries(sizes.map((n, i) => [`p${i}`, { data: new Float32Array(n).fill(0.5), shape: [n], dtype: "float32" }]));
   await c.initParams(model, params);
