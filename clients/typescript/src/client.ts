@@ -716,7 +716,20 @@ export class Client {
     return AbortSignal.any(signals);
   }
 
+  /**
+   * Send once; a GET that got no answer (not a timeout) is sent once more at once: a kept-alive
+   * connection the server closed while it was idle fails that way, and a GET changes nothing.
+   */
   private async send(req: Req, signal?: AbortSignal): Promise<Res> {
+    try {
+      return await this.sendOnce(req, signal);
+    } catch (e) {
+      if (req.method !== "GET" || !(e instanceof TransportError) || e instanceof RequestTimeout) throw e;
+      return this.sendOnce(req, signal);
+    }
+  }
+
+  private async sendOnce(req: Req, signal?: AbortSignal): Promise<Res> {
     let url = this.baseUrl + req.path;
     if (req.query && Object.keys(req.query).length) url += "?" + new URLSearchParams(req.query).toString();
     const headers: Record<string, string> = { Accept: JSON_ACCEPT, ...this.headers, ...(req.headers ?? {}) };

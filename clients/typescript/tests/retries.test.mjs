@@ -204,3 +204,16 @@ test("MOMENTUM_API_KEY is the default key", async () => {
     delete process.env.MOMENTUM_API_KEY;
   }
 });
+
+test("a GET without an answer is sent once more (a kept-alive connection closed while idle); other calls are not", async () => {
+  const closed = () => Promise.reject(new TypeError("fetch failed", { cause: { code: "UND_ERR_SOCKET" } }));
+  const a = scripted([closed, () => ok({ name: "m", optimizer: { rule: "pytorch", lr: 0.1 }, params: {} })]);
+  assert.equal((await client(a.fetch).getModel("m")).name, "m");
+  assert.equal(a.seen.length, 2);
+  const b = scripted([closed]);
+  await assert.rejects(client(b.fetch).getModel("m"), mc.TransportError);
+  assert.equal(b.seen.length, 2);
+  const c = scripted([closed]);
+  await assert.rejects(client(c.fetch).deleteModel("m"), mc.TransportError);
+  assert.equal(c.seen.length, 1);
+});
