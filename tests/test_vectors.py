@@ -102,3 +102,15 @@ def test_problems(case: dict[str, Any]) -> None:
         assert error.existing == case["existing"]  # type: ignore[attr-defined]
     if "retry_after" in case:
         assert error.retry_after == case["retry_after"]
+
+
+def test_hostile_bodies_get_the_answers_of_the_vectors() -> None:
+    """The server answers each hostile body of ``hostile.json`` as recorded, and the Python SDK makes the
+    recorded error class of it (the TypeScript client's tests check the same file against a real server)."""
+    import asyncio
+
+    spec = importlib.util.spec_from_file_location("hostile_vectors", VECTORS / "hostile.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert asyncio.run(module.answers()) == load("hostile")
