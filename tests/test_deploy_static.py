@@ -83,7 +83,16 @@ REDIS_ACL_COMMANDS = {
 
 # Build and tool artifacts that may live under the source trees and are meant to stay out of
 # the build context; every other file there is something the wheel build may read.
-_ARTIFACT_DIRS = {"__pycache__", ".mypy_cache", ".pytest_cache", ".ruff_cache", ".hypothesis", "build", "dist"}
+_ARTIFACT_DIRS = {
+    "__pycache__",
+    ".mypy_cache",
+    ".pytest_cache",
+    ".ruff_cache",
+    ".hypothesis",
+    "build",
+    "dist",
+    "node_modules",
+}
 _ARTIFACT_SUFFIXES = (".pyc", ".pyo", ".pyd", ".so")
 
 
