@@ -390,3 +390,15 @@ class Client:
         except httpx.RequestError as exc:
             raise TransportError(f"{request.method} {url} failed: {exc!r}", method=request.method, url=url) from exc
         return Response(reply.status_code, reply.headers, body, request.method, url)
+
+
+def check_server_arguments(client: Client | None, url: str | None, api_key: str | None) -> None:
+    """What the optimizers (``momentum_client.torch``, ``.keras``) take to reach the server: ``url=`` (with
+    ``api_key=``) or ``client=``, not both; ``ValueError`` otherwise."""
+    if client is None and url is None:
+        raise ValueError("RemoteSGD needs the server: pass url= (and api_key=) or client=")
+    if client is not None:
+        if url is not None and url.rstrip("/") != client.base_url:
+            raise ValueError(f"pass either client= or url=, not both (url={url!r}, client at {client.base_url!r})")
+        if api_key is not None:
+            raise ValueError("api_key= goes with url=; a client passed as client= has its own")

@@ -84,7 +84,7 @@ import keras  # type: ignore[import-untyped]
 import numpy as np
 import numpy.typing as npt
 
-from ._client import Client
+from ._client import Client, check_server_arguments
 
 __all__ = ["RemoteSGD"]
 
@@ -193,13 +193,7 @@ class RemoteSGD(keras.optimizers.Optimizer):  # type: ignore[misc]
             raise ValueError(f"`model` must be the model's name on the server. Received: model={model!r}")
         if not isinstance(create, bool):
             raise ValueError(f"`create` must be a bool. Received: create={create!r}")
-        if client is None and url is None:
-            raise ValueError("RemoteSGD needs the server: pass url= (and api_key=) or client=")
-        if client is not None:
-            if url is not None and url.rstrip("/") != client.base_url:
-                raise ValueError(f"pass either client= or url=, not both (url={url!r}, client at {client.base_url!r})")
-            if api_key is not None:
-                raise ValueError("api_key= goes with url=; a client passed as client= has its own")
+        check_server_arguments(client, url, api_key)
         self.momentum = momentum
         self.nesterov = nesterov
         self.model = model

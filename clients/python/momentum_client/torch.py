@@ -117,7 +117,7 @@ import numpy.typing as npt
 import torch
 from torch.optim import Optimizer
 
-from ._client import Client
+from ._client import Client, check_server_arguments
 from ._exceptions import NotFound
 from ._models import RULES, ModelInfo
 from ._safetensors import decode as _decode_safetensors
@@ -262,13 +262,7 @@ class RemoteSGD(Optimizer):
                 raise ValueError(f"mode='bounded' needs max_staleness (an int >= 0), got {max_staleness!r}")
         elif max_staleness is not None:
             raise ValueError(f"max_staleness goes with mode='bounded', not {mode!r}")
-        if client is None and url is None:
-            raise ValueError("RemoteSGD needs the server: pass url= (and api_key=) or client=")
-        if client is not None:
-            if url is not None and url.rstrip("/") != client.base_url:
-                raise ValueError(f"pass either client= or url=, not both (url={url!r}, client at {client.base_url!r})")
-            if api_key is not None:
-                raise ValueError("api_key= goes with url=; a client passed as client= has its own")
+        check_server_arguments(client, url, api_key)
         self.model = model
         self.url = client.base_url if client is not None else url
         self.create = create
