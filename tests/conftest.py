@@ -8,6 +8,7 @@ from momentum_service.store import Journal, MemoryJournal
 from momentum_service.store.redis import RedisJournal
 
 from .helpers import RedisProcess
+from .redis_cluster import RedisCluster
 
 
 @pytest.fixture(scope="session")
@@ -23,12 +24,26 @@ def redis_prefix() -> str:
     return f"t{uuid.uuid4().hex[:12]}"
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisCluster]:
+    """A 6-node Redis Cluster (3 primaries, 3 replicas) for the session, started here on free ports."""
+    cluster = RedisCluster().start()
+    yield cluster
+    cluster.stop()
+
+
+def cluster_journal(cluster: RedisCluster, prefix: str) -> RedisJournal:
+    return RedisJournal.from_url(cluster.url, prefix=prefix, cluster=True, seeds=cluster.seeds.split(","))
+
+
+@pytest.fixture(params=["memory", "redis", "cluster"])
 async def store(request: pytest.FixtureRequest, redis_prefix: str) -> AsyncIterator[Journal]:
-    """Every storage backend, so one contract suite runs on each."""
+    """Every storage backend, so one contract suite runs on each (a Redis Cluster being one)."""
     s: Journal
     if request.param == "memory":
         s = MemoryJournal()
+    elif request.param == "cluster":
+        s = cluster_journal(request.getfixturevalue("redis_cluster"), redis_prefix)
     else:
         proc: RedisProcess = request.getfixturevalue("redis_proc")
         s = RedisJournal.from_url(proc.url, prefix=redis_prefix)

@@ -35,6 +35,7 @@ class _Lease:
 class FakeJournal:
     kind = "fake"
     durable = True
+    replicated = False
 
     def __init__(self) -> None:
         self.models: dict[str, _Model] = {}

@@ -8,22 +8,26 @@ from collections.abc import AsyncIterator
 
 import numpy as np
 import pytest
-from momentum_service.errors import Fenced, KeyTaken
+from momentum_service.errors import Fenced, KeyTaken, StoreUnavailable
 from momentum_service.store import Batch, Holder, Journal, KeyRecord, Lease, MemoryJournal, Record, Replica
 from momentum_service.store.redis import RedisJournal
 
+from .conftest import cluster_journal
 from .fake_journal import FakeJournal
 from .helpers import RedisProcess
+from .redis_cluster import RedisCluster
 
 A, B = Replica("replica-a", "http://a:1"), Replica("replica-b", "http://b:2")
 CONFIG = {"optimizer": {"rule": "pytorch", "lr": 0.1}}
 
 
-@pytest.fixture(params=["fake", "redis"])
+@pytest.fixture(params=["fake", "redis", "cluster"])
 async def journal(request: pytest.FixtureRequest, redis_prefix: str) -> AsyncIterator[Journal]:
     j: Journal
     if request.param == "fake":
         j = FakeJournal()
+    elif request.param == "cluster":
+        j = cluster_journal(request.getfixturevalue("redis_cluster"), redis_prefix)
     else:
         proc: RedisProcess = request.getfixturevalue("redis_proc")
         j = RedisJournal.from_url(proc.url, prefix=redis_prefix)
@@ -262,3 +266,49 @@ def test_the_buffer_pool_recycles_and_evicts_only_free_arrays() -> None:
     assert held.base is not None and again.nbytes == 1 << 20
     small = pool.empty(1000, np.uint8)  # under min_bytes: not pooled
     assert pool.bytes == 10 << 20 and small.nbytes == 1000
+
+
+# -- replicated durability (Redis WAIT) ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("big", [False, True], ids=["inline", "transaction"])
+async def test_a_batch_asking_for_replicas_is_on_the_replica_when_commit_returns(
+    redis_cluster: RedisCluster, redis_prefix: str, big: bool
+) -> None:
+    journal = cluster_journal(redis_cluster, redis_prefix)
+    try:
+        lease = await created(journal)
+        data = np.arange((1 << 18) if big else 4, dtype=np.float32)
+        record = Record({"kind": "step"}, (memoryview(data).cast("B"),))
+        await journal.commit(lease, "m", Batch("inc0", 0, 1, [record], replicas=1))
+        # Read the replica itself (READONLY), at once: the entry is there, not on its way.
+        primary = redis_cluster.node_of(journal.keys.model("m"))
+        replica = redis_cluster.replica_of(primary)
+        client = replica.client()
+        try:
+            client.execute_command("READONLY")
+            assert client.hget(journal.keys.model("m"), "seq") == b"1"
+            assert client.get(journal.keys.log("m", "inc0", 1, 0)) == data.tobytes()
+        finally:
+            client.close()
+    finally:
+        await journal.close()
+
+
+async def test_a_batch_asking_for_more_replicas_than_confirm_is_a_503_but_is_written(
+    redis_cluster: RedisCluster, redis_proc: RedisProcess, redis_prefix: str
+) -> None:
+    """Each primary has one replica (and the single Redis none): asking for one more is refused as unavailable
+    (the client retries with the same key), though the batch is on the primary (and replays)."""
+    for journal, replicas in (
+        (cluster_journal(redis_cluster, redis_prefix), 2),
+        (RedisJournal.from_url(redis_proc.url, prefix=redis_prefix, timeout=0.4), 1),
+    ):
+        try:
+            lease = await created(journal)
+            with pytest.raises(StoreUnavailable, match=f"only 0 of the {replicas} replicas|only 1 of the 2 replicas"):
+                await journal.commit(lease, "m", Batch("inc0", 0, 1, [entry(1)], replicas=replicas))
+            loaded = await journal.load("m")
+            assert loaded is not None and loaded.head.seq == 1
+        finally:
+            await journal.close()

@@ -11,7 +11,7 @@ from momentum_service.store.keys import Keys
 
 # Model names (the API's pattern), biased towards what looks like key parts.
 _PART = st.sampled_from(
-    ["m", "i", "log", "snap", "stage", "idem", "-exp", "meta", "points", "1", ".", "_", "-", "model"]
+    ["m", "i", "wait", "log", "snap", "stage", "idem", "-exp", "meta", "points", "1", ".", "_", "-", "model"]
 )
 MODELS = st.lists(_PART, min_size=1, max_size=5).map("".join).filter(lambda s: re.fullmatch(MODEL_NAME_PATTERN, s))
 INCS = st.sampled_from(["0a1b", "ffee", "1"])
@@ -20,6 +20,7 @@ NUMS = st.integers(0, 30)
 KEY = st.one_of(
     st.tuples(st.just("model"), MODELS),
     st.tuples(st.just("lease"), MODELS),
+    st.tuples(st.just("wait"), MODELS),
     st.tuples(st.just("log"), MODELS, INCS, NUMS, NUMS),
     st.tuples(st.just("logmeta"), MODELS, INCS),
     st.tuples(st.just("stage"), MODELS, INCS, NUMS, NUMS, NUMS),
@@ -39,6 +40,7 @@ def build(spec: tuple[object, ...]) -> str:
     return {  # type: ignore[no-any-return]
         "model": keys.model,
         "lease": keys.lease,
+        "wait": keys.wait,
         "log": keys.log,
         "logmeta": keys.logmeta,
         "stage": keys.stage,

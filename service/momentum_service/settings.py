@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -17,6 +17,17 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535)
     redis_url: str | None = Field(
         default=None, description="redis:// or rediss:// URL; unset means the embedded in-memory store."
+    )
+    redis_cluster: bool = Field(
+        default=False,
+        description="redis_url names a node of a Redis Cluster (its credentials and TLS apply to every node): the "
+        "models' keys spread over the cluster's slots (each model's keys in one slot).",
+    )
+    redis_cluster_nodes: str | None = Field(
+        default=None,
+        pattern=r"^\s*[^\s,]+:[0-9]+\s*(,\s*[^\s,]+:[0-9]+\s*)*$",
+        description="More Redis Cluster nodes to read the cluster's map from at start, as host:port,host:port "
+        "(any one that answers will do; with redis_cluster).",
     )
     redis_prefix: str = Field(default="momentum", pattern=r"^[A-Za-z0-9._:-]{1,64}$")
     redis_timeout_s: float = Field(
@@ -139,3 +150,13 @@ class Settings(BaseSettings):
         default=False,
         description="Log every request (uvicorn's access log); off by default, as it costs time per step.",
     )
+
+    @model_validator(mode="after")
+    def _cluster_needs_redis(self) -> Settings:
+        if (self.redis_cluster or self.redis_cluster_nodes) and not self.redis_url:
+            raise ValueError(
+                "MOMENTUM_REDIS_CLUSTER / MOMENTUM_REDIS_CLUSTER_NODES need MOMENTUM_REDIS_URL (a node of the cluster)"
+            )
+        if self.redis_cluster_nodes and not self.redis_cluster:
+            raise ValueError("MOMENTUM_REDIS_CLUSTER_NODES is set but MOMENTUM_REDIS_CLUSTER is not true")
+        return self

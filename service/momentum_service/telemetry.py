@@ -205,7 +205,7 @@ class _Timed:
 
     def __init__(self, journal: Journal, telemetry: Telemetry) -> None:
         self._journal, self._telemetry = journal, telemetry
-        self.kind, self.durable = journal.kind, journal.durable
+        self.kind, self.durable, self.replicated = journal.kind, journal.durable, journal.replicated
         self._failing_since: float | None = None
         self._failures = 0
 

@@ -56,7 +56,14 @@ def make_journal(settings: Settings) -> Journal:
     if settings.redis_url:
         from ..store.redis import RedisJournal
 
-        return RedisJournal.from_url(settings.redis_url, prefix=settings.redis_prefix, timeout=settings.redis_timeout_s)
+        seeds = [s for s in (settings.redis_cluster_nodes or "").split(",") if s.strip()]
+        return RedisJournal.from_url(
+            settings.redis_url,
+            prefix=settings.redis_prefix,
+            timeout=settings.redis_timeout_s,
+            cluster=settings.redis_cluster,
+            seeds=seeds,
+        )
     return MemoryJournal()
 
 

@@ -59,6 +59,7 @@ class LogWriter:
         *,
         lease: Callable[[], Lease],
         flush_ms: Callable[[], int | None],
+        replicas: Callable[[], int] = lambda: 0,
         snapshot: Callable[[], Record],
         state_bytes: Callable[[], int],
         on_lost: Callable[[BaseException], None],
@@ -75,6 +76,7 @@ class LogWriter:
         self.journal, self.model, self.inc = journal, model, inc
         self._lease, self._flush_ms, self._snapshot, self._state_bytes = lease, flush_ms, snapshot, state_bytes
         self._on_lost = on_lost
+        self._replicas = replicas
         self.durable_seq = durable_seq
         self.log_bytes, self.log_entries = log_bytes, log_entries
         self.policy, self.max_pending_bytes = policy, max_pending_bytes
@@ -210,6 +212,7 @@ class LogWriter:
             configs[-1] if configs else None,
             nbytes=snapshot.nbytes if snapshot is not None else nbytes,
             key_ttl_ms=self.key_ttl_ms,
+            replicas=self._replicas(),
         )
         delay = 0.05
         while True:

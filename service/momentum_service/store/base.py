@@ -149,6 +149,9 @@ class Batch:
     config: tuple[dict[str, Any], str] | None = None
     nbytes: int = field(default=0, compare=False)
     key_ttl_ms: int = 86_400_000
+    replicas: int = 0
+    """Written only once at least this many replicas of the Redis primary holding it have it (``WAIT``);
+    a journal without replicas never sees a batch asking for them (see :attr:`Journal.replicated`)."""
 
 
 @runtime_checkable
@@ -156,6 +159,8 @@ class Journal(Protocol):
     kind: str
     durable: bool
     """Whether anything outlives the process (False for the embedded journal)."""
+    replicated: bool
+    """Whether a batch may ask to be on the store's replicas before it counts as written (:attr:`Batch.replicas`)."""
 
     async def ping(self) -> None:
         """Raise :class:`~momentum_service.errors.StoreUnavailable` if the journal cannot serve."""

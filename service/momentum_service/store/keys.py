@@ -12,6 +12,8 @@ old one. The lease is the model name's, across incarnations: its fencing token o
   ``seq`` (changes made), ``snap`` (the latest snapshot's metadata, JSON), ``snapkeys``
   (``<fence>:<seq>:<n>``: the snapshot's data keys)
 - ``<p>:{<m>}:lease``                     hash: ``replica``, ``url``, ``fence``, ``until`` (ms, Redis's clock)
+- ``<p>:{<m>}:wait``                      string: the fence of the last owner that waited for Redis replicas
+  (durability ``{"replicas": n}``: the write that ``WAIT`` waits for, on the model's primary)
 - ``<p>:{<m>}:i:<inc>:log:<seq>:<k>``     string: data buffer ``k`` of log entry ``seq``
 - ``<p>:{<m>}:i:<inc>:logmeta``           hash: ``seq`` -> ``<buffers> <metadata JSON>``
 - ``<p>:{<m>}:i:<inc>:stage:<fence>:<seq>:<k>``  string: a buffer being written (renamed to its ``log:``
@@ -52,6 +54,9 @@ class Keys:
 
     def lease(self, model: str) -> str:
         return f"{self.prefix}:{{{model}}}:lease"
+
+    def wait(self, model: str) -> str:
+        return f"{self.prefix}:{{{model}}}:wait"
 
     def incarnations(self, model: str) -> str:
         """What every incarnation's base starts with; the incarnation and ``:`` follow."""

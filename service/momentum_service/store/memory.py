@@ -17,6 +17,7 @@ from .base import Batch, Holder, KeyRecord, Lease, Loaded, Replica
 class MemoryJournal:
     kind = "memory"
     durable = False
+    replicated = False
 
     def __init__(self) -> None:
         self._names: set[str] = set()  # the models that exist (their state is their owners')

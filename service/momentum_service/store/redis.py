@@ -18,15 +18,19 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import (
     ClusterDownError,
+    MasterDownError,
     NoScriptError,
     OutOfMemoryError,
     ReadOnlyError,
+    RedisClusterException,
     RedisError,
     ResponseError,
+    SlotNotCoveredError,
     TryAgainError,
 )
 from redis.exceptions import (
@@ -69,7 +73,15 @@ async def _guard() -> AsyncIterator[None]:
             f"Redis is at its memory limit (maxmemory) and refused the write; nothing was changed: {exc}. "
             "Delete models or parameters (always allowed) or raise maxmemory"
         ) from exc
-    except (RedisConnectionError, RedisTimeoutError, ReadOnlyError, ClusterDownError, TryAgainError) as exc:
+    except (
+        RedisConnectionError,
+        RedisTimeoutError,
+        ReadOnlyError,
+        ClusterDownError,
+        TryAgainError,
+        MasterDownError,
+        SlotNotCoveredError,
+    ) as exc:
         raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
     except ResponseError as exc:
         text = str(exc)
@@ -78,10 +90,27 @@ async def _guard() -> AsyncIterator[None]:
         if text.startswith("OOM") or "OOM command not allowed" in text:
             raise StoreFull(f"Redis is at its memory limit (maxmemory); nothing was changed: {exc}") from exc
         raise StoreError(f"redis answered an error: {type(exc).__name__}: {exc}") from exc
+    except RedisClusterException as exc:
+        # The cluster client's own failures: no node answers or the slot map cannot be read (Redis is down),
+        # or a command it refuses to route (a bug here, not an outage).
+        if "cannot be connected" in str(exc) or "nodes" in str(exc).lower():
+            raise StoreUnavailable(f"redis cluster: {type(exc).__name__}: {exc}") from exc
+        raise StoreError(f"redis cluster: {type(exc).__name__}: {exc}") from exc
     except RedisError as exc:
         raise StoreError(f"redis: {type(exc).__name__}: {exc}") from exc
     except OSError as exc:
         raise StoreUnavailable(f"redis: {exc}") from exc
+
+
+def _noscript(result: Any) -> bool:
+    return isinstance(result, NoScriptError) or (isinstance(result, Exception) and "NOSCRIPT" in str(result))
+
+
+def _host_port(seed: str) -> tuple[str, int]:
+    host, _, port = seed.strip().rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"a Redis Cluster seed node must be host:port, got {seed!r}")
+    return host.strip("[]"), int(port)
 
 
 def _text(raw: Any) -> str:
@@ -91,9 +120,16 @@ def _text(raw: Any) -> str:
 class RedisJournal:
     kind = "redis"
     durable = True
+    replicated = True
 
-    def __init__(self, client: aioredis.Redis, prefix: str = "momentum") -> None:
-        self._redis = client
+    def __init__(
+        self, client: aioredis.Redis | RedisCluster, prefix: str = "momentum", *, wait_timeout_ms: int = 1000
+    ) -> None:
+        # A RedisCluster client works as a Redis one here: every key of a model shares its hash tag, so each
+        # script, pipeline and transaction over a model runs on the one node that serves its slot.
+        self._redis: Any = client
+        self.cluster = isinstance(client, RedisCluster)
+        self.wait_timeout_ms = wait_timeout_ms
         self.keys = Keys(prefix)
         self._scripts = {
             name: client.register_script(getattr(scripts, name))
@@ -103,7 +139,15 @@ class RedisJournal:
         self._commit_small = client.register_script(scripts.COMMIT_SMALL)
 
     @classmethod
-    def from_url(cls, url: str, *, prefix: str = "momentum", timeout: float = 2.0) -> RedisJournal:
+    def from_url(
+        cls,
+        url: str,
+        *,
+        prefix: str = "momentum",
+        timeout: float = 2.0,
+        cluster: bool = False,
+        seeds: Sequence[str] = (),
+    ) -> RedisJournal:
         """A journal on a new connection pool.
 
         redis-py's default policy retries a failed command 10 times with growing pauses, which
@@ -114,15 +158,36 @@ class RedisJournal:
         the same retry policy *inside* each attempt, so on a new or idle connection a frozen Redis
         took up to 9 timeouts; a stale connection fails its command instead, which is retried on a
         fresh one.
+
+        With ``cluster``, ``url`` names one node of a Redis Cluster (its credentials and TLS apply to
+        every node) and ``seeds`` more ``host:port`` nodes to learn the cluster's map from (any one
+        that answers will do). redis-py follows MOVED and ASK redirections itself, and after a
+        connection failure reads the slot map again, trying each command at most 3 times: while a
+        failed primary is replaced (the cluster's node timeout plus an election), the commands on
+        its slots get 503s, the others go on.
         """
-        client = aioredis.Redis.from_url(
-            url,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            health_check_interval=0,
-            retry=Retry(ExponentialBackoff(cap=0.1, base=0.025), retries=2),
-        )
-        return cls(client, prefix)
+        retry = Retry(ExponentialBackoff(cap=0.1, base=0.025), retries=2)
+        wait_ms = max(1, int(timeout * 1000 / 2))  # WAIT must answer well within the socket timeout
+        if cluster:
+            nodes = [ClusterNode(*_host_port(s)) for s in seeds]
+            client: Any = RedisCluster.from_url(
+                url,
+                startup_nodes=nodes or None,
+                socket_timeout=timeout,
+                socket_connect_timeout=timeout,
+                health_check_interval=0,
+                retry=retry,
+                require_full_coverage=False,
+            )
+        else:
+            client = aioredis.Redis.from_url(
+                url,
+                socket_timeout=timeout,
+                socket_connect_timeout=timeout,
+                health_check_interval=0,
+                retry=retry,
+            )
+        return cls(client, prefix, wait_timeout_ms=wait_ms)
 
     async def ping(self) -> None:
         async with _guard():
@@ -150,13 +215,28 @@ class RedisJournal:
         return Holder(_text(res[1]), _text(res[2]), int(_text(res[3])), int(res[4]))
 
     async def renew(self, leases: Sequence[Lease], lease_ms: int) -> list[bool]:
-        async with _guard(), self._redis.pipeline(transaction=False) as pipe:
-            for lease in leases:
-                await self._scripts["RENEW"](
-                    keys=[self.keys.lease(lease.model)], args=[lease.replica, lease.fence, lease_ms], client=pipe
-                )
-            results = await pipe.execute()
-        return [int(r) == 1 for r in results]
+        script = self._scripts["RENEW"]
+        for attempt in range(2):
+            async with _guard(), self._redis.pipeline(transaction=False) as pipe:
+                for lease in leases:
+                    pipe.execute_command(
+                        "EVALSHA", script.sha, 1, self.keys.lease(lease.model), lease.replica, lease.fence, lease_ms
+                    )
+                results = await pipe.execute(raise_on_error=False)
+            if attempt == 0 and any(_noscript(r) for r in results):
+                await self._load(scripts.RENEW)  # a restarted (or newly promoted) node has an empty script cache
+                continue
+            for r in results:
+                if isinstance(r, Exception):
+                    async with _guard():
+                        raise r
+            return [int(r) == 1 for r in results]
+        raise AssertionError("unreachable")
+
+    async def _load(self, script: str) -> None:
+        """Load a script into every primary's cache (a cluster client sends SCRIPT LOAD to all of them)."""
+        async with _guard():
+            await self._redis.script_load(script)
 
     async def release(self, lease: Lease) -> None:
         await self._run("RELEASE", [self.keys.lease(lease.model)], [lease.replica, lease.fence])
@@ -299,14 +379,41 @@ class RedisJournal:
         else:
             outcome = await self._transaction(staged, keys, [header])
         code = int(outcome[0])
-        if code == 1:
+        if code == 1 or (code == -3 and int(_text(outcome[1])) == batch.seq):
+            # (-3: an earlier attempt of this very batch landed, and its answer was lost.)
+            if batch.replicas:
+                await self._replicated(lease, model, batch.replicas)
             return
-        if code == -3 and int(_text(outcome[1])) == batch.seq:
-            return  # an earlier attempt of this very batch landed (its answer was lost)
         if code == -4:
             fp, _, summary = _text(outcome[2]).split("|", 2)
             raise KeyTaken(_text(outcome[1]), fp, summary)
         raise Fenced(f"model {model!r} is no longer this server's to write (code {code}); nothing was written")
+
+    async def _replicated(self, lease: Lease, model: str, replicas: int) -> None:
+        """Return once ``replicas`` replicas of the primary serving ``model`` have everything it wrote so far.
+
+        ``WAIT`` waits for the writes of *its own connection*: a pipeline sends a small write on the
+        model's slot (its ``wait`` key, the fence) and ``WAIT`` on one connection to that primary. The
+        replication stream is in order, so the batch written before is on the replicas too.
+        Fewer replicas within the timeout: :class:`StoreUnavailable` (the batch is on the primary and
+        may or may not survive its failover; the client retries with the same key)."""
+        key = self.keys.wait(model)
+        async with _guard():
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.set(key, str(lease.fence))
+            if self.cluster:
+                node = self._redis.get_node_from_key(key)
+                pipe.execute_command("WAIT", replicas, self.wait_timeout_ms, target_nodes=node)
+            else:
+                pipe.execute_command("WAIT", replicas, self.wait_timeout_ms)
+            got = int((await pipe.execute())[-1])
+            if self.cluster and self._redis.get_node_from_key(key) is not node:
+                got = 0  # the slot moved meanwhile: WAIT ran on the old primary, and says nothing
+        if got < replicas:
+            raise StoreUnavailable(
+                f"model {model!r}: the change is in Redis, but only {got} of the {replicas} replicas it must reach "
+                f"confirmed it within {self.wait_timeout_ms} ms"
+            )
 
     async def _transaction(self, staged: list[tuple[str, Any]], keys: list[str], args: list[Any]) -> Any:
         """``SET`` each staged buffer, then ``COMMIT``, in one ``MULTI``; the script's answer."""
@@ -314,7 +421,7 @@ class RedisJournal:
             async with _guard(), self._redis.pipeline(transaction=True) as pipe:
                 for name, buf in staged:
                     pipe.set(name, buf)
-                pipe.evalsha(self._commit.sha, len(keys), *keys, *args)
+                pipe.execute_command("EVALSHA", self._commit.sha, len(keys), *keys, *args)
                 try:
                     results = await pipe.execute(raise_on_error=False)
                 except NoScriptError:
