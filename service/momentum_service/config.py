@@ -231,6 +231,8 @@ class ModelConfig:
     durability: Durability = Durability()
     groups: tuple[ParamGroup, ...] = ()
     group_rules: tuple[Rule, ...] = ()
+    shards: int = 1
+    """Parameter shards (see ``engine/shards.py``): fixed when the model is created."""
     _rules: dict[str, Rule] = field(default_factory=dict, compare=False, repr=False)
 
     def rule_for(self, param: str) -> Rule:
@@ -252,6 +254,7 @@ class ModelConfig:
         mode: Mapping[str, Any] | None = None,
         durability: Any = None,
         groups: Any = None,
+        shards: Any = None,
     ) -> ModelConfig:
         """Validate a config from its parts; :class:`InvalidConfig` names the part at fault."""
         try:
@@ -263,14 +266,9 @@ class ModelConfig:
         except (TypeError, ValueError) as exc:
             raise _invalid(exc, "schedule") from None
         parsed, rules = _parse_groups(rule, groups)
-        return cls(
-            rule,
-            sched,
-            _mode(lambda: Mode.from_fields(mode or {})),
-            _mode(lambda: Durability.parse(durability)),
-            parsed,
-            rules,
-        )
+        modes = _mode(lambda: Mode.from_fields(mode or {}))
+        count = _shards(shards, modes)
+        return cls(rule, sched, modes, _mode(lambda: Durability.parse(durability)), parsed, rules, count)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelConfig:
@@ -280,6 +278,7 @@ class ModelConfig:
             {k: data[k] for k in MODE_FIELDS if k in data},
             data.get("durability"),
             data.get("groups"),
+            data.get("shards"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -291,6 +290,8 @@ class ModelConfig:
         }
         if self.groups:
             out["groups"] = [g.to_dict() for g in self.groups]
+        if self.shards > 1:
+            out["shards"] = self.shards
         return out
 
     def patched(
@@ -337,7 +338,28 @@ class ModelConfig:
         elif groups is not None:
             group_list = groups
         parsed, rules = _parse_groups(rule, group_list)
-        return ModelConfig(rule, new_schedule, new_mode, new_durability, parsed, rules)
+        _shards(self.shards, new_mode)
+        return ModelConfig(rule, new_schedule, new_mode, new_durability, parsed, rules, self.shards)
+
+
+MAX_SHARDS = 64
+
+
+def _shards(value: Any, mode: Mode) -> int:
+    """A config's parameter shard count (1 to ``MAX_SHARDS``; ``None``: 1); only async mode is sharded."""
+    if value is None:
+        return 1
+    try:
+        count = _count("shards", _integral(value), 1, MAX_SHARDS)
+    except FieldError as exc:
+        raise _invalid(exc, None) from None
+    if count > 1 and mode.kind != "async":
+        raise InvalidConfig(
+            f"mode {mode.kind!r} is not supported on sharded models (shards {count}): a sharded model runs in "
+            "mode 'async'",
+            "mode",
+        )
+    return count
 
 
 def _mode(make: Callable[[], _T]) -> _T:
@@ -374,6 +396,7 @@ def explain_put(body: Any) -> None:
             mode,
             body.get("durability"),
             body.get("groups"),
+            body.get("shards"),
         )
 
 
@@ -392,6 +415,12 @@ def explain_patch(body: Any) -> None:
     """Like :func:`explain_put`, for a PATCH body (whose rule is the stored model's)."""
     if not isinstance(body, dict):
         return
+    if "shards" in body:
+        raise InvalidConfig(
+            "shards cannot be changed: a model's parameter shards are fixed when it is created (delete the model "
+            "and create it again with another count)",
+            "shards",
+        )
     optimizer = body.get("optimizer")
     if isinstance(optimizer, dict):
         for name, value in optimizer.items():

@@ -46,6 +46,7 @@ from ..auth import ApiKey, KeyRing
 from ..kernels.buffers import POOL
 from ..logs import REQUEST_ID, new_request_id
 from ..telemetry import Telemetry, reset_current, set_current
+from . import shards
 from .problems import PROBLEM_JSON, Problem, render
 from .protocol import BODY_BUFFER, BodyBuffer
 from .security import authenticate
@@ -195,6 +196,9 @@ class Admission:
             self.active += 1
             try:
                 if self.router is not None and await self.router(scope, receive, send, body):
+                    return
+                if shards.SHARD_PATH.match(path):  # a sharded model's owner asking for one of its shards
+                    await shards.serve(scope, receive, send, body, key)
                     return
                 step = STEP_PATH.match(path) if scope["method"] == "POST" and self.fast_step else None
                 if step is not None and self.fast_step is not None:  # the hot path, without FastAPI's machinery

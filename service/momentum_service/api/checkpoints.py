@@ -12,6 +12,7 @@ import logging
 from fastapi import APIRouter, Request, Response
 
 from ..engine import ModelRecord, ParamMeta
+from . import shards
 from .admission import body_of
 from .body import off_the_loop
 from .codecs import BodyError
@@ -48,6 +49,7 @@ _FILE = {
     summary="Save the model: every value, every state buffer, each parameter's step and the config, as one file",
 )
 async def get_checkpoint(model: ModelName, server: ServerDep) -> Response:
+    shards.refuse_checkpoint(model, await shards.count(server, model))
     saved = await server.checkpoint(model)
     encoded = codec.encode_checkpoint(model, saved)
     disposition = f'attachment; filename="{model}.safetensors"'
@@ -78,6 +80,7 @@ async def put_checkpoint(
         )
     raw = body_of(request)
     checkpoint = await off_the_loop(len(raw), codec.decode, raw, limits)
+    shards.refuse_checkpoint(model, max(checkpoint.config.shards, await shards.count(server, model)))
     record, created = await server.restore(model, checkpoint, only_create=only_create)
     log.info(
         "model %r %s from a checkpoint (%d parameters)",

@@ -23,6 +23,7 @@ from momentum_client._transport import BODY, PARTS, AsyncZeroCopyTransport, Body
 from starlette.types import Receive, Scope, Send
 
 from ..engine import ParameterServer, Remote
+from ..engine.shards import is_shard
 from ..errors import OwnerUnreachable
 from ..store.base import Buffer
 from .schemas import MODEL_NAME_PATTERN
@@ -59,9 +60,10 @@ _TIMEOUTS = {"connect": 2.0, "write": 60.0, "pool": 2.0}
 
 
 def model_of(path: str) -> str | None:
-    """The model a ``/v1/models/{model}...`` path is about (None for other paths and invalid names)."""
+    """The model (or a sharded model's shard, ``<m>~<i>``) a ``/v1/models/{model}...`` path is about (None for
+    other paths and invalid names)."""
     match = _MODEL_PATH.match(path)
-    if match is None or not _MODEL.match(match.group("model")):
+    if match is None or not (_MODEL.match(match.group("model")) or is_shard(match.group("model"))):
         return None
     return match.group("model")
 

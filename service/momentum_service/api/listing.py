@@ -45,7 +45,7 @@ async def list_models(
     cursor, batch = after or "", max(limit + 1, 100)
     while len(names) <= limit:  # one more than a page tells whether there is a next one
         found = await server.store.model_names(cursor, batch)
-        names += [n for n in found if caller is None or caller.allows("read", n)]
+        names += [n for n in found if "~" not in n and (caller is None or caller.allows("read", n))]  # no shards
         if len(found) < batch:
             break
         cursor = found[-1]

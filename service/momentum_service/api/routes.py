@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, Query, Request, Response
@@ -12,9 +13,10 @@ from pydantic.json_schema import SkipJsonSchema
 
 from .. import config as config_module
 from ..config import ModelConfig
-from ..engine import ModelRecord, ParamMeta
+from ..engine import ModelRecord, ParameterServer, ParamMeta, ParamRecord
 from ..errors import listed
-from . import codecs, schemas
+from ..store.base import Array
+from . import codecs, schemas, shards
 from .admission import body_of
 from .body import off_the_loop, parse_json
 from .codecs.checks import check_count
@@ -88,6 +90,15 @@ def _model_json(record: ModelRecord, params: list[ParamMeta]) -> dict[str, Any]:
     }
 
 
+async def _answer(server: ParameterServer, model: str, record: ModelRecord, request: Request) -> dict[str, Any]:
+    """The model's body: its config and parameters (gathered from every shard of a sharded model)."""
+    n = await shards.count(server, model)
+    if n > 1:
+        auth = request.headers.get("authorization")
+        return shards.model_json(_model_json(record, []), await shards.metas(server, model, n, auth))
+    return _model_json(record, await server.list_params(model))
+
+
 def _durability(value: Any) -> Any:
     """The durability field as the domain takes it: ``"step"`` or ``{"flush_ms": n}`` (None: not given)."""
     return value.model_dump() if isinstance(value, BaseModel) else value
@@ -104,6 +115,24 @@ def _only_create(if_none_match: str | None) -> bool:
         "only 'If-None-Match: *' (create, never overwrite) is supported",
         errors=[{"loc": ["header", "If-None-Match"], "msg": "must be *"}],
     )
+
+
+async def _put_params(
+    server: ParameterServer, model: str, values: Mapping[str, Array], only_create: bool, request: Request
+) -> dict[str, bool]:
+    n = await shards.count(server, model)
+    if n > 1:
+        return await shards.put_params(server, model, n, values, only_create, request.headers.get("authorization"))
+    return await server.put_params(model, values, only_create=only_create)
+
+
+async def _get_params(
+    server: ParameterServer, model: str, names: list[str] | None, with_state: bool, request: Request
+) -> dict[str, ParamRecord]:
+    n = await shards.count(server, model)
+    if n > 1:
+        return await shards.get_params(server, model, n, names, with_state, request.headers.get("authorization"))
+    return await server.get_params(model, names, with_state=with_state)
 
 
 _INCLUDE = ("state", "velocity")
@@ -172,8 +201,13 @@ async def put_model(
         body.model_dump(include={"mode", "workers", "max_staleness"}, exclude_none=True),
         _durability(body.durability),
         None if body.groups is None else [g.model_dump(exclude_none=True) for g in body.groups],
+        body.shards,
     )
-    record, created = await server.put_model(model, config, only_create=only_create)
+    if config.shards > 1 or await shards.count(server, model) > 1:
+        auth = request.headers.get("authorization")
+        record, created = await shards.put_model(server, model, config, only_create, auth)
+    else:
+        record, created = await server.put_model(model, config, only_create=only_create)
     log.info(
         "model %r %s: rule %s, mode %s",
         model,
@@ -182,14 +216,15 @@ async def put_model(
         config.mode.kind,
         extra={"model": model},
     )
-    params = await server.list_params(model)
     headers = {"Location": f"/v1/models/{model}"} if created else None
-    return _json(_model_json(record, params), 201 if created else 200, headers)
+    return _json(await _answer(server, model, record, request), 201 if created else 200, headers)
 
 
 @router.get("/models/{model}", dependencies=[READ], response_model=schemas.ModelOut, responses=problem_responses(404))
-async def get_model(model: ModelName, server: ServerDep) -> Response:
+async def get_model(model: ModelName, request: Request, server: ServerDep) -> Response:
     record, params = await server.get_model(model)
+    if await shards.count(server, model) > 1:
+        return _json(await _answer(server, model, record, request))
     return _json(_model_json(record, params))
 
 
@@ -247,17 +282,25 @@ async def patch_model(model: ModelName, request: Request, server: ServerDep, lim
             errors=[{"loc": ["body", "optimizer", k], "msg": "null is not a value"} for k in nulls],
         )
     schedule = body.schedule.model_dump() if body.schedule else None
-    record = await server.patch_model(model, changes, schedule, mode, _durability(body.durability), groups)
+    args = (changes, schedule, mode, _durability(body.durability), groups)
+    n = await shards.count(server, model)
+    if n > 1:
+        record = await shards.patch_model(server, model, n, args, request.headers.get("authorization"))
+    else:
+        record = await server.patch_model(model, *args)
     changed = [*(f"optimizer.{k}" for k in changes), *(["schedule"] if schedule else []), *mode]
     changed += [k for k in ("durability", "groups") if getattr(body, k) is not None]
     log.info("model %r reconfigured: %s", model, ", ".join(changed), extra={"model": model})
-    params = await server.list_params(model)
-    return _json(_model_json(record, params))
+    return _json(await _answer(server, model, record, request))
 
 
 @router.delete("/models/{model}", dependencies=[ADMIN], status_code=204, responses=problem_responses(404))
-async def delete_model(model: ModelName, server: ServerDep) -> Response:
-    await server.delete_model(model)
+async def delete_model(model: ModelName, request: Request, server: ServerDep) -> Response:
+    n = await shards.count(server, model)
+    if n > 1:
+        await shards.delete_model(server, model, n, request.headers.get("authorization"))
+    else:
+        await server.delete_model(model)
     log.info("model %r deleted", model, extra={"model": model})
     return Response(status_code=204)
 
@@ -283,7 +326,7 @@ async def put_param(
     codec = codecs.for_request(request.headers.get("content-type"))
     raw = body_of(request)
     value = await off_the_loop(len(raw), codec.decode_value, raw, name, limits)
-    created = await server.put_params(model, {name: value}, only_create=only_create)
+    created = await _put_params(server, model, {name: value}, only_create, request)
     out = {"name": name, "shape": list(value.shape), "dtype": value.dtype.name, "step": 0}
     headers = {"Location": f"/v1/models/{model}/params/{name}"} if created[name] else None
     return _json(out, 201 if created[name] else 200, headers)
@@ -305,7 +348,7 @@ async def put_params(
     codec = codecs.for_request(request.headers.get("content-type"))
     raw = body_of(request)
     values = await off_the_loop(len(raw), codec.decode_values, raw, limits)
-    created = await server.put_params(model, values, only_create=only_create)
+    created = await _put_params(server, model, values, only_create, request)
     out = {
         name: {"shape": list(v.shape), "dtype": v.dtype.name, "step": 0, "created": created[name]}
         for name, v in values.items()
@@ -323,7 +366,7 @@ async def get_param(
     model: ModelName, name: ParamPath, request: Request, server: ServerDep, include: Include = None
 ) -> Response:
     wanted = _include(include)
-    params = await server.get_params(model, [name], with_state=bool(wanted))
+    params = await _get_params(server, model, [name], bool(wanted), request)
     codec = codecs.for_response(request.headers.get("accept"))
     return PartsResponse(codec.encode_param(params[name], wanted))
 
@@ -358,14 +401,18 @@ async def get_params(
                 f"invalid parameter name(s) in names: {listed(bad)}" if bad else "names is empty",
                 errors=[{"loc": ["query", "names"], "msg": "comma-separated parameter names"}],
             )
-    params = await server.get_params(model, wanted, with_state=bool(include_set))
+    params = await _get_params(server, model, wanted, bool(include_set), request)
     codec = codecs.for_response(request.headers.get("accept"))
     return PartsResponse(codec.encode_params(params, include_set))
 
 
 @router.delete("/models/{model}/params/{name}", dependencies=[ADMIN], status_code=204, responses=problem_responses(404))
-async def delete_param(model: ModelName, name: ParamPath, server: ServerDep) -> Response:
-    await server.delete_param(model, name)
+async def delete_param(model: ModelName, name: ParamPath, request: Request, server: ServerDep) -> Response:
+    n = await shards.count(server, model)
+    if n > 1:
+        await shards.delete_param(server, model, n, name, request.headers.get("authorization"))
+    else:
+        await server.delete_param(model, name)
     return Response(status_code=204)
 
 

@@ -323,6 +323,15 @@ _DURABILITY_DOC = (
 )
 
 
+_SHARDS_DOC = (
+    "Parameter shards (default 1): parameter `name` belongs to shard `xxh3_64(name) % shards`, and each shard "
+    "is served by its own owner (on distinct replicas when there are enough), so a model too large for one "
+    "process spreads over several. Async mode only. Fixed at creation (a PUT with another count is a 409; "
+    "PATCH cannot change it). A step is applied at most once per Idempotency-Key on every shard, and a retry "
+    "with the same key completes the shards a failed attempt missed; see the README."
+)
+
+
 class ModelPut(_Strict):
     """A model's config. The lr of a parameter's update k is `schedule(lr, k)`."""
 
@@ -335,6 +344,7 @@ class ModelPut(_Strict):
     )
     durability: Durability = Field(default="step", description=_DURABILITY_DOC)
     groups: list[ParamGroup] | None = Field(default=None, max_length=1024, description=_GROUPS_DOC)
+    shards: Annotated[int, Field(ge=1, le=64), _INTEGRAL] | None = Field(default=None, description=_SHARDS_DOC)
 
 
 def _groups_schema(schema: dict[str, Any]) -> None:
@@ -421,6 +431,13 @@ class ParamSummary(BaseModel):
     step: int = Field(description="Number of updates applied since the value was last set.")
 
 
+class ShardOut(BaseModel):
+    shard: int
+    params: int = Field(description="The shard's parameters.")
+    steps: int = Field(description="The highest step of the shard's parameters.")
+    min_steps: int = Field(description="The lowest step of the shard's parameters.")
+
+
 class ModelOut(BaseModel):
     name: str
     optimizer: Optimizer
@@ -431,6 +448,15 @@ class ModelOut(BaseModel):
     durability: Durability
     groups: list[ParamGroup] | None = Field(default=None, description="Only when the model has parameter groups.")
     params: dict[str, ParamSummary]
+    shards: int | None = Field(default=None, description="Only for a sharded model: its parameter shards.")
+    shard_steps: list[ShardOut] | None = Field(
+        default=None, description="Only for a sharded model: each shard's parameters and steps."
+    )
+    consistent: bool | None = Field(
+        default=None,
+        description="Only for a sharded model: every shard that has parameters is at the same highest step (false "
+        "while a step has reached some shards and not the others, e.g. one answered with a 503).",
+    )
 
 
 class ModelSummary(BaseModel):

@@ -23,7 +23,7 @@ from starlette.types import Receive, Scope, Send
 from ..auth import ApiKey
 from ..engine import Idempotency, ParameterServer, StepPending
 from ..telemetry import current
-from . import codecs
+from . import codecs, shards
 from .body import off_the_loop
 from .messages import PATTERN_HELP, shown
 from .problems import Problem, json_response, render
@@ -108,6 +108,9 @@ async def _step_response(
     codec = codecs.for_request(headers.get("content-type"))
     received = await off_the_loop(len(body), codec.decode_step, body, limits)
     key = await off_the_loop(len(body), idempotency, headers, path, body)
+    n = await shards.count(server, model)
+    if n > 1:
+        return await shards.step_response(server, model, n, received, key, headers)
     options = received.options
     results = await server.step(
         model,

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import xxhash
 
 from ..store.base import Holder, Journal, Lease, Replica
+from . import shards
 
 log = logging.getLogger("momentum_service")
 
@@ -40,6 +41,11 @@ SAFETY = 0.8
 def rendezvous(replicas: list[Replica], model: str) -> Replica:
     """The replica that should own ``model``: the highest hash of (replica id, model)."""
     return max(replicas, key=lambda r: (xxhash.xxh3_64_intdigest(f"{r.id}\x00{model}".encode()), r.id))
+
+
+def ranking(replicas: list[Replica], model: str) -> list[Replica]:
+    """The replicas by rendezvous preference for ``model``, the preferred first."""
+    return sorted(replicas, key=lambda r: (xxhash.xxh3_64_intdigest(f"{r.id}\x00{model}".encode()), r.id), reverse=True)
 
 
 @dataclass(slots=True)
@@ -87,8 +93,15 @@ class Cluster:
         self.leases.clear()
 
     def preferred(self, model: str) -> Replica:
+        """The live replica that should take ``model``: its rendezvous choice. Shard ``<m>~<i>`` of a sharded
+        model (see :mod:`.shards`) takes the ``i``-th replica of ``<m>``'s rendezvous ranking (modulo the live
+        replicas), so a model's shards land on distinct replicas whenever there are enough of them."""
         live = self.live if any(r.id == self.me.id for r in self.live) else [*self.live, self.me]
-        return rendezvous(live, model)
+        index = shards.index_of(model)
+        if index == 0:
+            return rendezvous(live, model)
+        ranked = ranking(live, shards.base_of(model))
+        return ranked[index % len(ranked)]
 
     async def acquire(self, model: str) -> LeaseHandle | Holder:
         if self.single:
