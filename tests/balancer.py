@@ -62,11 +62,14 @@ class HAProxyProcess:
             )
 
         def ready() -> bool:
-            assert self.proc is not None and self.proc.poll() is None, f"haproxy exited:\n{self.log()}"
+            if self.proc is None or self.proc.poll() is not None:
+                return True  # exited: reported below
             return httpx.get(self.url + "/readyz", timeout=2).status_code == 200
 
         try:
             wait_until(ready, timeout=20, what="haproxy and a replica behind it")
+            if self.proc is None or self.proc.poll() is not None:
+                raise RuntimeError(f"haproxy exited:\n{self.log()}")
         except BaseException:
             self.stop()
             raise
