@@ -45,6 +45,9 @@ class FakeJournal:
         self.fail_next: list[BaseException] = []
         self.lookups = 0
 
+    async def wait_replicas(self, lease: Lease, model: str, replicas: int) -> None:
+        raise NotImplementedError("no replicas here (replicated is False)")
+
     async def ping(self) -> None:
         return None
 

@@ -494,3 +494,28 @@ async def test_an_unexpected_error_before_the_routes_is_still_problem_json(
     monkeypatch.setattr(admission.POOL, "empty", broken)
     r = await api.post(f"/v1/models/{model}/step", json={"gradients": {"w": tensor([[1, 1], [1, 1]])}})
     assert_problem(r, 500, "internal")
+
+
+async def test_replicated_durability_acknowledges_once_the_replicas_have_the_step(
+    api: httpx.AsyncClient, store: Journal
+) -> None:
+    """``{"replicas": 1}``: on the cluster (a replica per primary) steps are acknowledged; a single Redis without
+    replicas answers 503 (and the step replays once a retry can be confirmed); the embedded store refuses it."""
+    r = await api.put("/v1/models/dur", json={"optimizer": OPT, "durability": {"replicas": 1}})
+    if store.kind == "memory":
+        body = assert_problem(r, 422)
+        assert "durability" in body["detail"] and "embedded store" in body["detail"]
+        assert (await api.get("/v1/models/dur")).status_code == 404  # nothing created
+        return
+    assert r.status_code == 201 and r.json()["durability"] == {"replicas": 1}
+    assert (await api.put("/v1/models/dur/params/w", json=tensor([1.0, 2.0]))).status_code in (201, 503)
+    step = {"gradients": {"w": tensor([0.5, 0.5])}}
+    r = await api.post("/v1/models/dur/step", json=step, headers={"Idempotency-Key": "k1"})
+    if isinstance(store, RedisJournal) and store.cluster:
+        assert r.status_code == 200, r.text
+        assert r.json()["params"]["w"]["step"] == 1
+    else:
+        body = assert_problem(r, 503)
+        assert "replicas" in body["detail"]
+    for bad in ({"replicas": 0}, {"replicas": 9}, {"replicas": 1, "flush_ms": 5}, {"replicas": "1"}):
+        assert_problem(await api.patch("/v1/models/dur", json={"durability": bad}), 422)

@@ -90,6 +90,9 @@ MODE_FIELDS = ("mode", "workers", "max_staleness")
 MAX_FLUSH_MS = 60_000
 
 
+MAX_WAIT_REPLICAS = 8
+
+
 @dataclass(frozen=True, slots=True)
 class Durability:
     """When a step is acknowledged, against when it is in the journal (Redis).
@@ -97,13 +100,18 @@ class Durability:
     ``step`` (``flush_ms`` None): once its log entry is written. ``{"flush_ms": n}``: at once,
     from the owner's memory; the log reaches the journal within ``n`` ms, so a crash of the
     owner loses at most the steps of the last ``n`` ms (plus the lease period).
+    ``{"replicas": n}``: once its log entry is written *and* at least ``n`` Redis replicas of the
+    primary holding it have it (Redis ``WAIT``), so a failover of that primary loses no acknowledged step.
     """
 
     flush_ms: int | None = None
+    replicas: int = 0
 
     def __post_init__(self) -> None:
         if self.flush_ms is not None:
             _count("durability.flush_ms", self.flush_ms, 1, MAX_FLUSH_MS)
+        if self.replicas:
+            _count("durability.replicas", self.replicas, 1, MAX_WAIT_REPLICAS)
 
     @classmethod
     def parse(cls, value: Any) -> Durability:
@@ -111,11 +119,17 @@ class Durability:
             return cls()
         if isinstance(value, Mapping) and set(value) == {"flush_ms"}:
             return cls(_integral(value["flush_ms"]))
+        if isinstance(value, Mapping) and set(value) == {"replicas"}:
+            return cls(replicas=_integral(value["replicas"]))
         raise FieldError(
-            f'durability must be "step" or {{"flush_ms": n}} (n from 1 to {MAX_FLUSH_MS}), got {value!r}', "durability"
+            f'durability must be "step", {{"flush_ms": n}} (n from 1 to {MAX_FLUSH_MS}) or {{"replicas": n}} '
+            f"(n from 1 to {MAX_WAIT_REPLICAS}), got {value!r}",
+            "durability",
         )
 
     def to_json(self) -> Any:
+        if self.replicas:
+            return {"replicas": self.replicas}
         return "step" if self.flush_ms is None else {"flush_ms": self.flush_ms}
 
 

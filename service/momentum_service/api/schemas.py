@@ -313,13 +313,22 @@ class FlushDurability(_Strict):
     flush_ms: Annotated[int, Field(ge=1, le=60_000), _INTEGRAL]
 
 
-Durability = Literal["step"] | FlushDurability
+class ReplicatedDurability(_Strict):
+    """Acknowledged once the step's log entry is in Redis and on `replicas` of its primary's replicas (WAIT)."""
+
+    replicas: Annotated[int, Field(ge=1, le=8), _INTEGRAL]
+
+
+Durability = Literal["step"] | FlushDurability | ReplicatedDurability
 _DURABILITY_DOC = (
     '`"step"` (default): a step is acknowledged once its log entry is in Redis (with `appendfsync always`, an '
     'acknowledged step survives the crash of any process). `{"flush_ms": n}`: acknowledged from the owner\'s '
     "memory, logged to Redis within n ms: a crash of the owner loses at most the steps of the last n ms plus the "
-    "lease period (the parameters' steps then go back, which the SDK reports). The embedded store keeps "
-    "everything in the process's memory either way."
+    'lease period (the parameters\' steps then go back, which the SDK reports). `{"replicas": n}`: acknowledged '
+    "once its log entry is in Redis and on at least n replicas of the Redis primary that holds it (WAIT), so a "
+    "failover of that primary loses no acknowledged step (503 if the replicas do not confirm in time; retry with "
+    "the same Idempotency-Key). The embedded store keeps everything in the process's memory either way (it "
+    "refuses `replicas`)."
 )
 
 

@@ -29,6 +29,7 @@ import orjson
 
 from ..config import ModelConfig
 from ..errors import (
+    InvalidConfig,
     ModeFieldRequired,
     ModelExists,
     ModelNotFound,
@@ -168,6 +169,7 @@ class ModelOwner:
             state.inc,
             lease=self._lease,
             flush_ms=self._flush_ms,
+            replicas=lambda: 0 if self.state is None else self.state.config.durability.replicas,
             snapshot=lambda: to_snapshot(self._live()),
             state_bytes=lambda: self._live().nbytes,
             on_lost=self.invalidate,
@@ -179,6 +181,16 @@ class ModelOwner:
             key_ttl_ms=max(1, round(self.options.idempotency_ttl_s * 1000)),
             events=self.options.events,
         )
+
+    def _check_durability(self, config: ModelConfig) -> ModelConfig:
+        """A config asking for Redis replicas (``WAIT``) only on a journal that has them."""
+        if config.durability.replicas and not getattr(self.journal, "replicated", False):
+            raise InvalidConfig(
+                f"durability {{'replicas': {config.durability.replicas}}} needs Redis (a step is acknowledged once "
+                f"Redis replicas have it); this server keeps models in its own memory (the embedded store)",
+                "durability",
+            )
+        return config
 
     def _flush_ms(self) -> int | None:
         return None if self.state is None else self.state.config.durability.flush_ms
@@ -278,6 +290,7 @@ class ModelOwner:
     async def put_model(self, config: ModelConfig, *, only_create: bool) -> tuple[ModelRecord, bool]:
         async with self._lock:
             self._check()
+            self._check_durability(config)
             if self.state is None:
                 inc, rev = new_token(), new_token()
                 await self.journal.create(self._lease(), self.name, config.to_dict(), rev, inc)
@@ -301,7 +314,7 @@ class ModelOwner:
             current = self._live().config
             if "rule" in optimizer:
                 _check_same_rule(self.name, current, optimizer["rule"])
-            config = current.patched(optimizer, schedule, mode, durability, groups)
+            config = self._check_durability(current.patched(optimizer, schedule, mode, durability, groups))
             state = await self._change(ConfigEntry(config.to_dict(), new_token()))
             return state.record
 
@@ -322,7 +335,7 @@ class ModelOwner:
         """
         async with self._lock:
             self._check()
-            config = checkpoint.config
+            config = self._check_durability(checkpoint.config)
             created = self.state is None
             if created:
                 inc, rev = new_token(), new_token()
@@ -477,6 +490,10 @@ class ModelOwner:
         parameters per step for the whole TTL).
         """
         state = await self._settled()
+        if state.config.durability.replicas:
+            # The first attempt may have been answered 503 because the replicas did not confirm it: a replay
+            # is an acknowledgement too, so it waits for them as well.
+            await self.journal.wait_replicas(self._lease(), self.name, state.config.durability.replicas)
         out = {}
         for name, (step, lr) in unpack_summary(record.summary, names).items():
             p = state.params.get(name)

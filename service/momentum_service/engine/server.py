@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +37,10 @@ POINTS_FLUSH_S = 0.5
 """How often owners append their new training-series points to the journal (what a crash can lose of it)."""
 
 __all__ = ["NotOwner", "ParameterServer", "Remote"]
+
+
+def _idle(owner: ModelOwner, idle_s: float) -> bool:
+    return time.monotonic() - owner.last_used >= idle_s
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +70,8 @@ class ParameterServer:
         self._remote: dict[str, tuple[Remote, float]] = {}  # model -> (its owner elsewhere, until)
         self._sweeper: asyncio.Future[None] | None = None
         self._saver: asyncio.Future[None] | None = None
+        self._balancer: asyncio.Future[None] | None = None
+        self._handed: dict[str, float] = {}  # model -> until when a forwarded request for it is not taken back
 
     @property
     def store(self) -> Journal:
@@ -75,10 +82,11 @@ class ParameterServer:
         if self.journal.durable:
             self._sweeper = asyncio.ensure_future(self._sweeps())
             self._saver = asyncio.ensure_future(self._save_points())
+            self._balancer = asyncio.ensure_future(self._rebalances())
 
     async def close(self) -> None:
         """Write what every owner has queued, and hand the models over."""
-        for task in (self._sweeper, self._saver):
+        for task in (self._sweeper, self._saver, self._balancer):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(BaseException):
@@ -118,24 +126,78 @@ class ParameterServer:
         for model, owner in list(self.owners.items()):
             if time.monotonic() - owner.last_used < idle or owner.sync.pending:
                 continue
-            async with self._routing_lock(model):
-                if self.owners.get(model) is not owner or time.monotonic() - owner.last_used < idle:
-                    continue  # used meanwhile
-                await owner.close()  # what is queued, written
-                if owner.lost is not None or time.monotonic() - owner.last_used < idle:
-                    continue
-                self.owners.pop(model, None)
-                handle = self.cluster.leases.get(model)
-                self.cluster.drop(model)
-                owner.invalidate(Fenced(f"model {model!r} was idle and handed back"))
-                if handle is not None:
-                    with contextlib.suppress(Exception):
-                        await self.journal.release(handle.lease)
+            if await self._hand_back(model, owner, "was idle", functools.partial(_idle, owner, idle)):
                 released.append(model)
-                self.options.events.owner_changed(model, "released")
         if released:
             log.info("handed back %d idle model(s): %s", len(released), ", ".join(map(repr, released[:10])))
         return released
+
+    async def _hand_back(self, model: str, owner: ModelOwner, why: str, still: Callable[[], bool]) -> bool:
+        """Stop owning ``model`` while ``still()``: what its owner queued is written, its lease released, its
+        memory freed. Requests waiting for it hear a 503 and retry (with the same Idempotency-Key)."""
+        async with self._routing_lock(model):
+            if self.owners.get(model) is not owner or not still():
+                return False  # used or taken meanwhile
+            await owner.close()  # what is queued, written
+            if owner.lost is not None or not still():
+                return False
+            self.owners.pop(model, None)
+            handle = self.cluster.leases.get(model)
+            self.cluster.drop(model)
+            owner.invalidate(Fenced(f"model {model!r} {why} and was handed back"))
+            if handle is not None:
+                with contextlib.suppress(Exception):
+                    await self.journal.release(handle.lease)
+            self.options.events.owner_changed(model, "released")
+            return True
+
+    async def _rebalances(self) -> None:
+        """Every lease period, hand the models another replica should own to it (see :meth:`rebalance`).
+
+        A replica counts once it has been live for a whole lease period, so one that comes and goes
+        does not pull models back and forth."""
+        first_seen: dict[str, float] = {}
+        period = self.cluster.lease_ms / 1000
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            first_seen = {r.id: first_seen.get(r.id, now) for r in self.cluster.live}
+            settled = {r for r, since in first_seen.items() if now - since >= period}
+            try:
+                await self.rebalance(settled)
+            except Exception as exc:
+                log.warning("rebalancing models failed: %s", exc)
+
+    async def rebalance(self, settled: set[str] | None = None, limit: int | None = None) -> list[str]:
+        """Hand back the models that rendezvous hashing now gives to another live replica (one that joined,
+        among ``settled`` if given), at most ``limit`` (default: a quarter of the models owned, at least 1)
+        at a time. Their next request goes to that replica, which takes the model from the journal: a
+        joining replica takes its share of the models, within a few lease periods."""
+        if self.cluster.single:
+            return []
+        now = time.monotonic()
+        self._handed = {m: until for m, until in self._handed.items() if until > now}
+        owned = list(self.owners.items())
+        limit = max(1, len(owned) // 4) if limit is None else limit
+        moved: list[str] = []
+        for model, owner in owned:
+            if len(moved) >= limit:
+                break
+            preferred = self.cluster.preferred(model)
+            if preferred.id == self.cluster.me.id or (settled is not None and preferred.id not in settled):
+                continue
+            if owner.sync.pending:
+                continue  # a sync step's contributions wait in this owner's memory
+            moving = functools.partial(self._should_move, model)
+            if await self._hand_back(model, owner, f"belongs to replica {preferred.url} now", moving):
+                self._handed[model] = time.monotonic() + 2 * self.cluster.lease_ms / 1000
+                moved.append(model)
+        if moved:
+            log.info("handed %d model(s) to the replicas that joined: %s", len(moved), ", ".join(map(repr, moved[:10])))
+        return moved
+
+    def _should_move(self, model: str) -> bool:
+        return self.cluster.preferred(model).id != self.cluster.me.id
 
     # Routing.
 
@@ -185,7 +247,9 @@ class ParameterServer:
                 remote = Remote(holder.url, holder.replica)
                 self._remote[model] = (remote, time.monotonic() + min(holder.remaining_ms / 1000, 1.0))
                 return remote
-            if holder is None and not forwarded:
+            if holder is None and (not forwarded or self._handed.get(model, 0.0) > time.monotonic()):
+                # (A request forwarded here for a model just handed to another replica goes on there: a
+                # replica that still had this one as its owner must not give it back.)
                 preferred = self.cluster.preferred(model)
                 if preferred.id != self.cluster.me.id:
                     return Remote(preferred.url, preferred.id)

@@ -185,6 +185,11 @@ class Journal(Protocol):
     async def holder(self, model: str) -> Holder | None:
         """The live lease on ``model``, if any."""
 
+    async def wait_replicas(self, lease: Lease, model: str, replicas: int) -> None:
+        """Return once ``replicas`` replicas of the store have everything written for ``model`` so far, or raise
+        :class:`~momentum_service.errors.StoreUnavailable` (only called when :attr:`replicated`)."""
+        ...
+
     # A model's durable record. Writes are fenced by the lease.
 
     async def model_names(self, after: str, limit: int) -> list[str]:

@@ -25,6 +25,9 @@ class MemoryJournal:
     async def model_names(self, after: str, limit: int) -> list[str]:
         return sorted(n for n in self._names if n > after)[:limit]
 
+    async def wait_replicas(self, lease: Lease, model: str, replicas: int) -> None:
+        raise NotImplementedError("no replicas here (replicated is False)")
+
     async def ping(self) -> None:
         return None
 

@@ -100,6 +100,12 @@ async def _guard() -> AsyncIterator[None]:
         raise StoreError(f"redis: {type(exc).__name__}: {exc}") from exc
     except OSError as exc:
         raise StoreUnavailable(f"redis: {exc}") from exc
+    except RuntimeError as exc:
+        # redis-py's cluster client may write on a connection it closed meanwhile, while it reads the slot
+        # map again after a node failed (uvloop: "unable to perform operation on <TCPTransport closed=True>").
+        if "closed" not in str(exc):
+            raise
+        raise StoreUnavailable(f"redis: a connection closed under a command: {exc}") from exc
 
 
 def _noscript(result: Any) -> bool:
@@ -382,14 +388,14 @@ class RedisJournal:
         if code == 1 or (code == -3 and int(_text(outcome[1])) == batch.seq):
             # (-3: an earlier attempt of this very batch landed, and its answer was lost.)
             if batch.replicas:
-                await self._replicated(lease, model, batch.replicas)
+                await self.wait_replicas(lease, model, batch.replicas)
             return
         if code == -4:
             fp, _, summary = _text(outcome[2]).split("|", 2)
             raise KeyTaken(_text(outcome[1]), fp, summary)
         raise Fenced(f"model {model!r} is no longer this server's to write (code {code}); nothing was written")
 
-    async def _replicated(self, lease: Lease, model: str, replicas: int) -> None:
+    async def wait_replicas(self, lease: Lease, model: str, replicas: int) -> None:
         """Return once ``replicas`` replicas of the primary serving ``model`` have everything it wrote so far.
 
         ``WAIT`` waits for the writes of *its own connection*: a pipeline sends a small write on the
