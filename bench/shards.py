@@ -1,10 +1,11 @@
 """What a step costs against the number of parameter shards of one model, over 3 replicas on one Redis.
 
-Run: .venv/bin/python -m bench.shards [--shards 1,2,4,8] [--params 8] [--size 1000000] [--steps 20]
+Run: .venv/bin/python -m bench.shards [--shards 1,2,4,8] [--params 8] [--size 1000000] [--steps 20] [--hashed]
 
 Starts a redis-server (AOF on, ``appendfsync everysec``) and 3 momentum-service replicas on free
 loopback ports, then for each shard count creates a model of ``--params`` float32 parameters of
-``--size`` floats each (``"shards": n``), and times ``--steps`` steps (after 3 warm-up steps) sent
+``--size`` floats each (``"shards": n``; their names chosen so that each shard holds as many, unless
+``--hashed``), and times ``--steps`` steps (after 3 warm-up steps) sent
 by the SDK (safetensors) to the model's owner (shard 0, which fans the step out to the other
 shards' owners and merges their answers): the mean and median ms per step, with the updated
 values returned (``return_params``) and without. It prints a Markdown table and where the shards
@@ -25,8 +26,7 @@ import httpx
 import momentum_client as mc
 import numpy as np
 import redis as redis_lib
-
-from momentum_service.engine.shards import shard_name, split
+from momentum_service.engine.shards import shard_name, shard_of, split
 
 from .procs import RedisServer, ServiceServer, wait_until
 
@@ -38,6 +38,22 @@ def _owner(port: int, model: str) -> str:
     finally:
         client.close()
     return "" if url is None else url.decode()
+
+
+def balanced(count: int, shards: int) -> list[str]:
+    """``count`` parameter names spread as evenly as they can be over ``shards`` shards (names hash to their
+    shard: a handful of arbitrary names rarely split evenly, which would measure the placement, not the spread)."""
+    quota = [count // shards + (1 if i < count % shards else 0) for i in range(shards)]
+    names: list[str] = []
+    j = 0
+    while len(names) < count:
+        name = f"layer{j}.weight"
+        i = shard_of(name, shards)
+        if quota[i]:
+            quota[i] -= 1
+            names.append(name)
+        j += 1
+    return names
 
 
 def _timed(client: mc.Client, model: str, grads: dict[str, np.ndarray], steps: int, values: bool) -> list[float]:
@@ -58,12 +74,12 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=1_000_000)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--replicas", type=int, default=3)
+    parser.add_argument("--hashed", action="store_true", help="names layer0..: as they hash (else balanced)")
     args = parser.parse_args()
     counts = [int(c) for c in args.shards.split(",")]
-    names = [f"layer{i}.weight" for i in range(args.params)]
     rng = np.random.default_rng(0)
-    values = {n: rng.standard_normal(args.size).astype(np.float32) for n in names}
-    grads = {n: rng.standard_normal(args.size).astype(np.float32) * np.float32(1e-3) for n in names}
+    arrays = [rng.standard_normal(args.size).astype(np.float32) for _ in range(args.params)]
+    steps = [rng.standard_normal(args.size).astype(np.float32) * np.float32(1e-3) for _ in range(args.params)]
 
     redis = RedisServer("everysec").start()
     servers = [ServiceServer(redis_url=redis.url).launch() for _ in range(args.replicas)]
@@ -78,6 +94,8 @@ def main() -> None:
         urls = {s.url: f"r{i}" for i, s in enumerate(servers)}
         for n in counts:
             model = f"bench-shards-{n}"
+            names = [f"layer{i}.weight" for i in range(args.params)] if args.hashed else balanced(args.params, n)
+            values, grads = dict(zip(names, arrays, strict=True)), dict(zip(names, steps, strict=True))
             config: dict[str, Any] = {"optimizer": {"lr": 0.01, "momentum": 0.9}}
             if n > 1:
                 config["shards"] = n

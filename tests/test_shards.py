@@ -266,9 +266,43 @@ def test_three_replicas_shards_on_distinct_owners_and_a_retry_completes_a_paused
                 assert got[name]["step"] == steps, (name, got[name]["step"])
                 assert array(got[name]).tobytes() == value.tobytes(), name
                 assert velocity is not None and array(got[name]["velocity"]).tobytes() == velocity.tobytes()
+            # A step on one shard's parameters only: every replica's GET model says the shards disagree.
+            lone = split(NAMES, SHARDS)[2]
+            r = client.post(
+                f"{urls[0]}/v1/models/m/step", json={"gradients": {n: tensor(gradient(99, n)) for n in lone}}
+            )
+            assert r.status_code == 200 and r.headers["momentum-shards"] == "2", r.text
+            for url in urls:
+                body = client.get(f"{url}/v1/models/m").json()
+                assert body["consistent"] is False
+                assert [s["steps"] for s in body["shard_steps"]] == [steps, steps, steps + 1]
         assert "Traceback" not in "".join(s.log() for s in servers)
     finally:
         for s in servers:
             if s.proc is not None:
                 s.resume()
             s.stop()
+
+
+@pytest.mark.slow
+def test_embedded_store_server_process_keeps_every_shard_local() -> None:
+    server = ServerProcess().start()
+    try:
+        p0 = initial()
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            assert client.put("/v1/models/m", json={"optimizer": OPT, "shards": SHARDS}).status_code == 201
+            r = client.put("/v1/models/m/params", json={"params": {n: tensor(v) for n, v in p0.items()}})
+            assert r.status_code == 201, r.text
+            for k in range(2):
+                r = client.post("/v1/models/m/step", json=step_body(k), headers={"Idempotency-Key": f"e{k}"})
+                assert r.status_code == 200 and r.headers["momentum-shards"] == "0,1,2", r.text
+            r = client.post("/v1/models/m/step", json=step_body(1), headers={"Idempotency-Key": "e1"})
+            assert r.headers["idempotent-replayed"] == "true"
+            body = client.get("/v1/models/m").json()
+            assert body["consistent"] is True and [s["steps"] for s in body["shard_steps"]] == [2, 2, 2]
+            got = client.get("/v1/models/m/params", params={"include": "velocity"}).json()["params"]
+            for name, (value, velocity) in replay(p0, 2).items():
+                assert array(got[name]).tobytes() == value.tobytes()
+                assert velocity is not None and array(got[name]["velocity"]).tobytes() == velocity.tobytes()
+    finally:
+        server.stop()
