@@ -172,6 +172,7 @@ def test_constructors_take_the_same_arguments() -> None:
         "api_key",
         "cast_gradients",
         "on_step_back",
+        "follow_owner",
     ]
     assert list(sync) == list(aio) == expected
     for name in sync:
@@ -1001,3 +1002,22 @@ def test_client_and_transport_are_exclusive() -> None:
         mc.Client(BASE, client=http, transport=httpx.MockTransport(Server()))
     with mc.Client(BASE + "/") as client:
         assert client.base_url == BASE
+
+
+def test_owner_routes_follow_the_momentum_owner_header_per_model() -> None:
+    from momentum_client._routing import OwnerRoutes
+
+    routes = OwnerRoutes("http://lb:8000", enabled=True)
+    assert routes.url("/v1/models/a/step") == "http://lb:8000/v1/models/a/step"
+    routes.learn("/v1/models/a/step", {"momentum-owner": "http://r2:8000/"})
+    assert routes.url("/v1/models/a/params") == "http://r2:8000/v1/models/a/params"
+    assert routes.url("/v1/models/b/step") == "http://lb:8000/v1/models/b/step"  # per model
+    assert routes.url("/v1/models") == "http://lb:8000/v1/models"
+    for bad in ("ftp://r3", "http://r3/x", "http://r3?q", "not a url"):
+        routes.learn("/v1/models/a/step", {"momentum-owner": bad})  # ignored
+    assert routes.url("/v1/models/a/step") == "http://r2:8000/v1/models/a/step"
+    routes.forget("/v1/models/a/step")
+    assert routes.url("/v1/models/a/step") == "http://lb:8000/v1/models/a/step"
+    off = OwnerRoutes("http://lb:8000", enabled=False)  # the default: never leaves the base URL
+    off.learn("/v1/models/a/step", {"momentum-owner": "http://r2:8000"})
+    assert off.url("/v1/models/a/step") == "http://lb:8000/v1/models/a/step"

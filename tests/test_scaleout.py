@@ -17,13 +17,16 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from collections.abc import Iterator
 
 import httpx
+import momentum_client as mc
+import numpy as np
 import pytest
 
 from .balancer import HAProxyProcess
-from .helpers import ServerProcess, wait_until
+from .helpers import RedisProcess, ServerProcess, wait_until
 from .redis_cluster import RedisCluster
 from .scaleout import Pushes, assert_each_push_once, create_models, lost, start_replica
 
@@ -156,5 +159,45 @@ def test_a_service_replica_killed_and_one_added_under_load(cluster: RedisCluster
             for u in urls:  # every live replica answers for every model
                 assert httpx.get(f"{u}/v1/models/{m}", timeout=10).status_code == 200
             assert_each_push_once(urls[0], m, pushes.records[m])
+    finally:
+        stop_all(servers)
+
+
+@pytest.mark.parametrize("follow", [True, False])
+def test_the_sdk_sends_a_models_requests_to_its_owner_with_follow_owner(redis_proc: RedisProcess, follow: bool) -> None:
+    """With ``follow_owner=True`` the SDK learns the owner from a forwarded answer (``Momentum-Owner``) and goes
+    there directly: with the replica it first asked paused (SIGSTOP), its steps still go through. Without it
+    (the negative control), they time out on the paused replica."""
+    prefix = f"f{uuid.uuid4().hex[:8]}"
+    env = {"MOMENTUM_LEASE_MS": "1000", "MOMENTUM_REDIS_PREFIX": prefix}
+    servers = [ServerProcess(redis_url=redis_proc.url, env=env).start() for _ in range(2)]
+    try:
+        front, _ = servers
+        with mc.Client(servers[1].url) as admin:  # models created until one is owned by the other replica
+            for i in range(20):
+                model = f"f{i}"
+                admin.create_model(model, lr=0.1, momentum=0.9)
+                admin.init_params(model, {"w": np.zeros(4, np.float32)})
+                client = redis_proc.client()
+                try:
+                    owner = client.hget(f"{prefix}:{{{model}}}:lease", "url")
+                finally:
+                    client.close()
+                if owner is not None and owner.decode() != front.url:
+                    break
+            else:
+                pytest.fail("every model went to the first replica")
+        with mc.Client(front.url, follow_owner=follow, timeout=2, max_retries=1) as client:
+            client.push_gradients(model, {"w": np.ones(4, np.float32)})  # forwarded by front, which names the owner
+            front.pause()
+            try:
+                if follow:
+                    steps = [client.push_gradients(model, {"w": np.ones(4, np.float32)})["w"] for _ in range(3)]
+                    assert steps == [2, 3, 4]
+                else:
+                    with pytest.raises(mc.TransportError):
+                        client.push_gradients(model, {"w": np.ones(4, np.float32)})
+            finally:
+                front.resume()
     finally:
         stop_all(servers)

@@ -21,6 +21,7 @@ from ._flow import Flow, Request, Response, Sleep
 from ._models import ModelInfo, ModelSummary, OptimizerConfig, OptimizerUpdate, ParamState, StepResult
 from ._requests import DEFAULT_HEADERS, WIRES, Durability, Wire, auth_headers, normalize_base_url
 from ._retry import DEFAULT_MAX_RETRIES, DEFAULT_SYNC_WAIT, RetryPolicy, check_retry_settings
+from ._routing import OwnerRoutes
 from ._steps import DTypes, SeenSteps, StepBack, StepOptions
 from ._tensors import Array
 from ._transport import BODY, PARTS, AsyncZeroCopyTransport, proxied
@@ -37,7 +38,8 @@ class AsyncClient:
     connection attempts twice. ``headers`` are added to every request either way.
 
     Steps retry and wait for sync steps as in ``Client`` (``max_retries``, ``sync_wait``), and tell when
-    a model's steps went back as it does (``on_step_back``).
+    a model's steps went back as it does (``on_step_back``); with ``follow_owner=True`` it sends a model's
+    requests to the replica that owns it, as ``Client`` does.
     """
 
     def __init__(
@@ -54,6 +56,7 @@ class AsyncClient:
         api_key: str | None = None,
         cast_gradients: bool = False,
         on_step_back: StepBack = "raise",
+        follow_owner: bool = False,
     ) -> None:
         if client is not None and transport is not None:
             raise ValueError("pass either client or transport, not both")
@@ -66,6 +69,7 @@ class AsyncClient:
         # The steps seen per parameter: a later answer with a step not past them means steps were lost.
         self._seen = SeenSteps(on_step_back)
         self._base_url = normalize_base_url(base_url)
+        self._routes = OwnerRoutes(self._base_url, enabled=follow_owner)
         self._headers = {**DEFAULT_HEADERS, **auth_headers(api_key), **(headers or {})}
         self._max_retries = max_retries
         self._sync_wait = float(sync_wait)
@@ -352,7 +356,7 @@ class AsyncClient:
                     error = exc  # thrown into the flow, which may retry
 
     async def _send(self, request: Request) -> Response:
-        url = self._base_url + request.path
+        url = self._routes.url(request.path)
         headers = {**self._headers, **request.headers}
         if request.content or request.method not in ("GET", "HEAD", "DELETE"):
             headers["Content-Length"] = str(request.length)
@@ -375,7 +379,12 @@ class AsyncClient:
             finally:
                 await reply.aclose()
         except httpx.TimeoutException as exc:
+            self._routes.forget(request.path)
             raise RequestTimeout(f"{request.method} {url} timed out: {exc!r}", method=request.method, url=url) from exc
         except httpx.RequestError as exc:
+            self._routes.forget(request.path)
             raise TransportError(f"{request.method} {url} failed: {exc!r}", method=request.method, url=url) from exc
+        self._routes.learn(request.path, reply.headers)
+        if reply.status_code == 503 and url != self._base_url + request.path:
+            self._routes.forget(request.path)  # the owner it had is not serving: ask the base URL next time
         return Response(reply.status_code, reply.headers, body, request.method, url)

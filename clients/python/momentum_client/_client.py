@@ -20,6 +20,7 @@ from ._flow import Flow, Request, Response, Sleep
 from ._models import ModelInfo, ModelSummary, OptimizerConfig, OptimizerUpdate, ParamState, StepResult
 from ._requests import DEFAULT_HEADERS, WIRES, Durability, Wire, auth_headers, normalize_base_url
 from ._retry import DEFAULT_MAX_RETRIES, DEFAULT_SYNC_WAIT, RetryPolicy, check_retry_settings
+from ._routing import OwnerRoutes
 from ._steps import DTypes, SeenSteps, StepBack, StepOptions
 from ._tensors import Array
 from ._transport import BODY, PARTS, ZeroCopyTransport, proxied
@@ -55,6 +56,11 @@ class Client:
     this client saw before means acknowledged steps were lost (a ``flush_ms`` model's owner crashed,
     or the model was re-created): :class:`StepWentBack` is raised after the step was applied (its
     ``result`` holds the answer), or with ``on_step_back="warn"`` a :class:`StepWentBackWarning`.
+
+    With ``follow_owner=True``, a model's requests go straight to the server replica that owns it, once
+    a replica that forwarded one named it (``Momentum-Owner``): one hop instead of two when several
+    replicas serve, back to ``base_url`` when that owner does not answer. Off by default: the replicas'
+    own URLs must be reachable from here (not only a load balancer's), and the API key goes to them.
     """
 
     def __init__(
@@ -71,6 +77,7 @@ class Client:
         api_key: str | None = None,
         cast_gradients: bool = False,
         on_step_back: StepBack = "raise",
+        follow_owner: bool = False,
     ) -> None:
         if client is not None and transport is not None:
             raise ValueError("pass either client or transport, not both")
@@ -83,6 +90,7 @@ class Client:
         # The steps seen per parameter: a later answer with a step not past them means steps were lost.
         self._seen = SeenSteps(on_step_back)
         self._base_url = normalize_base_url(base_url)
+        self._routes = OwnerRoutes(self._base_url, enabled=follow_owner)
         self._headers = {**DEFAULT_HEADERS, **auth_headers(api_key), **(headers or {})}
         self._max_retries = max_retries
         self._sync_wait = float(sync_wait)
@@ -363,7 +371,7 @@ class Client:
                     error = exc  # thrown into the flow, which may retry
 
     def _send(self, request: Request) -> Response:
-        url = self._base_url + request.path
+        url = self._routes.url(request.path)
         headers = {**self._headers, **request.headers}
         if request.content or request.method not in ("GET", "HEAD", "DELETE"):
             headers["Content-Length"] = str(request.length)
@@ -386,9 +394,14 @@ class Client:
             finally:
                 reply.close()
         except httpx.TimeoutException as exc:
+            self._routes.forget(request.path)
             raise RequestTimeout(f"{request.method} {url} timed out: {exc!r}", method=request.method, url=url) from exc
         except httpx.RequestError as exc:
+            self._routes.forget(request.path)
             raise TransportError(f"{request.method} {url} failed: {exc!r}", method=request.method, url=url) from exc
+        self._routes.learn(request.path, reply.headers)
+        if reply.status_code == 503 and url != self._base_url + request.path:
+            self._routes.forget(request.path)  # the owner it had is not serving: ask the base URL next time
         return Response(reply.status_code, reply.headers, body, request.method, url)
 
 

@@ -171,7 +171,8 @@ def mode_json(mode: str | None, workers: int | None, max_staleness: int | None) 
 
 
 Durability: TypeAlias = str | Mapping[str, int]
-"""When a step is acknowledged: ``"step"`` (once logged in Redis) or ``{"flush_ms": N}`` (from memory)."""
+"""When a step is acknowledged: ``"step"`` (once logged in Redis), ``{"flush_ms": N}`` (from memory) or
+``{"replicas": N}`` (once logged in Redis and on N of its replicas)."""
 
 
 def durability_json(durability: Durability) -> str | dict[str, int]:
@@ -179,7 +180,9 @@ def durability_json(durability: Durability) -> str | dict[str, int]:
         return "step"
     if isinstance(durability, Mapping) and set(durability) == {"flush_ms"}:
         return {"flush_ms": as_index(durability["flush_ms"], "durability['flush_ms']")}
-    raise ValueError(f'durability must be "step" or {{"flush_ms": N}}, got {durability!r}')
+    if isinstance(durability, Mapping) and set(durability) == {"replicas"}:
+        return {"replicas": as_index(durability["replicas"], "durability['replicas']")}
+    raise ValueError(f'durability must be "step", {{"flush_ms": N}} or {{"replicas": N}}, got {durability!r}')
 
 
 def model_body(

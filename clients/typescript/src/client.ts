@@ -112,7 +112,7 @@ export interface Hyperparameters {
 }
 
 /** When a step is acknowledged with Redis: `"step"` (once logged) or `{flushMs: N}` (from the owner's memory). */
-export type Durability = "step" | { flushMs: number };
+export type Durability = "step" | { flushMs: number } | { replicas: number };
 
 /** A model's config, as `createModel` and `replaceModel` take it (the Python SDK's keyword arguments). */
 export interface ModelConfig extends Hyperparameters {
@@ -889,7 +889,8 @@ function modeFields(config: { mode?: string; workers?: number; maxStaleness?: nu
 function durabilityJSON(d: Durability): unknown {
   if (d === "step") return "step";
   if (d !== null && typeof d === "object" && Object.keys(d).length === 1 && "flushMs" in d) return { flush_ms: asIndex(d.flushMs, "durability.flushMs") };
-  throw new RangeError(`durability must be "step" or {flushMs: N}, got ${JSON.stringify(d)}`);
+  if (d !== null && typeof d === "object" && Object.keys(d).length === 1 && "replicas" in d) return { replicas: asIndex(d.replicas, "durability.replicas") };
+  throw new RangeError(`durability must be "step", {flushMs: N} or {replicas: N}, got ${JSON.stringify(d)}`);
 }
 
 const CONFIG_KEYS = new Set([...Object.keys(HYPER), "rule", "schedule", "mode", "workers", "maxStaleness", "durability", "groups", "existOk", "signal"]);
