@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -56,6 +57,15 @@ class Node:
             wait_until(lambda: client.ping(), what=f"redis cluster node on port {self.port}")
         finally:
             client.close()
+
+    def pause(self) -> None:
+        """SIGSTOP: the node keeps its sockets but answers nothing (its peers fail it over after the node timeout)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
 
     def kill(self) -> None:
         if self.proc is not None:
@@ -185,6 +195,49 @@ class RedisCluster:
         found = [n for n in self.nodes if n.port in ports and n.proc is not None]
         assert found, f"primary on port {primary.port} has no live replica ({info})"
         return found[0]
+
+    def node_id(self, node: Node) -> str:
+        client = node.client()
+        try:
+            return str(client.execute_command("CLUSTER", "MYID").decode())
+        finally:
+            client.close()
+
+    def migrate_slot(self, key: str, to: Node, batch: int = 2, pause: float = 0.05) -> int:
+        """Move ``key``'s slot to the primary ``to`` as ``redis-cli --cluster reshard`` does (IMPORTING and
+        MIGRATING, ``MIGRATE`` of ``batch`` keys at a time with ``pause`` seconds between, then the slot
+        given to ``to`` on every node), while clients go on: they meet ASK and TRYAGAIN meanwhile, and MOVED
+        after. Returns the number of keys moved."""
+        source = self.node_of(key)
+        assert source.port != to.port, "the slot is on that node already"
+        src_id, dst_id = self.node_id(source), self.node_id(to)
+        src, dst = source.client(), to.client()
+        moved = 0
+        try:
+            slot = int(src.execute_command("CLUSTER", "KEYSLOT", key))
+            dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+            src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+            while True:
+                keys = src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, batch)
+                if not keys:
+                    break
+                src.execute_command("MIGRATE", "127.0.0.1", to.port, "", 0, 5000, "KEYS", *keys)
+                moved += len(keys)
+                time.sleep(pause)
+            for node in self.nodes:
+                if node.proc is None:
+                    continue
+                c = node.client()
+                try:
+                    c.execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+                except redis.ResponseError:
+                    pass  # a replica: it learns the owner from its primary
+                finally:
+                    c.close()
+        finally:
+            src.close()
+            dst.close()
+        return moved
 
     def kill_primary_of(self, key: str) -> Node:
         node = self.node_of(key)

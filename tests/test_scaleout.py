@@ -201,3 +201,59 @@ def test_the_sdk_sends_a_models_requests_to_its_owner_with_follow_owner(redis_pr
                 front.resume()
     finally:
         stop_all(servers)
+
+
+def test_a_models_slot_migrated_to_another_primary_under_load(cluster: RedisCluster) -> None:
+    """Slot migration (as ``redis-cli --cluster reshard`` does it) while workers push: redis-py follows ASK and
+    MOVED, a script that meets a half-moved model gets TRYAGAIN (a 503, retried with the same key), and each
+    acknowledged push is applied once, bit for bit."""
+    servers = [start_replica(cluster) for _ in range(2)]
+    models = MODELS[:4]
+    try:
+        create_models(servers[0].url, models)
+        pushes = Pushes([s.url for s in servers], models).start(4)
+        time.sleep(2)
+        key = "momentum:{m0}:model"
+        target = next(n for n in cluster.primaries() if n.port != cluster.node_of(key).port)
+        started = time.monotonic()
+        moved = cluster.migrate_slot(key, target)
+        took = time.monotonic() - started
+        assert cluster.node_of(key).port == target.port
+        time.sleep(2)
+        pushes.stop()
+        report("slot-migration", keys_moved=moved, migration_s=round(took, 2), pushes=pushes.total())
+        assert moved >= 3  # the model's head, lease, log...
+        assert len(pushes.records["m0"]) > 10
+        for m in models:
+            assert_each_push_once(servers[0].url, m, pushes.records[m])
+    finally:
+        stop_all(servers)
+
+
+def test_a_redis_primary_that_stops_answering_gives_503s_within_the_bound(cluster: RedisCluster) -> None:
+    """A primary SIGSTOPped (its sockets open, no answers): steps on its models are answered within about 3x
+    ``MOMENTUM_REDIS_TIMEOUT_S`` (a 503 to retry, or applied once its replica has taken over), never held."""
+    timeout_s = 0.5
+    server = start_replica(cluster, MOMENTUM_REDIS_TIMEOUT_S=str(timeout_s))
+    try:
+        create_models(server.url, ["m0"])
+        victim = cluster.node_of("momentum:{m0}:model")
+        answers: list[tuple[float, int]] = []
+        step = {"gradients": {"w": {"shape": [64], "dtype": "float32", "data": [0.01] * 64}}}
+        victim.pause()
+        try:
+            end = time.monotonic() + 6
+            with httpx.Client(timeout=30) as client:
+                while time.monotonic() < end:
+                    t = time.monotonic()
+                    r = client.post(f"{server.url}/v1/models/m0/step", json=step)
+                    answers.append((time.monotonic() - t, r.status_code))
+        finally:
+            victim.resume()
+        slowest = max(s for s, _ in answers)
+        statuses = sorted({c for _, c in answers})
+        report("redis-primary-paused", answers=len(answers), slowest_s=round(slowest, 2), statuses=statuses)
+        assert set(statuses) <= {200, 503} and 503 in statuses
+        assert slowest < 3 * timeout_s + 1.5, f"an answer took {slowest:.2f} s"
+    finally:
+        server.stop()

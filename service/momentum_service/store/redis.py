@@ -23,6 +23,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import (
     ClusterDownError,
+    ClusterError,
     MasterDownError,
     NoScriptError,
     OutOfMemoryError,
@@ -81,6 +82,7 @@ async def _guard() -> AsyncIterator[None]:
         TryAgainError,
         MasterDownError,
         SlotNotCoveredError,
+        ClusterError,  # "TTL exhausted": redirected (ASK, MOVED) too many times while a slot moves
     ) as exc:
         raise StoreUnavailable(f"redis: {type(exc).__name__}: {exc}") from exc
     except ResponseError as exc:
