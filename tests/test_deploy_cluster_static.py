@@ -33,6 +33,8 @@ import jsonschema
 import pytest
 import redis
 import yaml
+from momentum_service.store import Batch, KeyRecord, Lease, Record, Replica
+from momentum_service.store.redis import RedisJournal
 from redis.asyncio.cluster import RedisCluster
 
 from .balancer import BACKENDS, HAPROXY_CFG, haproxy_binary
@@ -420,6 +422,38 @@ def _cluster_state(port: int, password: str) -> str:
         client.close()
 
 
+async def the_journal_through_the_acl(url: str) -> None:
+    """Every operation of the store (store/redis.py and its scripts) as the service user: Redis denies it nothing."""
+    journal = RedisJournal.from_url(url, cluster=True)
+    try:
+        me = Replica("r1", "http://r1:8000")
+        assert await journal.heartbeat(me, 5000) == [me]
+        for model in ("a", "b", "c"):  # on different slots
+            lease = await journal.acquire(model, me, 5000)
+            assert isinstance(lease, Lease)
+            await journal.create(lease, model, {"optimizer": {"rule": "pytorch", "lr": 0.1}}, "rev", "inc")
+            small = Record({"kind": "step"}, (b"abcd",))
+            big = Record({"kind": "step"}, (bytes(1 << 19),))  # staged and renamed in a MULTI
+            keys = [KeyRecord("k1", "fp", "summary")]
+            await journal.commit(lease, model, Batch("inc", 0, 1, [small], keys=keys, replicas=1))
+            await journal.commit(lease, model, Batch("inc", 1, 2, [big]))
+            await journal.commit(lease, model, Batch("inc", 2, 3, snapshot=Record({"s": 1}, (b"x",))))
+            assert await journal.renew([lease], 5000) == [True]
+            loaded = await journal.load(model)
+            assert loaded is not None and loaded.head.seq == 3
+            assert await journal.lookup(model, "inc", "k1") is not None
+            await journal.append_points(model, "inc", [b"{}"], 10)
+            assert await journal.load_points(model, "inc", 10) == [b"{}"]
+            holder = await journal.holder(model)
+            assert holder is not None and holder.replica == me.id
+        assert await journal.model_names("", 10) == ["a", "b", "c"]
+        await journal.delete(lease, "c")
+        await journal.release(lease)
+        assert await journal.model_names("", 10) == ["a", "b"]
+    finally:
+        await journal.close()
+
+
 def test_cluster_acl_on_six_real_redis_servers(nodes: dict[str, dict[str, Any]], tmp_path: Path) -> None:
     binary, cli = shutil.which("redis-server"), shutil.which("redis-cli")
     assert binary and cli, "redis-server/redis-cli not on PATH (scripts/install installs them)"
@@ -487,6 +521,7 @@ def test_cluster_acl_on_six_real_redis_servers(nodes: dict[str, dict[str, Any]],
                         await client.execute_command(*command, target_nodes=node)
             finally:
                 await client.aclose()
+            await the_journal_through_the_acl(url)
 
         asyncio.run(as_the_service())
         anonymous = redis.Redis(port=ports[0], socket_timeout=2)
