@@ -3,8 +3,9 @@
 - **In process** (the embedded store, and one replica on Redis): the model's parameters are
   split over its shards by ``xxh3_64(name) % n``; steps, reads and writes through the model equal
   an unsharded model's, bitwise; a retry with the same key replays on every shard; the config
-  cannot change its shard count; sync mode, ``expected_steps``, ``base_step`` and checkpoints are
-  refused; GET model reports each shard's steps and whether they agree.
+  cannot change its shard count; sync mode, ``expected_steps`` and ``base_step`` are refused; a
+  checkpoint saves and restores every shard; GET model reports each shard's steps and whether
+  they agree.
 - **Three replicas on one Redis** (real processes): a model of 12 parameters in 3 shards is
   owned by 3 distinct replicas (their leases in Redis); steps through any replica equal the
   kernel replayed locally, bitwise; a step whose shard's owner is SIGSTOPped is a 503 that says
@@ -110,7 +111,7 @@ async def test_sharded_model_in_one_process(api: httpx.AsyncClient) -> None:
     assert [s["params"] for s in body["shard_steps"]] == [len(parts.get(i, [])) for i in range(SHARDS)]
     # Shards are internal: not listed, and not reachable by a client.
     listed = (await api.get("/v1/models")).json()["models"]
-    assert [m["name"] for m in listed] == ["m"]
+    assert [m["name"] for m in listed] == ["m"] and listed[0]["params"] == len(NAMES)
     assert (await api.get("/v1/models/m~1")).status_code in (404, 422)
 
     for k in range(3):
@@ -169,13 +170,27 @@ async def test_sharded_model_in_one_process(api: httpx.AsyncClient) -> None:
     assert r.status_code == 422 and "not supported on sharded models" in r.json()["detail"]
     r = await api.put("/v1/models/other", json={"optimizer": OPT, "shards": 2, "mode": "sync", "workers": 2})
     assert r.status_code == 422
-    assert (await api.get("/v1/models/m/checkpoint")).status_code == 409
 
     # A config change reaches every shard: the next step of each uses the new lr.
     r = await api.patch("/v1/models/m", json={"optimizer": {"lr": 0.5}})
     assert r.status_code == 200 and r.json()["optimizer"]["lr"] == 0.5 and r.json()["shards"] == SHARDS
     r = await api.post("/v1/models/m/step", json=step_body(7))
     assert {p["lr"] for p in r.json()["params"].values()} == {0.5}
+
+    # The checkpoint restores every shard: replacing the model, and creating it again after a delete.
+    saved = await api.get("/v1/models/m/checkpoint")
+    assert saved.status_code == 200, saved.text
+    before = (await api.get("/v1/models/m/params", params={"include": "state"})).json()
+    assert (await api.post("/v1/models/m/step", json=step_body(8))).status_code == 200  # undone by the restore
+    ckpt = {"Content-Type": "application/x-safetensors"}
+    assert (await api.put("/v1/models/m/checkpoint", content=saved.content, headers=ckpt)).status_code == 200
+    assert (await api.get("/v1/models/m/params", params={"include": "state"})).json() == before
+    assert (await api.delete("/v1/models/m")).status_code == 204
+    r = await api.put("/v1/models/m/checkpoint", content=saved.content, headers=ckpt)
+    assert r.status_code == 201 and r.json()["shard_steps"][shard_of(lone, SHARDS)]["steps"] == 5
+    assert (await api.get("/v1/models/m/params", params={"include": "state"})).json() == before
+    r = await api.put("/v1/models/m2", json={"optimizer": OPT, "shards": 2})
+    assert (await api.put("/v1/models/m2/checkpoint", content=saved.content, headers=ckpt)).status_code == 409
 
     # Delete a parameter (on its shard), then the model (and its shards); a new one starts empty.
     assert (await api.delete(f"/v1/models/m/params/{NAMES[5]}")).status_code == 204
@@ -266,6 +281,15 @@ def test_three_replicas_shards_on_distinct_owners_and_a_retry_completes_a_paused
                 assert got[name]["step"] == steps, (name, got[name]["step"])
                 assert array(got[name]).tobytes() == value.tobytes(), name
                 assert velocity is not None and array(got[name]["velocity"]).tobytes() == velocity.tobytes()
+            # A checkpoint gathers every shard, and restores them all (here after the model was deleted).
+            before = client.get(f"{urls[0]}/v1/models/m/params", params={"include": "state"}).json()
+            saved = client.get(f"{urls[1]}/v1/models/m/checkpoint")
+            assert saved.status_code == 200, saved.text
+            assert client.delete(f"{urls[2]}/v1/models/m").status_code == 204
+            headers = {"Content-Type": "application/x-safetensors"}
+            r = client.put(f"{urls[0]}/v1/models/m/checkpoint", content=saved.content, headers=headers)
+            assert r.status_code == 201, r.text
+            assert client.get(f"{urls[1]}/v1/models/m/params", params={"include": "state"}).json() == before
             # A step on one shard's parameters only: every replica's GET model says the shards disagree.
             lone = split(NAMES, SHARDS)[2]
             r = client.post(

@@ -11,7 +11,6 @@ import logging
 
 from fastapi import APIRouter, Request, Response
 
-from ..engine import ModelRecord, ParamMeta
 from . import shards
 from .admission import body_of
 from .body import off_the_loop
@@ -21,7 +20,7 @@ from .codecs.safetensors import MEDIA_TYPE as SAFETENSORS
 from .deps import LimitsDep, ModelName, ServerDep
 from .problems import json_response
 from .responses import PartsResponse
-from .routes import IfNoneMatchModel, _model_json, _only_create
+from .routes import IfNoneMatchModel, _answer, _only_create
 from .schemas import ModelOut, problem_responses
 from .security import ADMIN, READ
 
@@ -48,9 +47,10 @@ _FILE = {
     responses={200: {"content": _FILE, "description": "The checkpoint file"}, **problem_responses(404)},
     summary="Save the model: every value, every state buffer, each parameter's step and the config, as one file",
 )
-async def get_checkpoint(model: ModelName, server: ServerDep) -> Response:
-    shards.refuse_checkpoint(model, await shards.count(server, model))
-    saved = await server.checkpoint(model)
+async def get_checkpoint(model: ModelName, request: Request, server: ServerDep) -> Response:
+    n = await shards.count(server, model)
+    auth = request.headers.get("authorization")
+    saved = await (shards.checkpoint(server, model, n, auth) if n > 1 else server.checkpoint(model))
     encoded = codec.encode_checkpoint(model, saved)
     disposition = f'attachment; filename="{model}.safetensors"'
     return PartsResponse(encoded, headers={"Content-Disposition": disposition})
@@ -80,8 +80,11 @@ async def put_checkpoint(
         )
     raw = body_of(request)
     checkpoint = await off_the_loop(len(raw), codec.decode, raw, limits)
-    shards.refuse_checkpoint(model, max(checkpoint.config.shards, await shards.count(server, model)))
-    record, created = await server.restore(model, checkpoint, only_create=only_create)
+    if max(checkpoint.config.shards, await shards.count(server, model)) > 1:
+        auth = request.headers.get("authorization")
+        record, created = await shards.restore(server, model, checkpoint, only_create, auth)
+    else:
+        record, created = await server.restore(model, checkpoint, only_create=only_create)
     log.info(
         "model %r %s from a checkpoint (%d parameters)",
         model,
@@ -89,9 +92,5 @@ async def put_checkpoint(
         len(checkpoint.params),
         extra={"model": model},
     )
-    return _restored(record, await server.list_params(model), created, model)
-
-
-def _restored(record: ModelRecord, params: list[ParamMeta], created: bool, model: str) -> Response:
     headers = {"Location": f"/v1/models/{model}"} if created else None
-    return json_response(_model_json(record, params), 201 if created else 200, headers)
+    return json_response(await _answer(server, model, record, request), 201 if created else 200, headers)

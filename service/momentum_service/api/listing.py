@@ -15,6 +15,7 @@ from pydantic.json_schema import SkipJsonSchema
 
 from ..engine import ModelOwner, ParameterServer, Remote
 from ..errors import ModelNotFound
+from . import shards
 from .deps import ServerDep
 from .forward import Forwarder, RemoteProblem
 from .problems import json_response
@@ -78,6 +79,9 @@ async def _summary(
             config, params = body, body["params"]
         else:
             config, params = await _local(routed)
+            if config.get("shards", 1) > 1:  # a sharded model: every shard's parameters
+                per_shard = await shards.metas(server, name, config["shards"], authorization)
+                params = {p.name: {"step": p.step} for ps in per_shard for p in ps}
     except ModelNotFound:
         return None
     except RemoteProblem as exc:

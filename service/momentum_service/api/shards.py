@@ -32,8 +32,11 @@ is applied by its shard's owner, all or none within the shard, as an unsharded s
 
 Only async mode is sharded (``sync`` and ``bounded`` need every shard to agree on a step: 422
 when creating or patching); a step's ``expected_steps`` and ``base_step`` are refused (422), as
-a shard could refuse them while another applied its part. Checkpoints of sharded models are
-refused (409). The training series (``/metrics``) records the pushes' metrics with shard 0's part.
+a shard could refuse them while another applied its part. A checkpoint of a sharded model
+gathers every shard's parameters, each as its shard has it when read (taken while steps run, the
+shards may be at different steps: each parameter's step is saved); restoring one restores every
+shard (the shards first, the model last; the shard count cannot change: 409). The training
+series (``/metrics``) records the pushes' metrics with shard 0's part.
 
 **Configuration changes** keep no half-made model visible: a model is created shards first
 (their old state, if a failed create or delete left any, dropped) and the model itself last, so
@@ -67,7 +70,18 @@ from starlette.types import Receive, Scope, Send
 
 from ..auth import ApiKey
 from ..config import ModelConfig
-from ..engine import Idempotency, ModelOwner, ParameterServer, ParamMeta, ParamRecord, RawTensors, Remote, StepResult
+from ..engine import (
+    Idempotency,
+    ModelOwner,
+    ParameterServer,
+    ParamMeta,
+    ParamRecord,
+    ParamState,
+    RawTensors,
+    Remote,
+    StepResult,
+)
+from ..engine.checkpoints import Checkpoint, Saved
 from ..engine.modes import Push
 from ..engine.shards import base_of, is_shard, shard_name, shard_of, split
 from ..errors import (
@@ -82,6 +96,7 @@ from ..errors import (
 )
 from ..store.base import Array
 from . import codecs
+from .codecs import checkpoint as checkpoint_codec
 from .codecs import safetensors as st
 from .forward import FORWARDED, hops
 from .problems import Problem, json_response, render
@@ -690,18 +705,85 @@ async def _serve(
                 tensors[f"{name}@{buffer}"] = a
         encoded = st.encode(tensors, {"steps": {n: r.step for n, r in found.items()}, "missing": missing})
         return PartsResponse(encoded)
+    if (method, rest) == ("PUT", "/checkpoint"):
+        restored = checkpoint_codec.decode(body, limits)
+        if headers.get("momentum-shard-fresh") == "1" and owner.state is not None:
+            await owner.delete_model()
+        await owner.restore(restored, only_create=False)
+        return json_response({"ok": True})
     if method == "DELETE" and rest.startswith("/params/"):
         await owner.delete_param(unquote(rest[len("/params/") :]))
         return Response(status_code=204)
     raise Problem(404, "not-found", f"no shard route {method} {rest or '/'}")
 
 
-def refuse_checkpoint(model: str, n: int) -> None:
-    """Checkpoints of sharded models are not supported yet: a plain 409."""
-    if n > 1:
-        raise Problem(
-            409,
-            "not-supported",
-            f"checkpoints of sharded models are not supported (model {model!r} has {n} parameter shards); read its "
-            "parameters with GET /v1/models/{model}/params?include=state instead",
-        )
+# -- checkpoints ----------------------------------------------------------------------------------
+
+
+async def checkpoint(server: ParameterServer, model: str, n: int, authorization: str | None) -> Saved:
+    """The model's config and every shard's parameters (values, state buffers, steps), each as its shard
+    has it when read: taken while steps run, the shards may be at different steps (each parameter's is saved)."""
+    owner = await server.owner(model)
+    if owner.state is None:
+        raise ModelNotFound(model)
+    config = owner.state.config
+    records = await get_params(server, model, n, None, True, authorization)
+    return Saved(config, {name: ParamState(r.value, dict(r.state), r.step) for name, r in records.items()})
+
+
+async def restore(
+    server: ParameterServer, model: str, saved: Checkpoint, only_create: bool, authorization: str | None
+) -> tuple[Any, bool]:
+    """Create or replace a sharded model from a checkpoint: each shard restored with its parameters (the
+    shards first, the model last, as a create); the shard count cannot change (409)."""
+    owner = await server.owner(model)
+    current = None if owner.state is None else owner.state.config
+    n = saved.config.shards
+    if current is not None:
+        if only_create:
+            raise ModelExists(model, current.to_dict())
+        if current.shards != n:
+            raise Problem(
+                409,
+                "shards-change",
+                f"model {model!r} has {current.shards} parameter shard(s) and the checkpoint {n}; a model's shards "
+                "are fixed when it is created (delete it first to restore this checkpoint)",
+                current=current.shards,
+                requested=n,
+            )
+        if current.rule.name != saved.config.rule.name:
+            raise RuleChange(model, current.rule.name, saved.config.rule.name)
+    arrays = saved.tensors.arrays()
+    parts = split(saved.params, n)
+    sub_config = _shard_config(saved.config)
+    fresh = current is None
+
+    def part(i: int, config: ModelConfig) -> Checkpoint:
+        names = set(parts.get(i, []))
+        tensors = {k: a for k, a in arrays.items() if k.split("@", 1)[0] in names}
+        return Checkpoint(config, RawTensors.pack(tensors), {k: v for k, v in saved.params.items() if k in names})
+
+    async def one(i: int) -> None:
+        shard = shard_name(model, i)
+        sub = part(i, sub_config)
+
+        async def local(shard_owner: ModelOwner) -> None:
+            if fresh and shard_owner.state is not None:
+                await shard_owner.delete_model()
+            await shard_owner.restore(sub, only_create=False)
+
+        async def remote(to: Remote) -> None:
+            states = {
+                name: ParamState(arrays[name], {b: arrays[f"{name}@{b}"] for b in buffers}, step)
+                for name, (step, buffers) in sub.params.items()
+            }
+            encoded = checkpoint_codec.encode_checkpoint(shard, Saved(sub_config, states))
+            extra = {"content-type": st.MEDIA_TYPE, "momentum-shard-fresh": "1" if fresh else "0"}
+            auth = authorization
+            await _call(server, to, shard, "PUT", "/checkpoint", authorization=auth, parts=encoded.parts, headers=extra)
+
+        await _on(server, shard, local, remote)
+
+    await _all([one(i) for i in range(1, n)])
+    record, created = await owner.restore(part(0, saved.config), only_create=only_create)
+    return record, created
