@@ -151,6 +151,15 @@ async def test_sharded_model_in_one_process(api: httpx.AsyncClient) -> None:
     assert body["shard_steps"][shard_of(lone, SHARDS)]["steps"] == 4
     assert body["params"][lone]["step"] == 4
 
+    # A step some shard would refuse is refused before any shard applies its part.
+    steps_before = {n: p["step"] for n, p in (await api.get("/v1/models/m")).json()["params"].items()}
+    r = await api.post("/v1/models/m/step", json={"gradients": {**step_body(3)["gradients"], "nope": tensor(p0[lone])}})
+    assert r.status_code == 404 and r.json()["missing"] == ["nope"], r.text
+    wrong = {**step_body(3)["gradients"], NAMES[-1]: tensor(np.zeros(4, np.float32))}
+    r = await api.post("/v1/models/m/step", json={"gradients": wrong})
+    assert r.status_code == 409 and r.json()["type"].endswith("tensor-mismatch"), r.text
+    assert {n: p["step"] for n, p in (await api.get("/v1/models/m")).json()["params"].items()} == steps_before
+
     # Unknown parameters: 404 naming them (no shard applied anything).
     r = await api.get("/v1/models/m/params", params={"names": f"{NAMES[1]},nope,nada"})
     assert r.status_code == 404 and r.json()["missing"] == ["nada", "nope"]
@@ -191,6 +200,18 @@ async def test_sharded_model_in_one_process(api: httpx.AsyncClient) -> None:
     assert (await api.get("/v1/models/m/params", params={"include": "state"})).json() == before
     r = await api.put("/v1/models/m2", json={"optimizer": OPT, "shards": 2})
     assert (await api.put("/v1/models/m2/checkpoint", content=saved.content, headers=ckpt)).status_code == 409
+
+    # A shard refusing its part (here a non-finite result) while the others applied theirs: a 409 that says
+    # which applied; never a 200.
+    huge = {n: tensor(gradient(11, n)) for n in NAMES}
+    victim = split(NAMES, SHARDS)[1][0]
+    huge[victim] = tensor(np.full((3, 5), 3e38, np.float32))
+    r = await api.post("/v1/models/m/step", json={"gradients": huge}, headers={"Idempotency-Key": "huge"})
+    assert r.status_code == 409, r.text
+    problem = r.json()
+    assert problem["type"].endswith("step-partly-applied") and problem["incomplete"] == [1]
+    assert sorted(problem["applied"]) == ["0", "2"]
+    assert (await api.get("/v1/models/m")).json()["consistent"] is False
 
     # Delete a parameter (on its shard), then the model (and its shards); a new one starts empty.
     assert (await api.delete(f"/v1/models/m/params/{NAMES[5]}")).status_code == 204

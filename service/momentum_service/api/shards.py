@@ -24,7 +24,10 @@ is applied by its shard's owner, all or none within the shard, as an unsharded s
   confirm it (``incomplete``); a retry with the same key completes it. When a shard *refuses*
   its part (an unknown parameter, a shape mismatch, a non-finite result: a 4xx) while others
   applied theirs, the answer is a 409 ``step-partly-applied`` with the same fields and the
-  shard's problem: a retry cannot fix it, and the shards that applied keep it.
+  shard's problem: a retry cannot fix it, and the shards that applied keep it. (The model's owner
+  checks the gradients' names, shapes and dtypes against every shard's parameters first, so an
+  unknown parameter or a gradient of another shape is refused with nothing applied anywhere;
+  what remains is a non-finite result, or a parameter changed by a concurrent request.)
 - *Readers are told.* ``GET /v1/models/{m}`` gathers every shard's parameters and adds
   ``shard_steps`` (each shard's parameter count and highest/lowest step) and ``consistent``
   (every shard that has parameters is at the same highest step: false while a step has reached
@@ -56,7 +59,7 @@ import dataclasses
 import logging
 import re
 import weakref
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 from urllib.parse import quote, unquote
 
@@ -93,6 +96,7 @@ from ..errors import (
     ParamNotFound,
     RuleChange,
     StoreUnavailable,
+    TensorMismatch,
 )
 from ..store.base import Array
 from . import codecs
@@ -267,6 +271,7 @@ async def step_response(
                 errors=[{"loc": ["body", name], "msg": "not supported on sharded models"}],
             )
     authorization = headers.get("authorization")
+    await _checked(server, model, n, body.grads, authorization)
     parts = split(body.grads, n)
     replayed: dict[int, bool] = {}
 
@@ -318,6 +323,55 @@ async def step_response(
     if len(again) == len(order):
         extra["Idempotent-Replayed"] = "true"
     return PartsResponse(out, headers=extra)
+
+
+# What the model's owner knows of its shards' parameters (name -> shape, dtype), to refuse a step that names
+# an unknown parameter or has a gradient of another shape before any shard applies its part. Loaded from
+# the shards on first use; dropped around every change of the parameters made through the model (all are).
+_layouts: weakref.WeakKeyDictionary[ModelOwner, tuple[str, dict[str, tuple[tuple[int, ...], str]]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+async def _checked(server: ParameterServer, model: str, n: int, grads: Mapping[str, Array], auth: str | None) -> None:
+    """ParamNotFound or TensorMismatch (nothing applied anywhere) for gradients the shards would refuse."""
+    owner = await server.owner(model)
+    state = owner.state
+    if state is None:
+        raise ModelNotFound(model)
+    found = _layouts.get(owner)
+    if found is None or found[0] != state.inc:
+        per_shard = await metas(server, model, n, auth)
+        found = (state.inc, {p.name: (p.shape, p.dtype) for ps in per_shard for p in ps})
+        _layouts[owner] = found
+    layout = found[1]
+    missing = [name for name in grads if name not in layout]
+    if missing:
+        raise ParamNotFound(model, missing)
+    mismatches = {}
+    for name, grad in grads.items():
+        shape, dtype = layout[name]
+        if grad.shape != tuple(shape) or grad.dtype.name != dtype:
+            mismatches[name] = {
+                "expected": {"shape": list(shape), "dtype": dtype},
+                "got": {"shape": list(grad.shape), "dtype": grad.dtype.name},
+            }
+    if mismatches:
+        raise TensorMismatch(model, mismatches)
+
+
+@contextlib.asynccontextmanager
+async def _changing(server: ParameterServer, model: str) -> AsyncIterator[None]:
+    """Around a change of the model's parameters: what the owner knew of them is dropped before and after."""
+    owner = server.owners.get(model)
+    if owner is not None:
+        _layouts.pop(owner, None)
+    try:
+        yield
+    finally:
+        owner = server.owners.get(model)
+        if owner is not None:
+            _layouts.pop(owner, None)
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -416,8 +470,9 @@ async def put_model(
             )
         if current.rule.name != config.rule.name:
             raise RuleChange(model, current.rule.name, config.rule.name)
-    await _set_config(server, model, config.shards, config, current is None, authorization)
-    record, created = await owner.put_model(config, only_create=only_create)
+    async with _changing(server, model):
+        await _set_config(server, model, config.shards, config, current is None, authorization)
+        record, created = await owner.put_model(config, only_create=only_create)
     return record, created
 
 
@@ -437,7 +492,8 @@ async def patch_model(
 
 async def delete_model(server: ParameterServer, model: str, n: int, authorization: str | None) -> None:
     """The model first (it is gone at once), then its shards (best effort: a next create drops what is left)."""
-    await (await server.owner(model)).delete_model()
+    async with _changing(server, model):
+        await (await server.owner(model)).delete_model()
 
     async def one(shard: str) -> None:
         async def local(owner: ModelOwner) -> None:
@@ -534,8 +590,9 @@ async def put_params(
         return await _on(server, shard, local, remote)
 
     created: dict[str, bool] = {}
-    for part in await _all([one(i, names) for i, names in split(values, n).items()]):
-        created.update(part)
+    async with _changing(server, model):
+        for part in await _all([one(i, names) for i, names in split(values, n).items()]):
+            created.update(part)
     return {name: created[name] for name in values}
 
 
@@ -608,7 +665,8 @@ async def delete_param(server: ParameterServer, model: str, n: int, name: str, a
         await _call(server, to, shard, "DELETE", f"/params/{quote(name)}", authorization=authorization)
 
     try:
-        await _on(server, shard, local, remote)
+        async with _changing(server, model):
+            await _on(server, shard, local, remote)
     except (ShardRefused, ShardUnavailable) as exc:
         raise _raised(exc) from None
 
@@ -784,6 +842,7 @@ async def restore(
 
         await _on(server, shard, local, remote)
 
-    await _all([one(i) for i in range(1, n)])
-    record, created = await owner.restore(part(0, saved.config), only_create=only_create)
+    async with _changing(server, model):
+        await _all([one(i) for i in range(1, n)])
+        record, created = await owner.restore(part(0, saved.config), only_create=only_create)
     return record, created
