@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -224,7 +225,11 @@ async def test_sharded_model_in_one_process(api: httpx.AsyncClient) -> None:
 
 # -- three replicas on one Redis --------------------------------------------------------------------
 
-LEASE = {"MOMENTUM_LEASE_MS": "1000"}
+KEY, OTHER = "shards-test-key-m", "shards-test-key-other"
+KEYS = ";".join(
+    f"{hashlib.sha256(k.encode()).hexdigest()} {scope}" for k, scope in ((KEY, "admin:m"), (OTHER, "admin:x*"))
+)
+LEASE = {"MOMENTUM_LEASE_MS": "1000", "MOMENTUM_API_KEYS": KEYS}
 
 
 @pytest.fixture
@@ -255,7 +260,8 @@ def test_three_replicas_shards_on_distinct_owners_and_a_retry_completes_a_paused
         time.sleep(0.5)
         urls = [s.url for s in servers]
         p0 = initial()
-        with httpx.Client(timeout=30) as client:
+        # The shards' requests carry the caller's key, authorized by its scope on the model ("admin:m").
+        with httpx.Client(timeout=30, headers={"Authorization": f"Bearer {KEY}"}) as client:
             r = client.put(f"{urls[0]}/v1/models/m", json={"optimizer": OPT, "shards": SHARDS})
             assert r.status_code == 201, r.text
             r = client.put(f"{urls[1]}/v1/models/m/params", json={"params": {n: tensor(v) for n, v in p0.items()}})
@@ -263,6 +269,13 @@ def test_three_replicas_shards_on_distinct_owners_and_a_retry_completes_a_paused
             owners = [owner_url(redis_server, shard_name("m", i)) for i in range(SHARDS)]
             assert None not in owners and len(set(owners)) == SHARDS, owners
 
+            other = {"Authorization": f"Bearer {OTHER}"}
+            r = client.post(f"{urls[0]}/v1/models/m/step", json=step_body(0), headers=other)
+            assert r.status_code == 403, r.text
+            r = client.get(f"{owners[1]}/v1/models/m~1", headers={"Momentum-Forwarded": "1"})
+            assert r.status_code == 200  # a peer's request for a shard, with a key that may read the model
+            r = client.get(f"{owners[1]}/v1/models/m~1", headers={"Momentum-Forwarded": "1", **other})
+            assert r.status_code == 403, r.text
             steps = 0
             for k in range(4):  # through every replica in turn
                 r = client.post(
