@@ -364,3 +364,23 @@ def test_embedded_store_server_process_keeps_every_shard_local() -> None:
                 assert velocity is not None and array(got[name]["velocity"]).tobytes() == velocity.tobytes()
     finally:
         server.stop()
+
+
+async def test_the_sdk_creates_and_steps_a_sharded_model(api: httpx.AsyncClient) -> None:
+    """``create_model(shards=n)`` in the Python SDK; the model it describes says so, steps are the kernel's."""
+    import momentum_client as mc
+
+    async with mc.AsyncClient("http://test", client=api) as client:
+        info = await client.create_model("sdk", **OPT, shards=SHARDS)  # type: ignore[arg-type]
+        assert info.shards == SHARDS and info.consistent
+        p0 = initial()
+        await client.init_params("sdk", p0)
+        for k in range(3):
+            await client.push_gradients("sdk", {n: gradient(k, n) for n in NAMES})
+        info = await client.get_model("sdk")
+        assert info.shards == SHARDS and info.consistent
+        values = await client.get_params("sdk")
+        expected = replay(p0, 3)
+        assert all(values[n].tobytes() == expected[n][0].tobytes() for n in NAMES)
+        with pytest.raises(mc.InvalidRequest, match="shards must be between 1 and 64, got 65"):
+            await client.create_model("bad", lr=0.1, shards=65)

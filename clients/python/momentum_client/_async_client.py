@@ -113,6 +113,7 @@ class AsyncClient:
         max_staleness: int | None = None,
         durability: Durability | None = None,
         groups: Sequence[Mapping[str, Any]] | None = None,
+        shards: int | None = None,
         exist_ok: bool = False,
     ) -> ModelInfo:
         """Create the model; an existing model is never changed.
@@ -138,7 +139,9 @@ class AsyncClient:
         """
         config = OptimizerConfig(lr, momentum, dampening, nesterov, weight_decay, maximize, rule)
         info = await self._run(
-            _flows.create_model(model, config, schedule, mode, workers, max_staleness, exist_ok, durability, groups)
+            _flows.create_model(
+                model, config, schedule, mode, workers, max_staleness, exist_ok, durability, groups, shards
+            )
         )
         self._seen.forget(model)
         return info
@@ -160,12 +163,13 @@ class AsyncClient:
         max_staleness: int | None = None,
         durability: Durability | None = None,
         groups: Sequence[Mapping[str, Any]] | None = None,
+        shards: int | None = None,
     ) -> ModelInfo:
         """Replace the model's whole config (or create the model); its parameters are kept, its rule
         cannot change. Fields left out take their defaults: to change a few, use :meth:`update_model`."""
         config = OptimizerConfig(lr, momentum, dampening, nesterov, weight_decay, maximize, rule)
         return await self._run(
-            _flows.replace_model(model, config, schedule, mode, workers, max_staleness, durability, groups)
+            _flows.replace_model(model, config, schedule, mode, workers, max_staleness, durability, groups, shards)
         )
 
     async def update_model(

@@ -134,6 +134,7 @@ class Client:
         max_staleness: int | None = None,
         durability: Durability | None = None,
         groups: Sequence[Mapping[str, Any]] | None = None,
+        shards: int | None = None,
         exist_ok: bool = False,
     ) -> ModelInfo:
         """Create the model; an existing model is never changed.
@@ -156,10 +157,14 @@ class Client:
         the workers hear as :class:`StepWentBack`). ``groups`` gives some parameters their own
         hyperparameters, as torch's parameter groups: ``[{"params": ["*.bias"], "weight_decay": 0.0}]``
         (names or fnmatch patterns; a parameter takes the first group naming it, else the model's).
+        ``shards`` (2 to 64; async mode) splits the model's parameters over that many owners, on distinct
+        server replicas when there are as many: see the README's "Scaling out" for what a step guarantees.
         """
         config = OptimizerConfig(lr, momentum, dampening, nesterov, weight_decay, maximize, rule)
         info = self._run(
-            _flows.create_model(model, config, schedule, mode, workers, max_staleness, exist_ok, durability, groups)
+            _flows.create_model(
+                model, config, schedule, mode, workers, max_staleness, exist_ok, durability, groups, shards
+            )
         )
         self._seen.forget(model)
         return info
@@ -181,12 +186,13 @@ class Client:
         max_staleness: int | None = None,
         durability: Durability | None = None,
         groups: Sequence[Mapping[str, Any]] | None = None,
+        shards: int | None = None,
     ) -> ModelInfo:
         """Replace the model's whole config (or create the model); its parameters are kept, its rule
         cannot change. Fields left out take their defaults: to change a few, use :meth:`update_model`."""
         config = OptimizerConfig(lr, momentum, dampening, nesterov, weight_decay, maximize, rule)
         return self._run(
-            _flows.replace_model(model, config, schedule, mode, workers, max_staleness, durability, groups)
+            _flows.replace_model(model, config, schedule, mode, workers, max_staleness, durability, groups, shards)
         )
 
     def update_model(

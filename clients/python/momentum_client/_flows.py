@@ -93,13 +93,14 @@ def create_model(
     exist_ok: bool = False,
     durability: Durability | None = None,
     groups: Sequence[Mapping[str, Any]] | None = None,
+    shards: int | None = None,
 ) -> Flow[ModelInfo]:
     """PUT the model with ``If-None-Match: *``: create it, never change an existing one.
 
     An existing model raises :class:`ModelExists`, or with ``exist_ok`` is returned as it is
     (a :class:`ModelConfigWarning` lists how its config differs from the one asked for).
     """
-    body = model_body(config, schedule, mode, workers, max_staleness, durability, groups)
+    body = model_body(config, schedule, mode, workers, max_staleness, durability, groups, shards)
     response = yield from send(json_request("PUT", model_path(model), body, {"If-None-Match": "*"}))
     if response.status == 412 and exist_ok:
         error = error_from_response(response)
@@ -126,9 +127,10 @@ def replace_model(
     max_staleness: int | None = None,
     durability: Durability | None = None,
     groups: Sequence[Mapping[str, Any]] | None = None,
+    shards: int | None = None,
 ) -> Flow[ModelInfo]:
     """PUT the model's whole config (created if it does not exist; parameters are kept; same rule only)."""
-    body = model_body(config, schedule, mode, workers, max_staleness, durability, groups)
+    body = model_body(config, schedule, mode, workers, max_staleness, durability, groups, shards)
     response = yield from send(json_request("PUT", model_path(model), body))
     return parse(response, parse_model)
 

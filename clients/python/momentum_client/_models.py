@@ -80,11 +80,16 @@ class ModelInfo:
     max_staleness: int | None = None
     """The largest accepted staleness in ``bounded`` mode, else ``None``."""
     durability: str | Mapping[str, int] = "step"
-    """When a step is acknowledged: ``"step"`` (once its log entry is in Redis) or ``{"flush_ms": N}``
-    (from the owner's memory, written to Redis within N ms)."""
+    """When a step is acknowledged: ``"step"`` (once its log entry is in Redis), ``{"flush_ms": N}``
+    (from the owner's memory, written to Redis within N ms) or ``{"replicas": N}`` (once in Redis and on
+    N of its replicas)."""
     groups: Sequence[Mapping[str, Any]] = ()
     """Parameter groups, as the API writes them: ``{"name", "params", <hyperparameters>}`` each
     (a parameter takes the first group that names or matches it, else ``optimizer``)."""
+    shards: int = 1
+    """How many owners the parameters are split over (see the README's "Scaling out")."""
+    consistent: bool = True
+    """False while a step has reached some shards of a sharded model and not the others."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -84,6 +84,8 @@ def parse_model(body: Any) -> ModelInfo:
         max_staleness=expect_optional_int(body.get("max_staleness")),
         durability=_durability_of(body.get("durability", "step")),
         groups=tuple(expect_object(g) for g in body.get("groups") or ()),
+        shards=expect_int(body.get("shards", 1)),
+        consistent=expect_bool(body.get("consistent", True)),
     )
 
 

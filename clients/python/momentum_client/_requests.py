@@ -193,9 +193,10 @@ def model_body(
     max_staleness: int | None,
     durability: Durability | None = None,
     groups: Sequence[Mapping[str, Any]] | None = None,
+    shards: int | None = None,
 ) -> dict[str, Any]:
-    """A model config body; ``mode`` is sent unless it is the default, async; ``durability`` and ``groups``
-    if given."""
+    """A model config body; ``mode`` is sent unless it is the default, async; ``durability``, ``groups`` and
+    ``shards`` if given."""
     fields = {k: v for k, v in asdict(config).items() if k not in NEUTRAL or v != NEUTRAL[k]}
     body: dict[str, Any] = {"optimizer": optimizer_json(fields)}
     if schedule is not None:
@@ -207,6 +208,8 @@ def model_body(
         body["durability"] = durability_json(durability)
     if groups is not None:
         body["groups"] = groups_json(groups)
+    if shards is not None:
+        body["shards"] = as_index(shards, "shards")
     return body
 
 

@@ -127,6 +127,8 @@ export interface ModelConfig extends Hyperparameters {
   durability?: Durability;
   /** In the API's form: `[{params: ["*.bias"], weight_decay: 0}]`. */
   groups?: Array<Record<string, unknown>>;
+  /** Split the parameters over this many owners (2 to 64, async mode; see the README's "Scaling out"). */
+  shards?: number;
 }
 
 export interface CreateModelOptions extends ModelConfig, CallOptions {
@@ -893,7 +895,7 @@ function durabilityJSON(d: Durability): unknown {
   throw new RangeError(`durability must be "step", {flushMs: N} or {replicas: N}, got ${JSON.stringify(d)}`);
 }
 
-const CONFIG_KEYS = new Set([...Object.keys(HYPER), "rule", "schedule", "mode", "workers", "maxStaleness", "durability", "groups", "existOk", "signal"]);
+const CONFIG_KEYS = new Set([...Object.keys(HYPER), "rule", "schedule", "mode", "workers", "maxStaleness", "durability", "groups", "shards", "existOk", "signal"]);
 
 function modelBody(config: ModelConfig): Record<string, unknown> {
   if (typeof config?.lr !== "number") throw new TypeError("lr is required");
@@ -907,6 +909,7 @@ function modelBody(config: ModelConfig): Record<string, unknown> {
   modeFields({ ...config, mode: config.mode === "async" ? undefined : config.mode }, body);
   if (config.durability !== undefined) body.durability = durabilityJSON(config.durability);
   if (config.groups !== undefined) body.groups = config.groups;
+  if (config.shards !== undefined) body.shards = asIndex(config.shards, "shards");
   return body;
 }
 
