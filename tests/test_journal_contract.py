@@ -312,3 +312,17 @@ async def test_a_batch_asking_for_more_replicas_than_confirm_is_a_503_but_is_wri
             assert loaded is not None and loaded.head.seq == 1
         finally:
             await journal.close()
+
+
+async def test_a_connection_closed_under_a_command_is_a_503_and_a_bug_of_ours_is_not() -> None:
+    """redis-py's asyncio cluster client can use a connection another task is closing (its transport or writer
+    gone: AttributeError, RuntimeError): an outage, 503. The same error types raised by our own code propagate."""
+    from momentum_service.store.redis import _guard
+
+    inside_redis = compile("None.writelines([])", "/x/site-packages/redis/asyncio/connection.py", "exec")
+    with pytest.raises(StoreUnavailable, match="connection closed under a command"):
+        async with _guard():
+            exec(inside_redis, {})
+    with pytest.raises(AttributeError):
+        async with _guard():
+            exec(compile("None.writelines([])", __file__, "exec"), {})

@@ -111,7 +111,10 @@ def parse_model_page(body: Any) -> tuple[list[ModelSummary], str | None]:
 def _durability_of(value: Any) -> str | dict[str, int]:
     if value == "step":
         return "step"
-    return {"flush_ms": expect_int(expect_object(value)["flush_ms"])}
+    durability = expect_object(value)
+    if set(durability) not in ({"flush_ms"}, {"replicas"}):
+        raise ValueError(f"unknown durability {durability!r}")
+    return {k: expect_int(v) for k, v in durability.items()}
 
 
 def _param_info(value: Any) -> ParamInfo:

@@ -102,12 +102,24 @@ async def _guard() -> AsyncIterator[None]:
         raise StoreError(f"redis: {type(exc).__name__}: {exc}") from exc
     except OSError as exc:
         raise StoreUnavailable(f"redis: {exc}") from exc
-    except RuntimeError as exc:
-        # redis-py's cluster client may write on a connection it closed meanwhile, while it reads the slot
-        # map again after a node failed (uvloop: "unable to perform operation on <TCPTransport closed=True>").
-        if "closed" not in str(exc):
+    except (RuntimeError, AttributeError, TypeError) as exc:
+        # redis-py's asyncio cluster client may use a connection that another task is closing while it reads
+        # the slot map again (after a node failed or a slot moved): uvloop's "unable to perform operation on
+        # <TCPTransport closed=True>", or "'NoneType' object has no attribute 'writelines'" (redis-py issue
+        # 3546). Only such errors raised inside redis-py's own connection code are an outage; others are bugs.
+        if not _raised_in_redis_connection(exc):
             raise
-        raise StoreUnavailable(f"redis: a connection closed under a command: {exc}") from exc
+        raise StoreUnavailable(f"redis: a connection closed under a command ({type(exc).__name__}: {exc})") from exc
+
+
+def _raised_in_redis_connection(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised by redis-py's connection code (or the event loop's transport under it)."""
+    tb = exc.__traceback__
+    frames = []
+    while tb is not None:
+        frames.append(tb.tb_frame.f_code.co_filename)
+        tb = tb.tb_next
+    return any(f.endswith(("redis/asyncio/connection.py", "asyncio/streams.py")) for f in frames[-4:])
 
 
 def _noscript(result: Any) -> bool:
