@@ -289,10 +289,17 @@ async def test_durability_is_sent_when_given_and_parsed(connect: Callable[..., t
     assert body_of(server.requests[1]) == {"durability": {"flush_ms": 50}}
     assert (await api("update_model", "m", durability="step")).durability == "step"
     assert body_of(server.requests[2]) == {"durability": "step"}
-    for bad in ("always", {"flush_ms": 1.5}, {"flush": 5}):
+    for bad in ("always", {"flush_ms": 1.5}, {"flush": 5}, {"replicas": 1, "flush_ms": 5}):
         with pytest.raises((ValueError, TypeError), match="durability"):
             await api("update_model", "m", durability=bad)
     assert len(server.requests) == 3
+
+
+async def test_replicated_durability_is_sent_and_parsed(connect: Callable[..., tuple[Api, Server]]) -> None:
+    replicated = {**MODEL_JSON, "durability": {"replicas": 1}}
+    api, server = connect(ok(replicated, 201))
+    info = await api("create_model", "m", lr=0.1, durability={"replicas": 1})
+    assert info.durability == {"replicas": 1} and body_of(server.requests[0])["durability"] == {"replicas": 1}
 
 
 async def test_update_model_mode_fields(connect: Callable[..., tuple[Api, Server]]) -> None:
