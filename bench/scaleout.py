@@ -71,7 +71,7 @@ def owners(cluster: RedisCluster, models: list[str]) -> dict[str, str | None]:
         raw = {m: client.hget(f"momentum:{{{m}}}:lease", "url") for m in models}
     finally:
         client.close()
-    return {m: None if u is None else u.decode() for m, u in raw.items()}
+    return {m: u if u is None or isinstance(u, str) else u.decode() for m, u in raw.items()}
 
 
 def settle(

@@ -242,3 +242,21 @@ def test_profile_summary_reads_native_stacks(tmp_path: Path) -> None:
         "FastAPI / Starlette": 0.5,
     }
     assert dict(s["top_native"]) == {"write": 0.5, "sha256_block": 0.5}
+
+
+@pytest.mark.slow
+def test_the_scale_out_benchmarks_run(tmp_path: Path) -> None:
+    """``bench.scaleout`` and ``bench.shards`` in small forms: every row measured, no speed thresholds."""
+    out = tmp_path / "scaleout.json"
+    cmd = [sys.executable, "-m", "bench.scaleout", "--replicas", "1,2", "--seconds", "1", "--workers", "4"]
+    proc = subprocess.run([*cmd, "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = json.loads(out.read_text())
+    assert [(r["replicas"], r["follow_owner"]) for r in rows] == [(1, True), (2, True), (2, False), (2, True)]
+    assert rows[-1]["durability"] == {"replicas": 1}
+    assert all(r["steps_per_s"] > 0 and len(r["cpu_per_replica"]) == r["replicas"] for r in rows)
+    assert "| replicas | durability |" in proc.stdout
+    cmd = [sys.executable, "-m", "bench.shards", "--shards", "1,2", "--size", "1000", "--steps", "2"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "| 2 |" in proc.stdout

@@ -6,9 +6,10 @@ user would in one terminal: the quick start's own ``python3 -m venv .venv && pip
 first (a new virtualenv, installed from the package index), its server left running, then every
 curl and Python block against it, comparing what each prints with the ``output`` block shown
 after it. The only change is to ports, so that the test never touches a server it did not start:
-8000, 8001, 8002 and Redis's 6379 become free ports in the text, and the terminal's environment
-has ``MOMENTUM_PORT`` set to the one that stands for 8000 (the quick start serves on the default
-port). See ``readme_blocks.py`` for the conventions, and ``REASONS`` for the few blocks not run.
+8000 to 8004, Redis's 6379 and the Redis Cluster's 7001 to 7006 become free ports in the text,
+and the terminal's environment has ``MOMENTUM_PORT`` set to the one that stands for 8000 (the
+quick start serves on the default port). See ``readme_blocks.py`` for the conventions, and
+``REASONS`` for the few blocks not run.
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import ROOT, free_port
+from .helpers import ROOT
 from .readme_blocks import REASONS, Block, blocks, output_matches
+from .redis_cluster import cluster_port
 
 DOCS = [ROOT / "README.md", ROOT / "examples" / "README.md"]
-PORTS = ("8000", "8001", "8002", "6379")
+PORTS = ("8000", "8001", "8002", "8003", "8004", "6379", "7001", "7002", "7003", "7004", "7005", "7006")
 
 
 def test_every_block_is_run_or_skipped_for_a_known_reason() -> None:
@@ -171,7 +173,16 @@ def _environment() -> dict[str, str]:
 
 @pytest.fixture
 def ports() -> dict[str, str]:
-    return {p: str(free_port()) for p in PORTS}
+    """A free port for each port the README names (with its cluster bus port, +10000, free too: the Redis
+    Cluster nodes of "Scaling out" use both)."""
+    chosen: dict[str, str] = {}
+    taken: set[int] = set()
+    while len(chosen) < len(PORTS):
+        port = cluster_port()
+        if not {port, port + 10000} & taken:  # no port is another's bus port either
+            taken |= {port, port + 10000}
+            chosen[PORTS[len(chosen)]] = str(port)
+    return chosen
 
 
 @pytest.fixture
