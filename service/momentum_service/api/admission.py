@@ -8,9 +8,10 @@ A request goes through, in order:
    at a time (reading their bodies or being handled); beyond, 503 with ``Retry-After``. One
    tenant, however busy or hostile, cannot take every slot from the others.
 3. **Its body, read once**, into one buffer sized from ``Content-Length`` (by the HTTP protocol
-   itself, see :mod:`.protocol`, or here from ``receive``; a chunked body grows its buffer as it
-   arrives), before the request takes a processing slot: a slow sender holds a
-   connection and its own buffer, not a slot that fast requests need. The body is bounded by
+   itself, see :mod:`.protocol`, or here from ``receive``; a chunked body fills a buffer of the
+   size limit whose pages become resident only as it arrives, never copied to grow), before the
+   request takes a processing slot: a slow sender holds a connection and its own buffer, not a
+   slot that fast requests need. The body is bounded by
    size (413, from ``Content-Length`` before reading), by time (``body_timeout_s``: 408, and the
    connection is closed) and, over all bodies being read at once, by memory (``max_body_bytes``
    times ``bodies_in_flight``: beyond, 503).
@@ -285,10 +286,12 @@ class Admission:
             self.reading -= ledger[0]
 
     async def _receive_all(self, receive: Receive, declared: int | None, ledger: list[int]) -> memoryview:
-        """The whole body in one buffer: preallocated from Content-Length (pages are only touched as
-        bytes arrive), or grown geometrically for a chunked body, within the size limit."""
-        # A declared length recurs (a model's steps): its buffer comes from the pool. A chunked body grows.
-        buffer = POOL.empty(declared, np.uint8) if declared is not None else np.empty(0, np.uint8)
+        """The whole body in one buffer: preallocated from Content-Length, or for a chunked body at the size
+        limit; either way its pages are only touched (resident) as bytes arrive, and nothing is copied.
+        A chunked body's share of the bodies-in-flight budget grows geometrically with what arrived."""
+        # A declared length recurs (a model's steps): its buffer comes from the pool.
+        buffer = POOL.empty(declared, np.uint8) if declared is not None else None
+        capacity = declared or 0  # what the budget holds for this body
         size = 0
         while True:
             message = await receive()
@@ -311,16 +314,17 @@ class Admission:
                     [(b"connection", b"close")],
                     limit=self.max_body,
                 )
-            if end > len(buffer):
+            if end > capacity:
                 if declared is not None:  # more bytes than Content-Length said: the server's HTTP layer refuses
                     raise _Refused(
                         400, "bad-content-length", "Bad request", "the body is longer than its Content-Length", []
                     )
-                grown = np.empty(min(self.max_body, max(end, 2 * len(buffer), 1 << 16)), np.uint8)
-                grown[:size] = buffer[:size]
-                ledger[0] += len(grown) - len(buffer)
-                self.reading += len(grown) - len(buffer)
-                buffer = grown
+                grown = min(self.max_body, max(end, 2 * capacity, 1 << 16))
+                ledger[0] += grown - capacity
+                self.reading += grown - capacity
+                capacity = grown
+            if buffer is None:  # untouched pages: resident only as the body fills them, never copied to grow
+                buffer = np.empty(self.max_body, np.uint8)
             buffer[size:end] = np.frombuffer(chunk, np.uint8)
             size = end
             if not message.get("more_body", False):
