@@ -14,11 +14,12 @@ request id and the reason only), and the Redis URL's password is redacted.
 from __future__ import annotations
 
 import contextvars
+import itertools
 import logging
+import os
 import re
 import sys
 import time
-import uuid
 
 import orjson
 
@@ -26,6 +27,11 @@ __all__ = ["REQUEST_ID", "configure", "new_request_id", "request_id"]
 
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("momentum_request_id", default=None)
 _SANE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+# Fresh request ids: this process's random prefix and a counter. Unique, and not secret (they are
+# echoed to the client and logged); uuid4 read os.urandom on every request, 4% of a small step's
+# server CPU (py-spy).
+_PREFIX = os.urandom(4).hex()
+_COUNTER = itertools.count(1)
 
 
 def request_id() -> str | None:
@@ -37,7 +43,7 @@ def new_request_id(offered: str | None) -> str:
     arbitrary bytes into logs)."""
     if offered and _SANE.match(offered):
         return offered
-    return uuid.uuid4().hex[:16]
+    return f"{_PREFIX}{next(_COUNTER) & 0xFFFFFFFF:08x}"
 
 
 class _WithRequestId(logging.Filter):

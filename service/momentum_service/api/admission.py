@@ -159,9 +159,9 @@ class Admission:
         finally:
             kind = route_kind(scope["path"])
             t = self.telemetry
-            t.requests.labels(kind, str(status)).inc()
-            t.request_seconds.labels(kind).observe(time.perf_counter() - began)
-            t.bytes_out.labels(kind).inc(sent)
+            t.child(t.requests, kind, str(status)).inc()
+            t.child(t.request_seconds, kind).observe(time.perf_counter() - began)
+            t.child(t.bytes_out, kind).inc(sent)
             reset_current(tokens[0])
             REQUEST_ID.reset(tokens[1])
 
@@ -183,7 +183,7 @@ class Admission:
         self.per_key[who] += 1
         try:
             body = await self._read_body(scope, receive)
-            self.telemetry.bytes_in.labels(route_kind(path)).inc(body.nbytes)
+            self.telemetry.child(self.telemetry.bytes_in, route_kind(path)).inc(body.nbytes)
             if self.active >= self.max_concurrent:
                 raise _Refused(
                     503,

@@ -89,7 +89,7 @@ async def step_response(
     elapsed = time.perf_counter() - began
     telemetry = current()
     if telemetry is not None:
-        telemetry.step_seconds.labels(telemetry.label(model)).observe(elapsed)
+        telemetry.child(telemetry.step_seconds, telemetry.label(model)).observe(elapsed)
         if elapsed * 1000 > telemetry.slow_step_ms:
             log.warning(
                 "slow step: model %r took %.0f ms (over %g ms), %d bytes",
