@@ -26,10 +26,21 @@ from .helpers import terminate, wait_until
 NODE_TIMEOUT_MS = 1000
 
 
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def cluster_port() -> int:
-    """A free port whose cluster bus port (+10000) is free too (so at most 55535)."""
+    """A free port whose cluster bus port (+10000) is free too, both below the kernel's ephemeral range:
+    a port the kernel may hand to an outgoing connection meanwhile could be taken by the time the node
+    binds it (the README test chooses its ports minutes before it starts the cluster)."""
+    high = max(10001, _ephemeral_low() - 10000)
     for _ in range(1000):
-        port = random.randrange(20000, 45000)
+        port = random.randrange(10000, high)
         try:
             for p in (port, port + 10000):
                 with socket.socket() as s:
