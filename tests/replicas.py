@@ -14,13 +14,14 @@ import numpy as np
 from momentum_service.kernels import SGDConfig, sgd_update
 
 from .helpers import ROOT, RedisProcess
+from .redis_cluster import RedisCluster
 from .step_worker import gradient
 
 OPT = {"lr": 0.01, "momentum": 0.9, "nesterov": True}
 SIZE = 64  # floats in the gradients the workers push
 
 
-def owner_url(redis: RedisProcess, model: str = "m") -> str | None:
+def owner_url(redis: RedisProcess | RedisCluster, model: str = "m") -> str | None:
     """The URL of the replica that holds ``model``'s lease in Redis (None while nobody does)."""
     client = redis.client()
     try:
@@ -40,18 +41,18 @@ def create(url: str, optimizer: dict[str, object], value: np.ndarray, **config: 
     assert httpx.put(f"{url}/v1/models/m/params/w", json=tensor(value)).status_code == 201
 
 
-def read(url: str, deadline: float = 30.0) -> tuple[int, np.ndarray, np.ndarray | None]:
-    """``w``'s step, value and velocity, retrying while the model changes hands (503, no answer)."""
+def read(url: str, deadline: float = 30.0, model: str = "m") -> tuple[int, np.ndarray, np.ndarray | None]:
+    """``model``'s ``w``: its step, value and velocity, retrying while the model changes hands (503, no answer)."""
     end = time.monotonic() + deadline
     with httpx.Client(timeout=5) as client:
         while True:
             try:
-                r = client.get(f"{url}/v1/models/m/params/w", params={"include": "velocity"})
+                r = client.get(f"{url}/v1/models/{model}/params/w", params={"include": "velocity"})
                 if r.status_code != 503:
                     break
             except httpx.TransportError:
                 pass
-            assert time.monotonic() < end, f"no answer from {url}"
+            assert time.monotonic() < end, f"no answer from {url} for model {model}"
             time.sleep(0.1)
     assert r.status_code == 200, r.text
     body = r.json()

@@ -18,11 +18,10 @@ from dataclasses import dataclass, field
 
 import httpx
 import numpy as np
-from momentum_service.kernels import SGDConfig, sgd_update
 
 from .helpers import ServerProcess
 from .redis_cluster import RedisCluster
-from .replicas import OPT, SIZE, tensor
+from .replicas import OPT, SIZE, read, replay, tensor
 from .step_worker import gradient, push
 
 LEASE_MS = 1000
@@ -116,39 +115,13 @@ class Pushes:
         return max(b - a for a, b in itertools.pairwise(points))
 
 
-def read_w(url: str, model: str, deadline: float = 30.0) -> tuple[int, np.ndarray, np.ndarray | None]:
-    end = time.monotonic() + deadline
-    with httpx.Client(timeout=5) as client:
-        while True:
-            try:
-                r = client.get(f"{url}/v1/models/{model}/params/w", params={"include": "velocity"})
-                if r.status_code != 503:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < end, f"no answer from {url} for {model}"
-            time.sleep(0.1)
-    assert r.status_code == 200, r.text
-    body = r.json()
-    v = body["velocity"]
-    value = np.asarray(body["data"]).astype(body["dtype"])
-    return body["step"], value, None if v is None else np.asarray(v["data"]).astype(v["dtype"])
-
-
-def replay(model: str, records: list[list[int]]) -> tuple[np.ndarray, np.ndarray | None]:
-    cfg, value, velocity = SGDConfig(**OPT), p0(model), None  # type: ignore[arg-type]
-    for _, w, j in sorted(records):
-        value, velocity = sgd_update(cfg, value, velocity, gradient(w, j, SIZE))
-    return value, velocity
-
-
 def assert_each_push_once(url: str, model: str, records: list[list[int]]) -> None:
     """Every acknowledged push of ``model`` got its own step (1..N: none lost, none twice), and ``w`` is the
     kernel replaying them in that order, value and velocity bit for bit."""
     total = len(records)
     assert sorted(r[0] for r in records) == list(range(1, total + 1)), f"{model}: every acknowledged push, once"
-    step, value, velocity = read_w(url, model)
-    expected_value, expected_velocity = replay(model, records)
+    step, value, velocity = read(url, model=model)
+    expected_value, expected_velocity = replay(p0(model), records)
     assert step == total, (model, step, total)
     assert value.tobytes() == expected_value.tobytes(), model
     if total:
@@ -158,5 +131,5 @@ def assert_each_push_once(url: str, model: str, records: list[list[int]]) -> Non
 
 def lost(url: str, model: str, records: list[list[int]]) -> int:
     """Acknowledged pushes of ``model`` that its state no longer counts (0 when each was applied once)."""
-    step, _, _ = read_w(url, model)
+    step, _, _ = read(url, model=model)
     return len(records) - step

@@ -28,6 +28,7 @@ import pytest
 from .balancer import HAProxyProcess
 from .helpers import RedisProcess, ServerProcess, wait_until
 from .redis_cluster import RedisCluster
+from .replicas import owner_url
 from .scaleout import Pushes, assert_each_push_once, create_models, lost, start_replica
 
 pytestmark = pytest.mark.slow
@@ -54,15 +55,6 @@ def cluster() -> Iterator[RedisCluster]:
 def stop_all(servers: list[ServerProcess]) -> None:
     for s in servers:
         s.stop()
-
-
-def lease_url(cluster: RedisCluster, model: str) -> str | None:
-    client = cluster.client()
-    try:
-        url = client.hget(f"momentum:{{{model}}}:lease", "url")
-    finally:
-        client.close()
-    return None if url is None else url.decode()
 
 
 @pytest.mark.parametrize("durability", ["replicas", "step"])
@@ -124,7 +116,7 @@ def test_a_service_replica_killed_and_one_added_under_load(cluster: RedisCluster
         pushes = Pushes(urls, MODELS).start(6)
         time.sleep(3)
         victim = servers[0]
-        owned_by_victim = [m for m in MODELS if lease_url(cluster, m) == victim.url]
+        owned_by_victim = [m for m in MODELS if owner_url(cluster, m) == victim.url]
         killed_at = time.monotonic()
         victim.kill()
         urls.remove(victim.url)  # the workers stop sending to it (as the balancer's health check would)
@@ -135,13 +127,13 @@ def test_a_service_replica_killed_and_one_added_under_load(cluster: RedisCluster
         added_at = time.monotonic()
 
         def newcomer_owns_some() -> bool:
-            return any(lease_url(cluster, m) == newcomer.url for m in MODELS)
+            return any(owner_url(cluster, m) == newcomer.url for m in MODELS)
 
         wait_until(newcomer_owns_some, timeout=30, what="the new replica to take a share of the models")
         took = time.monotonic() - added_at
         time.sleep(3)
         pushes.stop()
-        owners = {m: lease_url(cluster, m) for m in MODELS}
+        owners = {m: owner_url(cluster, m) for m in MODELS}
         share = sum(1 for u in owners.values() if u == newcomer.url)
         report(
             "service-replica-killed-and-added",
