@@ -153,6 +153,7 @@ def test_flush_ms_owner_killed_loses_only_its_last_flush_ms_and_tells_the_worker
         time.sleep(3.0)
         killed_at.append(time.monotonic())
         owner.kill()
+        dead_at = time.monotonic()  # kill() returns once the process is reaped
         time.sleep(3.0 + LEASE_MS / 1000)
         stop.set()
         for t in threads:
@@ -168,10 +169,18 @@ def test_flush_ms_owner_killed_loses_only_its_last_flush_ms_and_tells_the_worker
         oldest = max(lost.values())
         bound = (FLUSH_MS + LEASE_MS) / 1000
         assert oldest <= bound, f"a push acknowledged {oldest:.3f} s before the kill was lost (bound {bound} s)"
-        assert all(sent[slot] < killed_at[0] for slot in lost), "nothing sent after the kill is lost"
+        # A push sent between the SIGKILL call and the process's death can reach the owner and be
+        # acknowledged by it (the main thread may lose the CPU between the two): it is sent "before
+        # the kill" for this check. Nothing sent once the process was gone may be lost.
+        late = {slot: round(sent[slot] - dead_at, 3) for slot in lost if sent[slot] >= dead_at}
+        assert not late, f"pushes sent after the owner died were lost (slot: seconds after): {late}"
         assert told, "the workers were told that the model's steps went back"
         assert all(set(e.regressions) == {"w"} for e in told)
-        print(f"flush_ms={FLUSH_MS}: {len(lost)} of {len(acked)} acknowledged pushes lost, oldest {oldest:.3f} s")
+        during = sum(1 for slot in lost if sent[slot] >= killed_at[0])
+        print(
+            f"flush_ms={FLUSH_MS}: {len(lost)} of {len(acked)} acknowledged pushes lost, "
+            f"oldest {oldest:.3f} s, {during} sent during the kill call"
+        )
     finally:
         stop_all(servers)
 
