@@ -23,6 +23,7 @@ import {
   stringify,
   Tensor,
 } from "./tensors.js";
+import { OwnerRoutes } from "./routing.js";
 
 export const VERSION = "0.1.0";
 
@@ -57,6 +58,13 @@ export interface ClientOptions {
    * 409 tensor-mismatch in dtypes only, after which the step is sent again, cast (default false).
    */
   castGradients?: boolean;
+  /**
+   * Send each model's requests to the server replica that owns it, once a forwarded answer named it
+   * (`Momentum-Owner`): one hop instead of two. If that replica does not answer, or answers 503, the
+   * model's requests go back to `baseUrl`. Off by default: behind a load balancer the replicas' own
+   * URLs may not be reachable (default false).
+   */
+  followOwner?: boolean;
   /** For tests: random numbers in [0, 1) for the backoff jitter. */
   random?: () => number;
 }
@@ -265,6 +273,8 @@ export class Client {
   private readonly seen = new Map<string, Map<string, number>>();
   /** Parameters' dtypes as learnt by a client that casts gradients, per model. */
   private readonly dtypes: Map<string, Map<string, "float32" | "float64">> | null;
+  /** Where each model's requests go (see `followOwner`). */
+  private readonly routes: OwnerRoutes;
 
   constructor(baseUrl: string, options: ClientOptions = {}) {
     let url: URL;
@@ -298,6 +308,7 @@ export class Client {
     this.random = options.random ?? Math.random;
     this.onStepBack = options.onStepBack ?? "raise";
     this.dtypes = options.castGradients ? new Map() : null;
+    this.routes = new OwnerRoutes(this.baseUrl, options.followOwner ?? false);
     if (this.onStepBack !== "raise" && this.onStepBack !== "warn") throw new RangeError('onStepBack must be "raise" or "warn"');
   }
 
@@ -732,7 +743,8 @@ export class Client {
   }
 
   private async sendOnce(req: Req, signal?: AbortSignal): Promise<Res> {
-    let url = this.baseUrl + req.path;
+    const base = this.routes.url(req.path);
+    let url = base;
     if (req.query && Object.keys(req.query).length) url += "?" + new URLSearchParams(req.query).toString();
     const headers: Record<string, string> = { Accept: JSON_ACCEPT, ...this.headers, ...(req.headers ?? {}) };
     const user = this.combined(signal);
@@ -742,9 +754,12 @@ export class Client {
     try {
       const response = await this.fetchImpl(url, { method: req.method, headers, body: req.body as BodyInit | undefined, signal: combined });
       const body = new Uint8Array(await response.arrayBuffer());
+      this.routes.learn(req.path, response.headers);
+      if (response.status === 503 && base !== this.baseUrl + req.path) this.routes.forget(req.path); // not serving: ask the base URL next
       return { status: response.status, headers: response.headers, body, method: req.method, url };
     } catch (e) {
       if (user?.aborted) throw user.reason ?? e;
+      this.routes.forget(req.path); // no answer from there: ask the base URL next
       if (timeoutSignal?.aborted) {
         throw new RequestTimeout(`${req.method} ${url}: no answer within ${this.timeout} s`, { method: req.method, url, cause: e });
       }
