@@ -38,7 +38,7 @@ SCREENSHOT = os.environ.get("MOMENTUM_SCREENSHOT")
 VIEWPORT = {"width": 1280, "height": 800}
 
 MOMENTA = ("0", "0.5", "0.9")
-STEPS = 1000  # per model: a few seconds of pushes each, so the page (polling every second) sees every curve grow
+STEPS = 3000  # per model: about 4 s of pushes (1,000 took 1.5 s), so the page (polling every second) sees each grow
 PREFIX = "sweep"
 
 ADMIN, READER = "msk_dashboard-test-admin", "msk_dashboard-test-reader"
@@ -104,6 +104,11 @@ def test_the_curves_follow_a_live_sweep(page: Any, tmp_path: Path) -> None:
     log = tmp_path / "sweep.log"
     sweep: subprocess.Popen[bytes] | None = None
     try:
+        response = page.goto(server.url + "/dashboard")
+        assert response is not None and response.status == 200
+        # The sweep starts once the page has read the API (its first poll): a model trained before the page
+        # was up would show only its whole curve, however fast the page's own polls are.
+        page.wait_for_function("document.getElementById('status').dataset.state === 'ok'", timeout=30_000)
         with log.open("w") as out:
             sweep = subprocess.Popen(
                 [
@@ -118,8 +123,6 @@ def test_the_curves_follow_a_live_sweep(page: Any, tmp_path: Path) -> None:
                 stderr=subprocess.STDOUT,
                 cwd=tmp_path,
             )
-        response = page.goto(server.url + "/dashboard")
-        assert response is not None and response.status == 200
         screenshot = SCREENSHOT
         if screenshot:
             page.get_by_test_id("log-y").check()  # the picture: log scale, while the last model trains
@@ -139,6 +142,7 @@ def test_the_curves_follow_a_live_sweep(page: Any, tmp_path: Path) -> None:
                 screenshot = None
             time.sleep(0.2)
         assert sweep.returncode == 0, log.read_text()
+        print("point counts the page showed while the sweep ran:", {n: sorted(seen[n]) for n in names})
         for name in names:
             assert len(seen[name]) >= 2, f"{name}'s curve did not grow while its workers pushed: {seen[name]}"
             assert min(seen[name]) < STEPS, seen[name]
