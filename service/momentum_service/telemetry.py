@@ -168,10 +168,10 @@ class Telemetry(Events):
         self.child(self.param_updates, label).inc(params)
 
     def sync_waited(self, model: str, seconds: float) -> None:
-        self.sync_wait.labels(self.label(model)).observe(seconds)
+        self.child(self.sync_wait, self.label(model)).observe(seconds)
 
     def owner_changed(self, model: str, event: str) -> None:
-        self.owner_changes.labels(event).inc()
+        self.child(self.owner_changes, event).inc()
 
     def written(self, model: str, nbytes: int, snapshot: bool, log_bytes: int) -> None:
         label = self.label(model)
