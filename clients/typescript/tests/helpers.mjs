@@ -116,3 +116,16 @@ export async function startRedis() {
     },
   };
 }
+
+/** A fetch that answers the i-th request with `script[i]` (a function of the request's init; the last one
+ * for every request past the script) and records each request: url, method, headers, base64 body, time. */
+export function scripted(script) {
+  const seen = [];
+  const f = async (url, init) => {
+    const body = init.body === undefined ? undefined : Buffer.from(init.body).toString("base64");
+    seen.push({ url, method: init.method, headers: { ...init.headers }, body, at: performance.now() });
+    const next = script[Math.min(seen.length - 1, script.length - 1)];
+    return next(init);
+  };
+  return { fetch: f, seen };
+}

@@ -4,35 +4,32 @@
 import assert from "node:assert/strict";
 import { after, before, test } from "node:test";
 import * as mc from "../dist/index.js";
-import { startRedis, startServer } from "./helpers.mjs";
+import { scripted, startRedis, startServer } from "./helpers.mjs";
 
-/** An answer to script: `status` with `headers` (a 200 is a step's answer, each at the next step). */
-const answer = (status, headers = {}) => ({ status, headers });
-
-/** A fetch that answers `script[i]` to the i-th request (an answer, or an Error to throw) and records the URLs. */
-function scripted(script) {
-  const urls = [];
+/** Step answers from a scripted fetch: each 200 is a step's answer at the next step, with `headers`. */
+function answers() {
   let step = 0;
-  const f = async (url) => {
-    urls.push(String(url));
-    const next = script[Math.min(urls.length - 1, script.length - 1)];
-    if (next instanceof Error) throw next;
-    if (next.status !== 200) {
-      const problem = { type: "urn:momentum-service:problem:owner-unreachable", title: "x", status: next.status };
-      return new Response(JSON.stringify(problem), { status: next.status, headers: { "content-type": "application/problem+json", ...next.headers } });
-    }
-    step += 1;
-    const body = `{"params":{"w":{"shape":[2],"dtype":"float32","step":${step},"lr":0.1}}}`;
-    return new Response(body, { status: 200, headers: { "content-type": "application/json", ...next.headers } });
-  };
-  return { fetch: f, urls };
+  return (status, headers = {}) =>
+    () => {
+      if (status !== 200) {
+        const problem = { type: "urn:momentum-service:problem:owner-unreachable", title: "x", status };
+        return new Response(JSON.stringify(problem), { status, headers: { "content-type": "application/problem+json", ...headers } });
+      }
+      step += 1;
+      const body = `{"params":{"w":{"shape":[2],"dtype":"float32","step":${step},"lr":0.1}}}`;
+      return new Response(body, { status: 200, headers: { "content-type": "application/json", ...headers } });
+    };
 }
+
+const fails = () => () => Promise.reject(new TypeError("fetch failed"));
+const urls = (seen) => seen.map((s) => String(s.url));
 
 const grads = { w: mc.float32([1, 2]) };
 const opts = (fetch, followOwner) => ({ fetch, followOwner, wire: "json", random: () => 0, apiKey: "k-1" });
 
 test("followOwner: the owner named by a forwarded answer gets that model's next requests, other models stay on the base URL", async () => {
-  const { fetch, urls } = scripted([
+  const answer = answers();
+  const { fetch, seen } = scripted([
     answer(200, { "momentum-owner": "http://r2:8000/" }),
     answer(200),
     answer(200),
@@ -43,7 +40,7 @@ test("followOwner: the owner named by a forwarded answer gets that model's next 
   await c.pushGradients("a", grads);
   await c.pushGradients("b", grads);
   await c.getParams("a").catch(() => {}); // (the scripted answer is a step's, not params': only the URL matters)
-  assert.deepEqual(urls, [
+  assert.deepEqual(urls(seen), [
     "http://lb.invalid:8000/v1/models/a/step",
     "http://r2:8000/v1/models/a/step",
     "http://lb.invalid:8000/v1/models/b/step",
@@ -52,9 +49,10 @@ test("followOwner: the owner named by a forwarded answer gets that model's next 
 });
 
 test("followOwner: an owner that does not answer, or answers 503, is forgotten and the retry goes to the base URL", async () => {
-  const { fetch, urls } = scripted([
+  const answer = answers();
+  const { fetch, seen } = scripted([
     answer(200, { "momentum-owner": "http://r2:8000" }),
-    new TypeError("fetch failed"), // r2 gives no answer
+    fails(), // r2 gives no answer
     answer(200, { "momentum-owner": "http://r3:8000" }), // the base URL forwards to the new owner
     answer(503, { "retry-after": "0" }), // r3 is not serving it
     answer(200),
@@ -63,7 +61,7 @@ test("followOwner: an owner that does not answer, or answers 503, is forgotten a
   await c.pushGradients("a", grads);
   await c.pushGradients("a", grads);
   await c.pushGradients("a", grads);
-  assert.deepEqual(urls, [
+  assert.deepEqual(urls(seen), [
     "http://lb.invalid:8000/v1/models/a/step",
     "http://r2:8000/v1/models/a/step",
     "http://lb.invalid:8000/v1/models/a/step",
@@ -74,17 +72,19 @@ test("followOwner: an owner that does not answer, or answers 503, is forgotten a
 
 test("followOwner: a Momentum-Owner that is not a base URL is ignored; off (the default), the base URL always", async () => {
   for (const bad of ["ftp://r3", "http://r3/x", "http://r3?q", "not a url", "http://u:p@r3"]) {
-    const { fetch, urls } = scripted([answer(200, { "momentum-owner": bad }), answer(200)]);
+    const answer = answers();
+    const { fetch, seen } = scripted([answer(200, { "momentum-owner": bad }), answer(200)]);
     const c = new mc.Client("http://lb.invalid:8000", opts(fetch, true));
     await c.pushGradients("a", grads);
     await c.pushGradients("a", grads);
-    assert.equal(urls[1], "http://lb.invalid:8000/v1/models/a/step", bad);
+    assert.equal(urls(seen)[1], "http://lb.invalid:8000/v1/models/a/step", bad);
   }
-  const { fetch, urls } = scripted([answer(200, { "momentum-owner": "http://r2:8000" }), answer(200)]);
+  const answer = answers();
+  const { fetch, seen } = scripted([answer(200, { "momentum-owner": "http://r2:8000" }), answer(200)]);
   const c = new mc.Client("http://lb.invalid:8000", opts(fetch, undefined));
   await c.pushGradients("a", grads);
   await c.pushGradients("a", grads);
-  assert.deepEqual(urls, ["http://lb.invalid:8000/v1/models/a/step", "http://lb.invalid:8000/v1/models/a/step"]);
+  assert.deepEqual(urls(seen), ["http://lb.invalid:8000/v1/models/a/step", "http://lb.invalid:8000/v1/models/a/step"]);
 });
 
 // Two replicas on one Redis: a model owned by the second, asked through the first.

@@ -2,6 +2,7 @@
 import assert from "node:assert/strict";
 import { test } from "node:test";
 import * as mc from "../dist/index.js";
+import { scripted } from "./helpers.mjs";
 
 const P = "urn:momentum-service:problem:";
 const OK = { params: { w: { shape: [2], dtype: "float32", data: [0.5, -0], step: 1, lr: 0.1 } } };
@@ -17,18 +18,6 @@ function problem(status, slug, headers = {}) {
 function ok(body = OK, headers = {}) {
   const text = body === OK ? '{"params":{"w":{"shape":[2],"dtype":"float32","data":[0.5,-0.0],"step":1,"lr":0.1}}}' : JSON.stringify(body);
   return new Response(text, { status: 200, headers: { "content-type": "application/json", ...headers } });
-}
-
-/** A fetch that answers from `script` (functions of the attempt number) and records each request. */
-function scripted(script) {
-  const seen = [];
-  const f = async (url, init) => {
-    const body = init.body === undefined ? undefined : Buffer.from(init.body).toString("base64");
-    seen.push({ url, method: init.method, headers: { ...init.headers }, body, at: performance.now() });
-    const next = script[Math.min(seen.length - 1, script.length - 1)];
-    return next(init);
-  };
-  return { fetch: f, seen };
 }
 
 function client(fetch, options = {}) {
