@@ -3,10 +3,13 @@ process, so that the engine's pieces can be tested alone (and fast) with a journ
 
 It checks what the Redis journal checks (fencing, the head's seq, idempotency keys) and can be told
 to fail: ``fail_next`` raises the given error from the next commits, before anything is written.
+``hold``, when set to an unset :class:`asyncio.Event`, keeps the next commits waiting until it is set
+(a slow write), and ``commit_times`` records when each commit returned (the loop's time).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -43,6 +46,8 @@ class FakeJournal:
         self.replicas: dict[str, tuple[str, float]] = {}
         self.commits: list[Batch] = []
         self.fail_next: list[BaseException] = []
+        self.hold: asyncio.Event | None = None
+        self.commit_times: list[float] = []
         self.lookups = 0
 
     async def wait_replicas(self, lease: Lease, model: str, replicas: int) -> None:
@@ -116,6 +121,12 @@ class FakeJournal:
         self.models[model] = _Model(Head(config, rev, inc, 0))
 
     async def commit(self, lease: Lease, model: str, batch: Batch) -> None:
+        if self.hold is not None:
+            await self.hold.wait()
+        self._commit(lease, model, batch)
+        self.commit_times.append(asyncio.get_running_loop().time())
+
+    def _commit(self, lease: Lease, model: str, batch: Batch) -> None:
         if self.fail_next:
             raise self.fail_next.pop(0)
         m = self.models.get(model)

@@ -175,6 +175,34 @@ async def test_flush_ms_answers_from_memory_and_writes_within_the_period() -> No
     assert journal.commits[-1].snapshot is not None and not journal.commits[-1].entries
 
 
+async def test_flush_ms_counts_from_the_oldest_change_so_a_slow_write_does_not_add_to_the_next() -> None:
+    """A step queued while a write is slow is written when that write ends, if its ``flush_ms`` has
+    passed by then, not ``flush_ms`` after it (which would let a crash lose it for longer)."""
+    flush_ms = 400
+    journal = FakeJournal()
+    srv = server(journal)
+    await srv.put_model("m", ModelConfig.build({"lr": 0.1}, durability={"flush_ms": flush_ms}))
+    await srv.put_params("m", {"w": np.zeros(4, np.float32)}, only_create=False)
+    loop = asyncio.get_running_loop()
+    seq0, commits0 = journal.models["m"].head.seq, len(journal.commit_times)
+    journal.hold = asyncio.Event()  # the next writes wait until it is set
+    await srv.step("m", {"w": np.ones(4, np.float32)})
+    await asyncio.sleep(flush_ms / 1000 + 0.05)  # its flush has started and is held
+    await srv.step("m", {"w": np.ones(4, np.float32)})  # queued during the slow write
+    queued = loop.time()
+    await asyncio.sleep(flush_ms / 1000 + 0.05)  # the second step's flush_ms passes during the write
+    journal.hold.set()
+    released = loop.time()
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        if journal.models["m"].head.seq == seq0 + 2:
+            break
+    assert journal.models["m"].head.seq == seq0 + 2
+    second = journal.commit_times[commits0 + 1]
+    assert second - queued > flush_ms / 1000  # (not written early either)
+    assert second - released < flush_ms / 2000, f"written {second - released:.3f} s after the slow write ended"
+
+
 async def test_a_lost_lease_ends_the_owner_and_nothing_more_is_written() -> None:
     journal = FakeJournal()
     srv = server(journal)

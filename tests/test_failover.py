@@ -5,8 +5,9 @@
   woken), in turns. Every acknowledged push got its own step (1..N, none twice, none lost), and the
   final state is bitwise the kernel replaying the pushes in that order.
 - **``flush_ms``, owner SIGKILLed:** what is lost is only what was acknowledged in the last
-  ``flush_ms`` plus one lease period before the kill (measured, asserted), nothing is applied twice,
-  and the SDK tells the workers (:class:`momentum_client.StepWentBack`).
+  ``flush_ms`` plus one lease period before the kill (measured, asserted; the lease period is the
+  allowance for a write in flight and a loaded machine), nothing is applied twice, and the SDK tells
+  the workers (:class:`momentum_client.StepWentBack`).
 - **Fencing, deterministic:** an owner paused with acknowledged steps not yet written wakes after
   another replica took the model over: its write is refused, and the state rebuilt from Redis is
   bitwise what the new owner acknowledged. The negative control (servers without leases and fences)

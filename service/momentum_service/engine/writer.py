@@ -10,9 +10,11 @@ journal's size and a rebuild's work stay bounded, and a ``flush_ms`` model that 
 times per flush writes the state once rather than every gradient.
 
 Durability ``step``: a batch is written as soon as the previous one is done, and a step waits
-for its batch (:meth:`LogWriter.wait`). ``flush_ms``: the first change queued after a write
-starts a timer of ``flush_ms``; steps do not wait, unless more than ``max_pending_bytes`` are
-queued (back-pressure). A batch that fails is never partly written. With ``step`` durability
+for its batch (:meth:`LogWriter.wait`). ``flush_ms``: a change is written at most ``flush_ms``
+after it was queued, or as soon as the write before it is done if that took longer (the timer
+counts from the oldest change queued, not from the end of the last write, so a slow write does
+not add itself to the next change's wait); steps do not wait, unless more than
+``max_pending_bytes`` are queued (back-pressure). A batch that fails is never partly written. With ``step`` durability
 any failure ends the owner (its memory holds changes the journal refused, or may not have:
 it is rebuilt from the journal by the next request). With ``flush_ms`` an unreachable or full
 store is retried until it takes the batch; a fenced write ends the owner.
@@ -85,6 +87,7 @@ class LogWriter:
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._oldest = 0.0  # the loop's time when the oldest change in the queue was queued
         self.failed: BaseException | None = None  # the writer gave up: every wait raises this
         self.retrying: BaseException | None = None  # a flush_ms batch is being retried after this
         self.batches = 0
@@ -111,6 +114,8 @@ class LogWriter:
         if not self.journal.durable:  # nothing to write: the memory is the only copy
             self.durable_seq = seq
             return
+        if not self._queue:
+            self._oldest = asyncio.get_running_loop().time()
         self._queue.append(_Change(seq, record, keys or [], config))
         self._queued_bytes += record.nbytes
         self._schedule()
@@ -122,7 +127,8 @@ class LogWriter:
         if flush_ms is None or self.backlogged:
             self._start()
         elif self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(flush_ms / 1000, self._start)
+            loop = asyncio.get_running_loop()
+            self._timer = loop.call_at(self._oldest + flush_ms / 1000, self._start)
 
     def _start(self) -> None:
         self._timer = None
