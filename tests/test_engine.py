@@ -372,6 +372,69 @@ async def test_an_idle_model_is_handed_back_written_and_taken_again_from_the_jou
     assert state_of(taken) == before
 
 
+async def test_a_step_during_a_hand_back_waits_for_it_and_is_never_acknowledged_then_dropped() -> None:
+    """A ``flush_ms`` step that came while the owner drained its queue before a hand-back used to be
+    acknowledged from memory and dropped with it. Now the owner takes no change once the hand-back
+    starts: the step waits, and the model's next owner applies it."""
+    journal = FakeJournal()
+    srv = server(journal)
+    await srv.put_model("m", ModelConfig.build({"lr": 0.1}, durability={"flush_ms": 60_000}))
+    await srv.put_params("m", {"w": np.zeros(3, np.float32)}, only_create=False)
+    for _ in range(3):
+        await srv.step("m", {"w": np.ones(3, np.float32)})
+    old = srv.owners["m"]
+    journal.hold = asyncio.Event()  # the drain's write waits
+    sweep = asyncio.ensure_future(srv.sweep(idle_s=0))
+    await asyncio.sleep(0.05)
+    assert old.closing and not old.usable
+    with pytest.raises(OwnerLost):  # a step already inside the old owner is refused (a 503: retried)
+        await old.step({"w": np.ones(3, np.float32)}, None, Push(None, None, None), None, None)
+    late = asyncio.ensure_future(srv.step("m", {"w": np.ones(3, np.float32)}))
+    await asyncio.sleep(0.05)
+    assert not late.done()  # waiting for the hand-back
+    journal.hold.set()
+    assert await sweep == ["m"]
+    result = await late
+    assert isinstance(result, dict) and result["w"].step == 4
+    assert srv.owners["m"] is not old  # taken again from the journal, with the 3 steps drained
+    assert (await srv.get_params("m", None, with_state=False))["w"].step == 4
+
+
+async def test_a_hand_back_waits_for_the_write_in_flight() -> None:
+    """The last steps may be in a write still in flight with nothing left queued: the drain waits for
+    that write (it used to return at once, and the write was cancelled with the owner)."""
+    journal = FakeJournal()
+    srv = server(journal)
+    await srv.put_model("m", ModelConfig.build({"lr": 0.1}, durability={"flush_ms": 20}))
+    await srv.put_params("m", {"w": np.zeros(3, np.float32)}, only_create=False)
+    journal.hold = asyncio.Event()
+    for _ in range(2):
+        await srv.step("m", {"w": np.ones(3, np.float32)})
+    await asyncio.sleep(0.1)  # their write has started, and is held
+    writer = srv.owners["m"].writer
+    assert writer is not None and writer.pending_bytes == 0 and writer.durable_seq < srv.owners["m"].state.seq  # type: ignore[union-attr]
+    sweep = asyncio.ensure_future(srv.sweep(idle_s=0))
+    await asyncio.sleep(0.05)
+    assert not sweep.done()  # waiting for the write
+    journal.hold.set()
+    assert await sweep == ["m"]
+    assert (await srv.get_params("m", None, with_state=False))["w"].step == 2
+
+
+async def test_a_hand_back_that_does_not_happen_leaves_the_owner_serving() -> None:
+    journal = FakeJournal()
+    srv = server(journal)
+    await srv.put_model("m", ModelConfig.build({"lr": 0.1}, durability={"flush_ms": 60_000}))
+    await srv.put_params("m", {"w": np.zeros(3, np.float32)}, only_create=False)
+    await srv.step("m", {"w": np.ones(3, np.float32)})
+    owner = srv.owners["m"]
+    answers = iter([True, False])  # still to be handed back before the drain, no longer after it
+    assert not await srv._hand_back("m", owner, "test", lambda: next(answers))
+    assert srv.owners["m"] is owner and owner.usable and not owner.closing
+    result = await srv.step("m", {"w": np.ones(3, np.float32)})
+    assert isinstance(result, dict) and result["w"].step == 2
+
+
 async def test_no_hand_back_while_sync_contributions_wait_nor_with_the_embedded_store() -> None:
     journal = FakeJournal()
     srv = server(journal, sync_timeout_s=0.01)

@@ -113,6 +113,7 @@ class ModelOwner:
         self._lease, self._valid = lease, valid
         self.state: ModelState | None = None
         self.lost: BaseException | None = None
+        self.closing = False  # being handed back (or the process stops): no more changes are taken
         self.writer: LogWriter | None = None
         self.guard: Guard | None = None
         self.sync = SyncCoordinator(options.sync_ttl_s)
@@ -170,8 +171,8 @@ class ModelOwner:
             lease=self._lease,
             flush_ms=self._flush_ms,
             replicas=lambda: 0 if self.state is None else self.state.config.durability.replicas,
-            snapshot=lambda: to_snapshot(self._live()),
-            state_bytes=lambda: self._live().nbytes,
+            snapshot=lambda: to_snapshot(self._live(closing_ok=True)),
+            state_bytes=lambda: self._live(closing_ok=True).nbytes,
             on_lost=self.invalidate,
             durable_seq=state.seq,
             log_bytes=log_bytes,
@@ -208,16 +209,18 @@ class ModelOwner:
 
     @property
     def usable(self) -> bool:
-        return self.lost is None and self._valid()
+        return self.lost is None and not self.closing and self._valid()
 
-    def _check(self) -> None:
+    def _check(self, *, closing_ok: bool = False) -> None:
         if self.lost is not None:
             raise self.lost
         if not self._valid():
             raise OwnerLost(f"this server's lease on model {self.name!r} could not be renewed in time; retry")
+        if self.closing and not closing_ok:
+            raise OwnerLost(f"this server is handing model {self.name!r} over to another replica; retry")
 
-    def _live(self) -> ModelState:
-        self._check()
+    def _live(self, *, closing_ok: bool = False) -> ModelState:
+        self._check(closing_ok=closing_ok)
         if self.state is None:
             raise ModelNotFound(self.name)
         return self.state
@@ -226,10 +229,19 @@ class ModelOwner:
         return self.journal.durable
 
     async def close(self) -> None:
-        """Write what is queued (best effort) before the process stops."""
+        """Stop taking changes, and write what is queued (best effort): before the process stops or
+        the model is handed back. Every change is applied and queued under one check of
+        :meth:`_check`, with no wait between, so once ``closing`` is set nothing more is queued: what
+        the drain writes is every change acknowledged (a ``flush_ms`` step acknowledged while the
+        drain ran would otherwise be lost with the owner's memory)."""
+        self.closing = True
         if self.writer is not None and self.lost is None:
             await self.writer.aclose()
             await self.save_points()
+
+    def reopen(self) -> None:
+        """Take changes again, after a hand-back that did not happen."""
+        self.closing = False
 
     async def save_points(self) -> None:
         """Append the series' new points to the journal (a failure keeps them for the next time)."""

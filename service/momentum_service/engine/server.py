@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import ModelConfig
-from ..errors import Fenced, NotOwner
+from ..errors import Fenced, NotOwner, OwnerLost
 from ..kernels.schedules import LRTable
 from ..store.base import Array, Holder, Journal
 from .checkpoints import Checkpoint, Saved
@@ -133,23 +133,37 @@ class ParameterServer:
         return released
 
     async def _hand_back(self, model: str, owner: ModelOwner, why: str, still: Callable[[], bool]) -> bool:
-        """Stop owning ``model`` while ``still()``: what its owner queued is written, its lease released, its
-        memory freed. Requests waiting for it hear a 503 and retry (with the same Idempotency-Key)."""
+        """Stop owning ``model`` while ``still()``: the owner stops taking changes, what it queued is
+        written, its lease released, its memory freed. Requests for it meanwhile hear a 503 and retry
+        (with the same Idempotency-Key). Not while its writer retries a refused flush, and given up
+        (the owner serving on) if the drain takes longer than a lease period."""
         async with self._routing_lock(model):
             if self.owners.get(model) is not owner or not still():
                 return False  # used or taken meanwhile
-            await owner.close()  # what is queued, written
-            if owner.lost is not None or not still():
-                return False
-            self.owners.pop(model, None)
-            handle = self.cluster.leases.get(model)
-            self.cluster.drop(model)
-            owner.invalidate(Fenced(f"model {model!r} {why} and was handed back"))
-            if handle is not None:
-                with contextlib.suppress(Exception):
-                    await self.journal.release(handle.lease)
-            self.options.events.owner_changed(model, "released")
-            return True
+            if owner.writer is not None and owner.writer.retrying is not None:
+                return False  # the store refuses writes: keep the steps in memory, and serve on
+            handed = False
+            try:
+                try:
+                    await asyncio.wait_for(owner.close(), self.cluster.lease_ms / 1000)  # what is queued, written
+                except TimeoutError:
+                    log.warning("model %r: its journal writes took over a lease period; not handed back", model)
+                    return False
+                if owner.lost is not None or not still():
+                    return False
+                self.owners.pop(model, None)
+                handle = self.cluster.leases.get(model)
+                self.cluster.drop(model)
+                owner.invalidate(Fenced(f"model {model!r} {why} and was handed back"))
+                if handle is not None:
+                    with contextlib.suppress(Exception):
+                        await self.journal.release(handle.lease)
+                self.options.events.owner_changed(model, "released")
+                handed = True
+                return True
+            finally:
+                if not handed:
+                    owner.reopen()
 
     async def _rebalances(self) -> None:
         """Every lease period, hand the models another replica should own to it (see :meth:`rebalance`).
@@ -233,6 +247,9 @@ class ParameterServer:
 
     async def _route(self, model: str, forwarded: bool) -> ModelOwner | Remote:
         owner = self.owners.get(model)
+        if owner is not None and owner.closing and owner.lost is None:
+            # (Only while the process stops: a hand-back holds this lock until it is done or undone.)
+            raise OwnerLost(f"this server is stopping and writing model {model!r}'s last changes; retry")
         if owner is not None:
             if owner.lost is None and not owner.usable:  # the lease lapsed: try to renew it now
                 with contextlib.suppress(Exception):

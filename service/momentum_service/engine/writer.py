@@ -83,6 +83,7 @@ class LogWriter:
         self.log_bytes, self.log_entries = log_bytes, log_entries
         self.policy, self.max_pending_bytes = policy, max_pending_bytes
         self._queue: list[_Change] = []
+        self._last_seq = durable_seq  # the last change added (queued, being written, or written)
         self._queued_bytes = 0
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._task: asyncio.Task[None] | None = None
@@ -117,6 +118,7 @@ class LogWriter:
         if not self._queue:
             self._oldest = asyncio.get_running_loop().time()
         self._queue.append(_Change(seq, record, keys or [], config))
+        self._last_seq = seq
         self._queued_bytes += record.nbytes
         self._schedule()
 
@@ -151,9 +153,10 @@ class LogWriter:
         await fut  # (a waiter that is cancelled cancels only its own future: the write goes on)
 
     async def drain(self) -> None:
-        """Write everything queued, now."""
-        if self._queue:
-            await self.wait(self._queue[-1].seq)
+        """Write everything queued, now, and wait for the write in flight too (the last change added may
+        be in it, with nothing left queued)."""
+        if self._last_seq > self.durable_seq:
+            await self.wait(self._last_seq)
 
     def close(self, exc: BaseException) -> None:
         """Give up: every waiter, now and later, gets ``exc``; nothing more is written."""
