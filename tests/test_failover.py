@@ -121,6 +121,9 @@ def test_flush_ms_owner_killed_loses_only_its_last_flush_ms_and_tells_the_worker
 ) -> None:
     servers = start_replicas(redis_server, 3)
     try:
+        # Every replica sees the three live (a heartbeat is a third of a lease), so the model is created on
+        # the replica that rendezvous hashing gives it: no rebalancing moves it while the test runs.
+        time.sleep(LEASE_MS / 1000)
         with mc.Client(servers[0].url) as admin:
             info = admin.create_model("m", lr=1.0, durability={"flush_ms": FLUSH_MS})
             assert info.durability == {"flush_ms": FLUSH_MS}
@@ -151,7 +154,10 @@ def test_flush_ms_owner_killed_loses_only_its_last_flush_ms_and_tells_the_worker
         threads = [threading.Thread(target=worker, args=(w,)) for w in range(WORKERS)]
         for t in threads:
             t.start()
-        time.sleep(3.0)
+        # The owner writes every FLUSH_MS from the first push, so a kill at a whole number of periods
+        # would race with a write (and find next to nothing in memory): kill in the middle of one.
+        time.sleep(3.0 + FLUSH_MS / 2000)
+        assert owner_url(redis_server) == owner.url, "the model moved to another replica while the workers pushed"
         killed_at.append(time.monotonic())
         owner.kill()
         dead_at = time.monotonic()  # kill() returns once the process is reaped
