@@ -435,6 +435,26 @@ async def test_a_hand_back_that_does_not_happen_leaves_the_owner_serving() -> No
     assert isinstance(result, dict) and result["w"].step == 2
 
 
+@pytest.mark.parametrize("durable", [True, False], ids=["journal", "embedded"])
+async def test_a_server_stopped_and_started_again_serves_its_models(durable: bool) -> None:
+    """``close`` (the app's shutdown) writes what the owners hold; started again in the same process (an
+    app entered twice), the server serves on: the embedded store's owners are the only copy and stay,
+    and a journal's models are taken again from it."""
+    journal = FakeJournal() if durable else MemoryJournal()
+    srv = server(journal) if durable else ParameterServer(journal)  # type: ignore[arg-type]
+    await srv.start()
+    await srv.put_model("m", ModelConfig.build({"lr": 0.1}, durability={"flush_ms": 60_000} if durable else None))
+    await srv.put_params("m", {"w": np.zeros(3, np.float32)}, only_create=False)
+    await srv.step("m", {"w": np.ones(3, np.float32)})
+    await srv.close()
+    await srv.start()
+    try:
+        result = await srv.step("m", {"w": np.ones(3, np.float32)})
+        assert isinstance(result, dict) and result["w"].step == 2
+    finally:
+        await srv.close()
+
+
 async def test_no_hand_back_while_sync_contributions_wait_nor_with_the_embedded_store() -> None:
     journal = FakeJournal()
     srv = server(journal, sync_timeout_s=0.01)

@@ -233,7 +233,11 @@ class ModelOwner:
         the model is handed back. Every change is applied and queued under one check of
         :meth:`_check`, with no wait between, so once ``closing`` is set nothing more is queued: what
         the drain writes is every change acknowledged (a ``flush_ms`` step acknowledged while the
-        drain ran would otherwise be lost with the owner's memory)."""
+        drain ran would otherwise be lost with the owner's memory). With the embedded store there is
+        nothing to write, and the memory is the only copy: the owner serves on (after a restart of the
+        app in the same process, too)."""
+        if not self._durable():
+            return
         self.closing = True
         if self.writer is not None and self.lost is None:
             await self.writer.aclose()

@@ -95,6 +95,10 @@ class ParameterServer:
             with contextlib.suppress(Exception):
                 await owner.close()
         await self.cluster.stop()
+        if self.journal.durable:  # their leases are released: if this server starts again, it takes them again
+            for model, owner in list(self.owners.items()):
+                self.owners.pop(model, None)
+                owner.invalidate(Fenced(f"this server stopped and handed model {model!r} over"))
 
     async def _save_points(self) -> None:
         """Every ``POINTS_FLUSH_S``, each owner's new training-series points go to the journal."""
