@@ -25,18 +25,19 @@ RUN apt-get update \
 WORKDIR /src
 
 # Only what the wheel build reads (.dockerignore keeps everything else out of the context).
-COPY pyproject.toml README.md LICENSE ./
+COPY pyproject.toml README.md LICENSE constraints.txt ./
 COPY service/ service/
 COPY clients/ clients/
 
-# A real (non-editable) wheel, then the wheel plus its `server` extra into /opt/venv, which
-# is the only thing the runtime stage takes from here. The extension is optional to pip (a
+# A real (non-editable) wheel, then the wheel plus its `server` extra into /opt/venv, at the
+# versions of constraints.txt (those CI tested), which is the only thing the runtime stage
+# takes from here. The extension is optional to pip (a
 # client install without a compiler falls back to numpy); the image must have it, so the
 # build fails here if it did not compile.
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /tmp/dist . \
     && python -m venv /opt/venv \
     && set -- /tmp/dist/momentum_service-*.whl \
-    && /opt/venv/bin/pip install --no-cache-dir "$1[server]" \
+    && /opt/venv/bin/pip install --no-cache-dir -c constraints.txt "$1[server]" \
     && /opt/venv/bin/pip check \
     && /opt/venv/bin/python -c "from momentum_service.kernels import sgd; assert sgd.BACKEND == 'native', sgd.NATIVE_IMPORT_ERROR"
 
