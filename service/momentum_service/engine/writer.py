@@ -14,10 +14,11 @@ for its batch (:meth:`LogWriter.wait`). ``flush_ms``: a change is written at mos
 after it was queued, or as soon as the write before it is done if that took longer (the timer
 counts from the oldest change queued, not from the end of the last write, so a slow write does
 not add itself to the next change's wait); steps do not wait, unless more than
-``max_pending_bytes`` are queued (back-pressure). A batch that fails is never partly written. With ``step`` durability
-any failure ends the owner (its memory holds changes the journal refused, or may not have:
-it is rebuilt from the journal by the next request). With ``flush_ms`` an unreachable or full
-store is retried until it takes the batch; a fenced write ends the owner.
+``max_pending_bytes`` are queued (back-pressure). A batch that fails is never partly written.
+With ``step`` durability any failure ends the owner (its memory holds changes the journal
+refused, or may not have: it is rebuilt from the journal by the next request). With ``flush_ms``
+an unreachable or full store is retried until it takes the batch; a fenced write ends the owner.
+A drain (:meth:`LogWriter.drain`, before a hand-back) waits for the write in flight as well.
 """
 
 from __future__ import annotations
